@@ -1,0 +1,1 @@
+"""The UniSD mechanisms as unisd components (EMA teacher, agreement, contrastive, matching, clip)."""

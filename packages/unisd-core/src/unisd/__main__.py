@@ -1,0 +1,4 @@
+from unisd.cli.main import main
+
+if __name__ == "__main__":
+    main()

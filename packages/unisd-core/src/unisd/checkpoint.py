@@ -1,0 +1,131 @@
+"""Checkpoints: weights (adapter or full), optimizer, scheduler, RNG states, data cursor, components.
+
+Each checkpoint is written into a temporary directory and renamed into place, so ``checkpoints/step-N``
+either exists completely or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import atomic
+from .errors import CheckpointError
+
+STATE_FILE = "trainer_state.json"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_weights(model: Any, tokenizer: Any, directory: Path, lora: bool) -> None:
+    """Adapter (LoRA) or full weights plus the tokenizer, loadable with ``from_pretrained``."""
+    model.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def load_weights(model: Any, directory: Path, lora: bool) -> None:
+    from safetensors.torch import load_file
+
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        path = directory / "adapter_model.safetensors"
+        if not path.is_file():
+            raise CheckpointError(f"{directory}: no adapter_model.safetensors (was this run trained with --full?)")
+        set_peft_model_state_dict(model, load_file(str(path)))
+        return
+    files = sorted(directory.glob("model*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory}: no model*.safetensors (was this run trained with LoRA?)")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Tied lm-head weights are saved once; anything else missing means a different model.
+    missing = [m for m in missing if not m.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(f"{directory}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def save_checkpoint(
+    path: Path,
+    *,
+    model: Any,
+    tokenizer: Any,
+    lora: bool,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    step: int,
+    cursor: int,
+    components: list[Any],
+) -> None:
+    with atomic.directory(path) as tmp:
+        save_weights(model, tokenizer, tmp, lora)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        states = {c.name: c.state_dict() for c in components if hasattr(c, "state_dict")}
+        torch.save(states, tmp / "components.pt")
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "cursor": cursor, "lora": lora}, indent=2))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete ``checkpoints/step-N`` of a run directory (temporary ones are ignored)."""
+    found = []
+    for child in (run_dir / "checkpoints").glob("step-*"):
+        m = re.fullmatch(r"step-(\d+)", child.name)
+        if m and (child / STATE_FILE).is_file():
+            found.append((int(m.group(1)), child))
+    return max(found)[1] if found else None
+
+
+def find_resume_point(path: str | Path) -> tuple[Path, Path]:
+    """``--resume`` takes a run directory (its latest checkpoint) or a checkpoint directory."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path.parent.parent, path
+    if not path.is_dir():
+        raise CheckpointError(f"--resume {path}: no such directory")
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise CheckpointError(f"--resume {path}: no checkpoints/step-N in this run directory; nothing to resume")
+    return path, ckpt
+
+
+def load_checkpoint(
+    path: Path, *, model: Any, lora: bool, optimizer: torch.optim.Optimizer, scheduler: Any, components: list[Any]
+) -> dict[str, Any]:
+    state = json.loads((path / STATE_FILE).read_text())
+    if state.get("lora", lora) != lora:
+        raise CheckpointError(f"{path}: saved with lora={state['lora']}, resumed with lora={lora}")
+    load_weights(model, path, lora)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    saved = torch.load(path / "components.pt", weights_only=False)
+    for comp in components:
+        if hasattr(comp, "load_state_dict"):
+            if comp.name not in saved:
+                raise CheckpointError(f"{path}: no saved state for component '{comp.name}'")
+            comp.load_state_dict(saved[comp.name])
+    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    return state

@@ -1,0 +1,84 @@
+"""``unisd plugins``: what is installed — components, tasks, backends, presets — and from where."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..components import describe_options
+from ..plugins import UnisdPluginManager
+from .errors import cli_errors
+
+
+def _first_line(obj: Any) -> str:
+    text = getattr(obj, "description", "") or (obj.__doc__ or "")
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def inventory(pm: UnisdPluginManager, show_all: bool = False) -> dict[str, Any]:
+    """Everything ``unisd plugins --json`` prints, as plain data."""
+    regs = pm.registries
+    reports = [r for r in pm.reports if show_all or r.status != "disabled"]
+    return {
+        "plugins": [
+            {"name": r.name, "distribution": r.distribution, "status": r.status, "error": r.error, "module": r.module}
+            for r in reports
+        ],
+        "components": [
+            {"name": e.name, "provider": e.provider, "status": "loaded", "description": _first_line(e.item),
+             "options": describe_options(e.item)}
+            for e in regs.components.entries()
+        ],
+        "tasks": [
+            {"name": e.name, "provider": e.provider, "status": "loaded", "description": _first_line(e.item),
+             "splits": list(getattr(e.item, "splits", ())), "trainable": getattr(e.item, "train_split", "train") is not None}
+            for e in regs.tasks.entries()
+        ],
+        "backends": [
+            {"name": e.name, "provider": e.provider, "status": "loaded", "description": _first_line(e.item)}
+            for e in regs.backends.entries()
+        ],
+        "presets": [
+            {"name": e.name, "provider": e.provider, "status": "loaded", "description": e.item.help,
+             "components": {k: dict(v) for k, v in e.item.components.items()}, "run": dict(e.item.run)}
+            for e in regs.presets.entries()
+        ],
+    }
+
+
+def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
+    @app.command("plugins")
+    def plugins_command(
+        show_all: bool = typer.Option(False, "--all", help="Also list disabled plugins and every option."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    ) -> None:
+        """List installed plugins: components, tasks, backends and presets, with provider and status."""
+        with cli_errors():
+            data = inventory(pm, show_all)
+        if as_json:
+            typer.echo(json.dumps(data, indent=2, default=str))
+            return
+        console = Console()
+        for kind in ("components", "tasks", "backends", "presets"):
+            table = Table(title=kind, title_justify="left")
+            for col in ("name", "provider", "description"):
+                table.add_column(col)
+            for row in data[kind]:
+                desc = row["description"]
+                if kind == "components" and (show_all or row["options"]):
+                    opts = ", ".join(f"{o['name']}={o['default']}" for o in row["options"])
+                    desc = f"{desc}\n[dim]options: {opts}[/]" if opts else desc
+                table.add_row(row["name"], row["provider"], desc)
+            console.print(table)
+        problems = [p for p in data["plugins"] if p["status"] != "loaded"]
+        if problems:
+            table = Table(title="plugins not loaded", title_justify="left")
+            for col in ("name", "distribution", "status", "error"):
+                table.add_column(col)
+            for p in problems:
+                table.add_row(p["name"], p["distribution"], p["status"], p["error"] or "")
+            console.print(table)

@@ -1,0 +1,105 @@
+"""``unisd train``: run (or resume) on-policy self-distillation."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from importlib import resources
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from ..components import parse_option_flags, resolve_selection
+from ..config import RunConfig, load_config
+from ..errors import UsageError
+from ..loop import train
+from ..plugins import UnisdPluginManager
+from ..reporting import RichReporter
+from .errors import cli_errors
+
+
+def demo_config() -> RunConfig:
+    path = resources.files("unisd") / "data" / "demo.toml"
+    with resources.as_file(path) as p:
+        return load_config(p)
+
+
+def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
+    @app.command("train")
+    def train_command(
+        model: str = typer.Option(None, "--model", help="HF hub id, local HF directory, .gguf file, or 'smollm2' (bundled)."),
+        task: str = typer.Option(None, "--task", help="A registered task (see `unisd plugins`)."),
+        data: Path = typer.Option(None, "--data", help="JSONL file: one {id, prompt, reference, meta} per line."),
+        with_: list[str] = typer.Option(None, "--with", help="Add a component (repeatable), e.g. --with ema."),
+        preset: str = typer.Option(None, "--preset", help="A named set of components and options, e.g. unisd-star."),
+        option: list[str] = typer.Option(None, "-o", "--option", help="Component option NAME.KEY=VALUE (repeatable)."),
+        config: Path = typer.Option(None, "--config", help="TOML run config; flags override it."),
+        output: Path = typer.Option(None, "--output", help="Run directory (default runs/TASK-TIMESTAMP)."),
+        steps: int = typer.Option(None, "--steps", help="Total optimiser steps of the run (also when resuming)."),
+        batch_size: int = typer.Option(None, "--batch-size", help="Examples per micro-batch."),
+        grad_accum: int = typer.Option(None, "--grad-accum", help="Micro-batches per optimiser step."),
+        lr: float = typer.Option(None, "--lr", help="Peak learning rate (cosine schedule with warm-up)."),
+        lora: bool = typer.Option(None, "--lora/--full", help="LoRA adapter (default; teacher = adapter off) or full fine-tuning (teacher = frozen copy)."),
+        backend: str = typer.Option(None, "--backend", help="Generation backend: hf (default) or a plugin's."),
+        eval_task: str = typer.Option(None, "--eval-task", help="Evaluate this task during training."),
+        eval_every: int = typer.Option(None, "--eval-every", help="Evaluate every N steps."),
+        save_every: int = typer.Option(None, "--save-every", help="Checkpoint every N steps (always at the end)."),
+        max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Completion budget (default: the task's)."),
+        temperature: float = typer.Option(None, "--temperature", help="Sampling and divergence temperature (0.7)."),
+        alpha: float = typer.Option(None, "--alpha", help="Divergence: 0 forward KL(teacher‖student), 1 reverse KL, between: scaled generalized JSD."),
+        resume: Path = typer.Option(None, "--resume", help="Continue a run directory (or one of its checkpoints) exactly."),
+        seed: int = typer.Option(None, "--seed", help="Random seed (42)."),
+    ) -> None:
+        """Train a model by on-policy self-distillation (no arguments: the built-in demo)."""
+        console = Console(stderr=False)
+        with cli_errors():
+            flags = {
+                "model": model, "task": task, "data": str(data) if data else None, "output": str(output) if output else None,
+                "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr, "lora": lora,
+                "backend": backend, "eval_task": eval_task, "eval_every": eval_every, "save_every": save_every,
+                "max_new_tokens": max_new_tokens, "temperature": temperature, "alpha": alpha, "seed": seed,
+                "preset": preset,
+            }
+            given = {k: v for k, v in flags.items() if v is not None}
+            if resume is not None:
+                cfg = _resume_config(resume)
+                allowed = {"steps", "save_every", "eval_every"}
+                extra = set(given) - allowed
+                if extra or with_ or option:
+                    raise UsageError(
+                        f"--resume continues the saved config.toml; only --steps, --save-every and --eval-every "
+                        f"may change (got {', '.join(sorted(extra)) or '--with/-o'})"
+                    )
+            elif config is not None:
+                cfg = load_config(config)
+            elif not any(given.get(k) for k in ("model", "task", "data")) and not with_ and not preset:
+                cfg = demo_config()
+                console.print("No --model/--task/--data given: running the built-in demo "
+                              "(SmolLM2-135M-Instruct on task 'demo').", highlight=False)
+            else:
+                cfg = RunConfig()
+            cfg = dataclasses.replace(cfg, **given)
+            if resume is None:
+                regs = pm.registries
+                cfg.components = resolve_selection(
+                    list(with_ or []), parse_option_flags(list(option or [])), regs.components, regs.presets,
+                    preset=cfg.preset, base=cfg.components,
+                )
+                if cfg.preset:
+                    for key, value in regs.presets.get(cfg.preset).run.items():
+                        if key not in given:
+                            setattr(cfg, key, value)
+            began = time.perf_counter()
+            run_dir = train(cfg, pm, RichReporter(console), resume=resume)
+            console.print(f"Done in {time.perf_counter() - began:.0f} s. Run directory: {run_dir} "
+                          f"(adapter/weights in {run_dir / 'final'})", highlight=False)
+
+
+def _resume_config(resume: Path) -> RunConfig:
+    from ..checkpoint import find_resume_point
+
+    run_dir, _ = find_resume_point(resume)
+    if not (run_dir / "config.toml").is_file():
+        raise UsageError(f"--resume {resume}: {run_dir / 'config.toml'} is missing")
+    return load_config(run_dir / "config.toml")

@@ -1,0 +1,240 @@
+"""The Component protocol and typed ``-o name.key=value`` options.
+
+A component is one mechanism (EMA teacher, agreement weights, ...). It is a class with a ``name``,
+an ``Options`` dataclass, and any of the methods of :class:`Component`; the loop calls the methods
+that exist, in the fixed order documented in docs/plugin-hooks.md. Absent methods cost nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from .errors import ConfigError, OptionError
+from .registry import Registry
+
+# Methods the loop may call on a component, in the order it calls them during a run.
+COMPONENT_METHODS = (
+    "setup",
+    "teacher_contexts",
+    "teacher",
+    "transform_divergence",
+    "token_weights",
+    "extra_losses",
+    "on_step_end",
+    "state_dict",
+    "load_state_dict",
+    "metrics",
+)
+
+
+@runtime_checkable
+class Component(Protocol):
+    """What the loop knows about a component. Every method is optional; only ``name`` is required.
+
+    ``setup(run)``
+        Once, after model, tokenizer and data exist (build caches, create an EMA adapter).
+    ``teacher_contexts(example) -> dict[str, str]``
+        Extra *named* teacher prompts (user-message text) for this example, e.g. ``agree/0``.
+        The teacher scores the same completion under each. Set the class attribute
+        ``context_temperature`` to score them at a temperature other than the run's.
+    ``teacher(run) -> TeacherView``
+        The weights the teacher uses. At most one selected component may provide it.
+    ``transform_divergence(div, batch) -> div``
+        Change the per-token divergence ``[B, C]`` (e.g. clip it).
+    ``token_weights(scores, batch) -> Tensor``
+        Per-token weights ``[B, C]``; weights of all components are multiplied.
+    ``extra_losses(scores, batch) -> dict[str, Tensor]``
+        Per-token loss terms ``[B, C]``, already multiplied by the component's own weight; the loop
+        sums them over loss tokens and divides by the token count of the whole optimiser step.
+    ``on_step_end(run)``
+        After each optimiser step.
+    ``state_dict()`` / ``load_state_dict(state)``
+        Saved in and restored from checkpoints.
+    ``metrics() -> dict[str, float]``
+        Logged to metrics.jsonl after each optimiser step, prefixed by the component name.
+
+    Class attributes: ``distill_weight`` (float, default 1.0) scales the divergence term, 0 replaces
+    it; ``needs_hidden`` (bool) asks the loop for final hidden states in ``scores``.
+    """
+
+    name: ClassVar[str]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named list of components with option values, selected by ``--preset NAME``."""
+
+    name: str
+    components: Mapping[str, Mapping[str, Any]]
+    help: str = ""
+    run: Mapping[str, Any] = field(default_factory=dict)  # run-level settings, e.g. {"alpha": 0.0}
+
+
+def option(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """Declare one field of a component's ``Options`` with its help text (shown by ``unisd plugins``)."""
+    metadata = {"help": help}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class NoOptions:
+    """Options of a component that has none."""
+
+
+def options_class(component_cls: type) -> type:
+    return getattr(component_cls, "Options", NoOptions)
+
+
+def describe_options(component_cls: type) -> list[dict[str, Any]]:
+    """Each option's name, type, default, choices and help: for ``unisd plugins`` and the docs."""
+    cls = options_class(component_cls)
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        rows.append(
+            {
+                "name": f.name,
+                "type": _type_name(hints[f.name]),
+                "default": f.default if f.default is not dataclasses.MISSING else None,
+                "choices": list(f.metadata.get("choices", ())) or None,
+                "help": f.metadata.get("help", ""),
+            }
+        )
+    return rows
+
+
+def _type_name(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _type_name(args[0]) + "?"
+    return getattr(tp, "__name__", str(tp))
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def convert_value(raw: Any, tp: Any, where: str) -> Any:
+    """Turn a string from the command line (or a TOML value) into the option's declared type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        if isinstance(raw, str) and raw.lower() in {"none", "null", ""}:
+            return None
+        if raw is None:
+            return None
+        return convert_value(raw, non_none[0], where)
+    if not isinstance(raw, str):
+        if tp is float and isinstance(raw, int | float) and not isinstance(raw, bool):
+            return float(raw)
+        if isinstance(raw, tp):
+            return raw
+        raise OptionError(f"{where}: expected {tp.__name__}, got {raw!r}")
+    try:
+        if tp is bool:
+            low = raw.lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError(raw)
+        if tp in (int, float, str):
+            return tp(raw)
+    except ValueError:
+        raise OptionError(f"{where}: expected {tp.__name__}, got {raw!r}") from None
+    raise OptionError(f"{where}: unsupported option type {tp!r}")
+
+
+def make_options(component_cls: type, values: Mapping[str, Any]) -> Any:
+    """Build the component's Options from raw values, with did-you-mean for unknown keys."""
+    cls = options_class(component_cls)
+    name = getattr(component_cls, "name", component_cls.__name__)
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, raw in values.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            avail = ", ".join(sorted(known)) or "(none)"
+            raise OptionError(f"Unknown option '{name}.{key}'.{hint} Options of {name}: {avail}")
+        value = convert_value(raw, hints[key], f"option {name}.{key}")
+        choices = known[key].metadata.get("choices")
+        if choices and value not in choices:
+            raise OptionError(f"option {name}.{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise OptionError(f"options of {name}: {exc}") from None
+
+
+def parse_option_flags(flags: list[str]) -> dict[str, dict[str, str]]:
+    """Parse repeated ``-o name.key=value`` flags into ``{name: {key: value}}``."""
+    parsed: dict[str, dict[str, str]] = {}
+    for flag in flags:
+        head, sep, value = flag.partition("=")
+        comp, dot, key = head.partition(".")
+        if not sep or not dot or not comp or not key:
+            raise OptionError(f"-o {flag!r}: expected name.key=value, e.g. -o ema.beta=0.98")
+        parsed.setdefault(comp.strip(), {})[key.strip()] = value.strip()
+    return parsed
+
+
+def resolve_selection(
+    names: list[str],
+    options: Mapping[str, Mapping[str, Any]],
+    components: Registry,
+    presets: Registry,
+    preset: str | None = None,
+    base: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Merge a preset, ``--with`` names and ``-o`` options into ``{component: {key: raw value}}``.
+
+    Order of precedence: the preset's values, then ``base`` (a config file's ``[components.*]``
+    tables), then the user's ``-o`` values. Every name is checked
+    against the registry (unknown names raise with suggestions) and every option must belong to a
+    selected component.
+    """
+    selection: dict[str, dict[str, Any]] = {}
+    if preset:
+        chosen = presets.get(preset)
+        for comp, values in chosen.components.items():
+            selection[comp] = dict(values)
+    for comp, values in (base or {}).items():
+        selection.setdefault(comp, {}).update(values)
+    for name in names:
+        components.get(name)  # raises UnknownNameError with suggestions
+        selection.setdefault(name, {})
+    for comp, values in options.items():
+        if comp not in selection:
+            if comp in components:
+                raise OptionError(f"-o {comp}.…: component '{comp}' is not selected; add --with {comp}")
+            components.get(comp)  # unknown name: raises with suggestions
+        selection[comp].update(values)
+    for comp in selection:
+        components.get(comp)
+    return selection
+
+
+def instantiate(selection: Mapping[str, Mapping[str, Any]], components: Registry) -> list[Any]:
+    """Create component instances, each with its typed Options, in a stable (sorted) order."""
+    instances = []
+    for name in sorted(selection):
+        cls = components.get(name)
+        opts = make_options(cls, selection[name])
+        instances.append(cls(opts))
+    owners = [c.name for c in instances if hasattr(c, "teacher")]
+    if len(owners) > 1:
+        raise ConfigError(
+            f"Components {', '.join(owners)} each want to own the teacher weights; select at most one of them."
+        )
+    return instances

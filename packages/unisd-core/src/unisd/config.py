@@ -1,0 +1,152 @@
+"""The typed run configuration, read from and written to TOML (``config.toml`` in each run directory)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .components import convert_value
+from .errors import ConfigError, OptionError
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines a training run. Defaults follow the method's direct CLI."""
+
+    # what to train, on what
+    model: str = "smollm2"
+    task: str | None = None
+    data: str | None = None
+    split: str = "train"
+    limit: int | None = None
+    preset: str | None = None
+    components: dict[str, dict[str, Any]] = field(default_factory=dict)
+    output: str | None = None
+    # optimisation
+    steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 4
+    lr: float = 2e-5
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lora: bool = True
+    lora_r: int = 64
+    lora_alpha: int = 128
+    lora_dropout: float = 0.05
+    seed: int = 42
+    # rollouts
+    backend: str = "hf"
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int | None = None  # None: the task's default (256 for --data files)
+    max_prompt_tokens: int = 1024
+    max_teacher_prompt_tokens: int | None = None  # None: max_prompt_tokens + max_new_tokens
+    mask_truncated: bool = False
+    # the divergence
+    alpha: float = 0.0
+    loss_temperature: float | None = None  # None: the sampling temperature, as in the method
+    # bookkeeping
+    save_every: int = 0  # 0: only at the end of the run
+    eval_task: str | None = None
+    eval_every: int = 0
+    eval_limit: int | None = 64
+    eval_before_after: bool = False
+    dtype: str = "auto"
+    attn_implementation: str | None = None
+
+    def validate(self) -> None:
+        if self.task and self.data:
+            raise ConfigError("give either --task or --data, not both")
+        checks = [
+            (self.steps >= 1, "--steps must be ≥ 1"),
+            (self.batch_size >= 1, "--batch-size must be ≥ 1"),
+            (self.grad_accum >= 1, "--grad-accum must be ≥ 1"),
+            (self.lr > 0, "--lr must be > 0"),
+            (0 <= self.alpha <= 1, "alpha must be in [0, 1] (0 = forward KL, 1 = reverse KL)"),
+            (self.temperature >= 0, "temperature must be ≥ 0"),
+            (self.loss_temperature is None or self.loss_temperature > 0, "loss_temperature must be > 0"),
+            (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+            (self.save_every >= 0, "--save-every must be ≥ 0"),
+            (self.eval_every >= 0, "--eval-every must be ≥ 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def divergence_temperature(self) -> float:
+        if self.loss_temperature is not None:
+            return self.loss_temperature
+        return self.temperature if self.temperature > 0 else 1.0
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def config_from_mapping(values: dict[str, Any], where: str) -> RunConfig:
+    """Build a RunConfig from a TOML mapping, converting and checking every key."""
+    hints = typing.get_type_hints(RunConfig)
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in _FIELDS:
+            import difflib
+
+            close = difflib.get_close_matches(key, list(_FIELDS), n=2)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise ConfigError(f"{where}: unknown setting '{key}'.{hint}")
+        if key == "components":
+            if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+                raise ConfigError(f"{where}: [components.NAME] tables expected")
+            kwargs[key] = {k: dict(v) for k, v in value.items()}
+            continue
+        try:
+            kwargs[key] = convert_value(value, hints[key], f"{where}: {key}")
+        except OptionError as exc:
+            raise ConfigError(str(exc)) from None
+    return RunConfig(**kwargs)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+    return config_from_mapping(data, str(path))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def dump_config(config: RunConfig) -> str:
+    """The fully resolved config as TOML (unset optional values are omitted: TOML has no null)."""
+    lines = ["# unisd run configuration (fully resolved). Rerun with: unisd train --config config.toml"]
+    for name in _FIELDS:
+        value = getattr(config, name)
+        if name == "components" or value is None:
+            continue
+        lines.append(f"{name} = {_toml_value(value)}")
+    for comp in sorted(config.components):
+        lines.append("")
+        lines.append(f"[components.{comp}]")
+        for key, value in sorted(config.components[comp].items()):
+            if value is not None:
+                lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,483 @@
+"""The on-policy self-distillation loop. Read it top to bottom.
+
+One optimiser step:
+  1. take ``batch_size × grad_accum`` examples from the data stream;
+  2. the student generates one completion per example from the *student* prompt;
+  3. the teacher (no grad) scores each completion under the teacher prompt — the problem plus the
+     reference — and under any extra contexts the selected components ask for;
+  4. per micro-batch, the student scores the same completion under its own prompt (with grad); the
+     per-token divergence goes through the components (clip → weights → extra terms);
+  5. the summed loss is divided by the number of loss tokens of the *whole* step, so the update does
+     not depend on how the step is split into micro-batches;
+  6. clip the gradient norm, AdamW, cosine schedule; components' ``on_step_end``; metrics; checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import atomic
+from .checkpoint import find_resume_point, load_checkpoint, save_checkpoint, save_weights
+from .components import instantiate
+from .config import RunConfig, dump_config
+from .errors import ConfigError, DataError, UsageError
+from .evaluate import evaluate
+from .losses import token_outputs
+from .models import apply_lora, load_model, load_tokenizer, resolve_model
+from .plugins import UnisdPluginManager
+from .prompts import budget_teacher_prompt, encode, render_chat
+from .reporting import Reporter
+from .rollout import Completion, SamplingParams
+from .runlog import MetricsLog
+from .scoring import Scores, completion_hidden, lm_head_weight, pack
+from .tasks import Example, Task, load_jsonl_examples
+from .teacher import default_teacher
+
+
+@dataclass
+class StepBatch:
+    """What components see about the current optimiser step and micro-batch."""
+
+    examples: list[Example]  # this micro-batch
+    completions: list[list[int]]
+    step: int  # the optimiser step being computed (1-based)
+    num_tokens: float  # loss tokens in the whole optimiser step (the loss denominator)
+    micro_index: int
+    # Teacher token log-probs and masks of *every* micro-batch of this step, for statistics
+    # (quantiles, normalisation) that must not depend on the micro-batch split.
+    step_teacher_logp: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    step_masks: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """The state of one run, handed to components' ``setup``, ``teacher`` and ``on_step_end``."""
+
+    config: RunConfig
+    model: Any
+    tokenizer: Any
+    task: Task | None
+    examples: list[Example]
+    components: list[Any]
+    output_dir: Path | None
+    reporter: Reporter
+    plugins: UnisdPluginManager | None = None
+    teacher: Any = None
+    step: int = 0
+    reference_truncations: int = 0
+    _prompt_cache: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.tokenizer.eos_token_id)
+
+    def student_ids(self, ex: Example) -> list[int]:
+        key = ("student", ex.id)
+        if key not in self._prompt_cache:
+            self._prompt_cache[key] = encode(self.tokenizer, render_chat(self.tokenizer, ex.prompt))
+        return self._prompt_cache[key]
+
+    def teacher_ids(self, ex: Example) -> list[int]:
+        """The teacher prompt within its token budget: the reference is cut, never the problem."""
+        key = ("teacher", ex.id)
+        if key not in self._prompt_cache:
+            task = self.task
+            build = (lambda ref: task.teacher_text(Example(ex.id, ex.prompt, ref, ex.meta))) if task else None
+            if build is None:
+                from .prompts import teacher_text
+
+                def build(ref: str) -> str:
+                    return teacher_text(ex.prompt, ref)
+
+            budgeted = budget_teacher_prompt(self.tokenizer, build, ex.reference, self.teacher_budget)
+            self.reference_truncations += budgeted.reference_truncated
+            self._prompt_cache[key] = budgeted.ids
+        return self._prompt_cache[key]
+
+    def context_ids(self, ex: Example, name: str, text: str) -> list[int]:
+        key = (f"ctx:{name}", ex.id)
+        if key not in self._prompt_cache:
+            self._prompt_cache[key] = encode(self.tokenizer, render_chat(self.tokenizer, text))
+        return self._prompt_cache[key]
+
+    @property
+    def max_new_tokens(self) -> int:
+        if self.config.max_new_tokens is not None:
+            return self.config.max_new_tokens
+        return self.task.max_new_tokens if self.task is not None else 256
+
+    @property
+    def teacher_budget(self) -> int:
+        if self.config.max_teacher_prompt_tokens is not None:
+            return self.config.max_teacher_prompt_tokens
+        return self.config.max_prompt_tokens + self.max_new_tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def load_examples(config: RunConfig, pm: UnisdPluginManager) -> tuple[Task | None, list[Example]]:
+    if config.data:
+        return None, load_jsonl_examples(config.data, limit=config.limit)
+    if not config.task:
+        raise ConfigError("nothing to train on: give --task NAME or --data FILE.jsonl")
+    task = pm.registries.tasks.get(config.task)()
+    if getattr(task, "train_split", "train") is None:
+        raise UsageError(f"task '{config.task}' is evaluation-only; train on another task and evaluate on it")
+    examples = task.load(config.split, limit=config.limit)
+    if not examples:
+        raise DataError(f"task '{config.task}' split '{config.split}' has no examples")
+    return task, examples
+
+
+class DataStream:
+    """Endless, reproducible stream over the examples: a fresh seeded permutation per epoch.
+
+    The position (``cursor``, examples consumed so far) is all a checkpoint needs to resume it.
+    """
+
+    def __init__(self, examples: list[Example], seed: int, cursor: int = 0):
+        self.examples, self.seed, self.cursor = examples, seed, cursor
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.examples)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def take(self, n: int) -> list[Example]:
+        out = []
+        for _ in range(n):
+            epoch, index = divmod(self.cursor, len(self.examples))
+            out.append(self.examples[self._order(epoch)[index]])
+            self.cursor += 1
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# One optimiser step
+
+
+def _micro_batches(n: int, size: int) -> list[range]:
+    return [range(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _call_all(components: list[Any], method: str, *args: Any) -> list[Any]:
+    return [getattr(c, method)(*args) for c in components if hasattr(c, method)]
+
+
+@torch.no_grad()
+def teacher_pass(run: Run, examples: list[Example], completions: list[list[int]], masks: torch.Tensor) -> dict[str, Any]:
+    """Teacher hidden states (main prompt) and token log-probs for every context of one micro-batch."""
+    cfg = run.config
+    temperature = cfg.divergence_temperature
+    packed = pack([run.teacher_ids(e) for e in examples], completions, run.pad_id)
+    weight = run.teacher.head_weight()
+    hidden = run.teacher.hidden(packed)  # [B, C, H]
+    logits = hidden.float() @ weight.float().T  # [B, C, V]; teacher side, no grad
+    targets = packed.targets.to(logits.device)
+    logp = {"main": torch.log_softmax(logits / temperature, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()}
+    del logits
+    hidden_by_ctx = {"main": hidden}
+    for comp in run.components:
+        if not hasattr(comp, "teacher_contexts"):
+            continue
+        ctx_temperature = getattr(comp, "context_temperature", None) or temperature
+        per_example = [comp.teacher_contexts(e) for e in examples]
+        names = sorted({n for ctx in per_example for n in ctx})
+        for name in names:
+            missing = [e.id for e, ctx in zip(examples, per_example, strict=True) if name not in ctx]
+            if missing:
+                raise UsageError(f"component {comp.name} gave no context '{name}' for example(s) {missing[:3]}")
+            ctx_packed = pack(
+                [run.context_ids(e, name, ctx[name]) for e, ctx in zip(examples, per_example, strict=True)],
+                completions, run.pad_id,
+            )
+            h = run.teacher.hidden(ctx_packed)
+            ctx_logits = h.float() @ weight.float().T
+            logp[name] = (
+                torch.log_softmax(ctx_logits / ctx_temperature, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+            )
+            if getattr(comp, "needs_hidden", False):
+                hidden_by_ctx[name] = h
+            del ctx_logits
+    return {"packed": packed, "hidden": hidden_by_ctx, "logp": logp, "mask": masks}
+
+
+def distill_step(run: Run, examples: list[Example], completions: list[Completion]) -> dict[str, float]:
+    """Forward/backward of one optimiser step's loss over fixed completions (gradients accumulate in
+    the parameters; the caller steps the optimiser). Returns the step's loss statistics."""
+    cfg = run.config
+    temperature = cfg.divergence_temperature
+    comp_ids = [c.ids for c in completions]
+    micro = _micro_batches(len(examples), cfg.batch_size)
+
+    # Teacher first, for the whole step: its token statistics may weight every micro-batch.
+    teacher_out = []
+    for idx in micro:
+        ex = [examples[i] for i in idx]
+        ids = [comp_ids[i] for i in idx]
+        mask = pack([[0]] * len(ids), ids, run.pad_id).mask  # [B, C]
+        if cfg.mask_truncated:  # a cut-off completion has no ending to learn from
+            for row, i in enumerate(idx):
+                if completions[i].truncated:
+                    mask[row] = 0.0
+        teacher_out.append(teacher_pass(run, ex, ids, mask))
+    num_tokens = float(sum(t["mask"].sum() for t in teacher_out))
+    denominator = max(num_tokens, 1.0)
+
+    distill_weight = math.prod(float(getattr(c, "distill_weight", 1.0)) for c in run.components)
+    totals = {"loss": 0.0, "divergence": 0.0, "weight": 0.0}
+    extra_totals: dict[str, float] = {}
+    student_weight = lm_head_weight(run.model)
+    for m, idx in enumerate(micro):
+        ex = [examples[i] for i in idx]
+        ids = [comp_ids[i] for i in idx]
+        t = teacher_out[m]
+        packed = pack([run.student_ids(e) for e in ex], ids, run.pad_id)
+        mask = t["mask"].to(student_weight.device)  # [B, C]
+        student_hidden = completion_hidden(run.model, packed)  # [B, C, H], with grad
+        outputs = token_outputs(
+            student_hidden, student_weight, t["hidden"]["main"], run.teacher.head_weight(),
+            packed.targets.to(mask.device), mask, alpha=cfg.alpha, temperature=temperature,
+        )
+        needs_hidden = any(getattr(c, "needs_hidden", False) for c in run.components)
+        scores = Scores(
+            mask=mask, targets=packed.targets, divergence=outputs.divergence, student_logp=outputs.student_logp,
+            entropy=outputs.entropy, teacher_logp={k: v.to(mask.device) for k, v in t["logp"].items()},
+            student_hidden=student_hidden if needs_hidden else None,
+            teacher_hidden=t["hidden"] if needs_hidden else {},
+        )
+        batch = StepBatch(
+            ex, ids, run.step + 1, num_tokens, m,
+            step_teacher_logp=[o["logp"] for o in teacher_out], step_masks=[o["mask"] for o in teacher_out],
+        )
+        div = scores.divergence  # [B, C]
+        for comp in run.components:  # each transform sees the previous one's output
+            if hasattr(comp, "transform_divergence"):
+                div = comp.transform_divergence(div, batch)
+        weights = torch.ones_like(div)
+        for w in _call_all(run.components, "token_weights", scores, batch):
+            weights = weights * w.to(div.device)
+        loss_sum = distill_weight * (div * weights * mask).sum()
+        for extras in _call_all(run.components, "extra_losses", scores, batch):
+            for name, per_token in extras.items():
+                term = (per_token * mask).sum()
+                loss_sum = loss_sum + term
+                extra_totals[name] = extra_totals.get(name, 0.0) + float(term.detach()) / denominator
+        (loss_sum / denominator).backward()
+        totals["loss"] += float(loss_sum.detach()) / denominator
+        totals["divergence"] += float((scores.divergence.detach() * mask).sum()) / denominator
+        totals["weight"] += float((weights.detach() * mask).sum()) / denominator
+    stats = {**totals, "loss_tokens": num_tokens}
+    stats.update({f"loss/{k}": v for k, v in extra_totals.items()})
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_run(config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, output_dir: Path | None) -> Run:
+    """Load everything a run needs, in an order that fails fast on bad input (names before models)."""
+    config.validate()
+    regs = pm.registries
+    regs.backends.get(config.backend)
+    components = instantiate(config.components, regs.components)
+    task, examples = load_examples(config, pm)
+    if config.eval_task:
+        regs.tasks.get(config.eval_task)
+
+    seed_everything(config.seed)
+    source = resolve_model(config.model, progress=reporter.info)
+    tokenizer = load_tokenizer(source)
+    model = load_model(source, config.dtype, config.attn_implementation)
+    if config.lora:
+        model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout)
+    model.train()
+    if hasattr(model, "config"):
+        model.config.use_cache = False
+    run = Run(config, model, tokenizer, task, examples, components, output_dir, reporter, plugins=pm)
+    run.teacher = default_teacher(model, config.lora)
+    owners = [c for c in components if hasattr(c, "teacher")]
+    _call_all(components, "setup", run)
+    if owners:
+        run.teacher = owners[0].teacher(run)
+    over = [e.id for e in examples if len(run.student_ids(e)) > config.max_prompt_tokens]
+    if over:
+        if len(over) == len(examples):
+            raise DataError(
+                f"every student prompt is longer than max_prompt_tokens={config.max_prompt_tokens}; raise it"
+            )
+        reporter.info(f"[yellow]Skipping {len(over)} example(s) whose student prompt exceeds "
+                      f"{config.max_prompt_tokens} tokens (e.g. {over[0]}).[/]")
+        keep = set(over)
+        run.examples = [e for e in examples if e.id not in keep]
+    return run
+
+
+def privileged_gap(run: Run, task: Task, limit: int | None) -> dict[str, float]:
+    """Student accuracy, teacher-with-reference accuracy, and their difference, on the eval split."""
+    examples = task.load(task.eval_split, limit=limit)
+    max_new = run.config.max_new_tokens or task.max_new_tokens
+    student = evaluate(run.model, run.tokenizer, task, examples, max_new).metrics
+    with run.teacher.as_model() as teacher_model:
+        teacher = evaluate(teacher_model, run.tokenizer, task, examples, max_new, with_reference=True).metrics
+    return {
+        "student_accuracy": student["accuracy"],
+        "teacher_accuracy": teacher["accuracy"],
+        "privileged_gap": teacher["accuracy"] - student["accuracy"],
+        "n": float(len(examples)),
+    }
+
+
+def train(
+    config: RunConfig,
+    pm: UnisdPluginManager,
+    reporter: Reporter | None = None,
+    resume: str | Path | None = None,
+) -> Path:
+    """Run (or resume) training; returns the run directory."""
+    reporter = reporter or Reporter()
+    resume_ckpt = None
+    if resume is not None:
+        out, resume_ckpt = find_resume_point(resume)
+    else:
+        out = Path(config.output or f"runs/{config.task or Path(config.data or 'data').stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if out.exists() and any(out.iterdir()):
+            raise UsageError(f"--output {out} exists and is not empty; choose another directory or use --resume {out}")
+    config.output = str(out)
+
+    run = build_run(config, pm, reporter, out)
+    model, cfg = run.model, run.config
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = cosine_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * cfg.steps), cfg.steps)
+    backend = pm.registries.backends.get(cfg.backend)(model, run.tokenizer)
+    metrics_log = MetricsLog(out / "metrics.jsonl")
+    stream = DataStream(run.examples, cfg.seed)
+
+    start = 0
+    if resume_ckpt is not None:
+        state = load_checkpoint(resume_ckpt, model=model, lora=cfg.lora, optimizer=optimizer,
+                                scheduler=scheduler, components=run.components)
+        start, stream.cursor = state["step"], state["cursor"]
+        metrics_log.truncate_after(start)
+        reporter.info(f"Resuming {out} from {resume_ckpt.name} (step {start} of {cfg.steps})")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(out / "config.toml", dump_config(cfg))
+    run.step = start
+
+    gap_task = run.task if cfg.eval_before_after and run.task is not None else None
+    if gap_task is not None and start == 0:
+        before = privileged_gap(run, gap_task, cfg.eval_limit)
+        _write_json(out / "eval" / "before.json", before)
+        reporter.info(_gap_line("before training", before))
+
+    sampling = SamplingParams(cfg.temperature, cfg.top_p, run.max_new_tokens)
+    began = time.perf_counter()
+    elapsed_before = _previous_elapsed(metrics_log)
+    reporter.start(cfg.steps, start)
+    try:
+        for step in range(start + 1, cfg.steps + 1):
+            t0 = time.perf_counter()
+            examples = stream.take(cfg.batch_size * cfg.grad_accum)
+            completions = backend.generate([run.student_ids(e) for e in examples], sampling)
+            t_gen = time.perf_counter() - t0
+            stats = distill_step(run, examples, completions)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            run.step = step
+            _call_all(run.components, "on_step_end", run)
+            seconds = time.perf_counter() - t0
+            tokens = sum(len(run.student_ids(e)) + len(c.ids) for e, c in zip(examples, completions, strict=True))
+            record = {
+                "step": step,
+                "loss": stats["loss"],
+                "divergence": stats["divergence"],
+                "completion_length": sum(len(c.ids) for c in completions) / len(completions),
+                "truncated_fraction": sum(c.truncated for c in completions) / len(completions),
+                "loss_tokens": stats["loss_tokens"],
+                "token_weight_mean": stats["weight"],
+                "grad_norm": float(grad_norm),
+                "learning_rate": lr,
+                "tokens_per_s": tokens / seconds,
+                "generation_s": t_gen,
+                "step_s": seconds,
+                "elapsed_s": elapsed_before + time.perf_counter() - began,
+                "reference_truncated": run.reference_truncations,
+            }
+            record.update({k: v for k, v in stats.items() if k.startswith("loss/")})
+            for comp in run.components:
+                if hasattr(comp, "metrics"):
+                    record.update({f"{comp.name}/{k}": float(v) for k, v in comp.metrics().items()})
+            if cfg.eval_task and cfg.eval_every and step % cfg.eval_every == 0:
+                record.update(_periodic_eval(run, pm, cfg.eval_task, cfg.eval_limit))
+            metrics_log.write(record)
+            reporter.step(record)
+            if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
+                save_checkpoint(out / "checkpoints" / f"step-{step}", model=model, tokenizer=run.tokenizer,
+                                lora=cfg.lora, optimizer=optimizer, scheduler=scheduler, step=step,
+                                cursor=stream.cursor, components=run.components)
+    finally:
+        reporter.stop()
+
+    with atomic.directory(out / "final") as tmp:
+        save_weights(model, run.tokenizer, tmp, cfg.lora)
+    if gap_task is not None:
+        after = privileged_gap(run, gap_task, cfg.eval_limit)
+        _write_json(out / "eval" / "after.json", after)
+        reporter.info(_gap_line("after training", after))
+    return out
+
+
+def _periodic_eval(run: Run, pm: UnisdPluginManager, task_name: str, limit: int | None) -> dict[str, float]:
+    task = pm.registries.tasks.get(task_name)()
+    gap = privileged_gap(run, task, limit)
+    return {f"eval/{task_name}/{k}": v for k, v in gap.items()}
+
+
+def _previous_elapsed(log: MetricsLog) -> float:
+    records = log.read()
+    return float(records[-1].get("elapsed_s", 0.0)) if records else 0.0
+
+
+def _gap_line(when: str, gap: dict[str, float]) -> str:
+    return (
+        f"[bold]{when}[/]: student accuracy {gap['student_accuracy']:.3f} | teacher-with-reference "
+        f"{gap['teacher_accuracy']:.3f} | privileged gap {gap['privileged_gap']:+.3f} (n={int(gap['n'])})"
+    )
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    import json
+
+    atomic.write_text(path, json.dumps(data, indent=2) + "\n")

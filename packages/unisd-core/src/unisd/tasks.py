@@ -1,0 +1,116 @@
+"""Examples, tasks and scores: the data side of a run.
+
+An :class:`Example` is what the loop consumes: the student's prompt text, the privileged reference
+that goes into the teacher prompt, and free-form metadata. A :class:`Task` loads examples for a split
+and scores completions. Tasks are registered through the ``register_tasks`` hook.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .errors import DataError
+from .prompts import teacher_text
+
+
+@dataclass
+class Example:
+    """One training or evaluation item."""
+
+    id: str
+    prompt: str  # the student's user-message text
+    reference: str  # the privileged demonstration shown to the teacher only
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Score:
+    """The verdict on one completion. ``value`` is 1.0 for a fully correct answer, 0.0 for a wrong one."""
+
+    value: float
+    extracted: str | None = None
+    verdict: str = "scored"  # e.g. correct, wrong, unparsed, passed, failed, timeout
+    error: str | None = None
+
+
+class Task:
+    """Base class of tasks. Subclasses set ``name`` and implement ``load`` and ``score``.
+
+    ``train_split`` is None for evaluation-only tasks. ``max_new_tokens`` is the task's default
+    generation budget.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    splits: ClassVar[tuple[str, ...]] = ("train", "test")
+    train_split: ClassVar[str | None] = "train"
+    eval_split: ClassVar[str] = "test"
+    max_new_tokens: ClassVar[int] = 512
+
+    def load(self, split: str, path: str | None = None, limit: int | None = None) -> list[Example]:
+        raise NotImplementedError
+
+    def teacher_text(self, example: Example) -> str:
+        """The teacher's user-message text. Override for tasks with another template (tool use)."""
+        return teacher_text(example.prompt, example.reference)
+
+    def score(self, example: Example, completion: str) -> Score:
+        raise NotImplementedError
+
+    def score_batch(self, examples: list[Example], completions: list[str]) -> list[Score]:
+        """Score many completions; override to parallelise (e.g. a sandbox pool)."""
+        return [self.score(ex, c) for ex, c in zip(examples, completions, strict=True)]
+
+    def aggregate(self, scores: list[Score]) -> dict[str, float]:
+        """Summary metrics of a list of scores."""
+        n = max(len(scores), 1)
+        return {
+            "accuracy": sum(s.value for s in scores) / n,
+            "extraction_rate": sum(s.extracted is not None for s in scores) / n,
+        }
+
+
+def load_jsonl_examples(path: str | Path, limit: int | None = None) -> list[Example]:
+    """Read ``{"id", "prompt", "reference", "meta"}`` records, one JSON object per line.
+
+    ``prompt`` and ``reference`` are required strings; ``id`` defaults to the line number; ``meta``
+    is an optional object. Errors name the file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file (expected JSONL with 'prompt' and 'reference' fields)")
+    examples: list[Example] = []
+    seen: set[str] = set()
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            for key in ("prompt", "reference"):
+                if not isinstance(record.get(key), str) or not record[key].strip():
+                    raise DataError(
+                        f"{where}: field '{key}' must be a non-empty string "
+                        "(each line needs 'prompt' (student text) and 'reference' (shown to the teacher))"
+                    )
+            meta = record.get("meta", {})
+            if not isinstance(meta, dict):
+                raise DataError(f"{where}: field 'meta' must be an object")
+            ex_id = str(record.get("id", lineno))
+            if ex_id in seen:
+                raise DataError(f"{where}: duplicate id {ex_id!r}; ids must be unique")
+            seen.add(ex_id)
+            examples.append(Example(ex_id, record["prompt"], record["reference"], meta))
+            if limit is not None and len(examples) >= limit:
+                break
+    if not examples:
+        raise DataError(f"{path}: no examples found")
+    return examples

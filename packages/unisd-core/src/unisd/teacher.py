@@ -1,0 +1,84 @@
+"""Teacher views: which weights score the completion under the teacher prompt.
+
+The default teacher under LoRA is the student's own base weights with the adapter disabled, so no
+second copy of the model is held. Full fine-tuning keeps one frozen copy of the initial weights.
+A component (e.g. an EMA teacher) may provide its own view.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any, Protocol
+
+import torch
+
+from .scoring import Packed, completion_hidden, lm_head_weight
+
+
+class TeacherView(Protocol):
+    """Scores sequences with the teacher's weights, without gradients."""
+
+    def hidden(self, packed: Packed) -> torch.Tensor:
+        """Completion-position final hidden states ``[B, C, H]``."""
+
+    def head_weight(self) -> torch.Tensor:
+        """The lm-head weight ``[V, H]`` that turns those hidden states into logits."""
+
+    def as_model(self) -> contextlib.AbstractContextManager:
+        """A context in which a model with the teacher's weights is yielded (for generation)."""
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any):
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+class AdapterDisabledTeacher:
+    """The student's base weights: the LoRA adapter switched off for the teacher's forwards."""
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    @torch.no_grad()
+    def hidden(self, packed: Packed) -> torch.Tensor:
+        with eval_mode(self.model), self.model.disable_adapter():
+            return completion_hidden(self.model, packed)
+
+    def head_weight(self) -> torch.Tensor:
+        return lm_head_weight(self.model).detach()
+
+    @contextlib.contextmanager
+    def as_model(self):
+        """The model acting as the teacher (for generation, e.g. the privileged-gap evaluation)."""
+        with eval_mode(self.model), self.model.disable_adapter():
+            yield self.model
+
+
+class FrozenCopyTeacher:
+    """A frozen copy of the initial weights, for full fine-tuning."""
+
+    def __init__(self, model: Any):
+        self.model = copy.deepcopy(model)
+        self.model.eval()
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def hidden(self, packed: Packed) -> torch.Tensor:
+        return completion_hidden(self.model, packed)
+
+    def head_weight(self) -> torch.Tensor:
+        return lm_head_weight(self.model)
+
+    @contextlib.contextmanager
+    def as_model(self):
+        yield self.model
+
+
+def default_teacher(model: Any, lora: bool) -> TeacherView:
+    return AdapterDisabledTeacher(model) if lora else FrozenCopyTeacher(model)

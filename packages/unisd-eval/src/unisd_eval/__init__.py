@@ -1,0 +1,1 @@
+"""Benchmark tasks, evaluators and a sandbox for generated code, as unisd plugins."""
