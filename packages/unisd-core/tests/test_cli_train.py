@@ -1,0 +1,160 @@
+"""`unisd train` from the command line on tiny local models: run directory, reload, clear errors."""
+
+import json
+import tomllib
+from dataclasses import dataclass
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from unisd.cli.app import make_app
+from unisd.hookspecs import hookimpl
+from unisd.plugins import get_plugin_manager
+
+
+class EmaStandIn:
+    """A test component named like the real EMA, to check name suggestions and option typing."""
+
+    name = "ema"
+
+    @dataclass
+    class Options:
+        beta: float = 0.9
+        sync_steps: int = 10
+
+    def __init__(self, options):
+        self.options = options
+
+
+class TestPlugin:
+    @hookimpl
+    def register_components(self, register):
+        register(EmaStandIn)
+
+
+def app_with_test_component():
+    pm = get_plugin_manager(load_entry_points=False)
+    pm.register_plugin(TestPlugin(), "test-plugin", "tests")
+    return make_app(pm)
+
+
+def invoke(app, args):
+    return CliRunner().invoke(app, args)
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_llama", "tiny_qwen2"])
+def test_train_writes_run_directory_and_final_reloads(model_fixture, request, toy_data, tmp_path):
+    model_dir = request.getfixturevalue(model_fixture)
+    out = tmp_path / "run"
+    result = invoke(make_app(get_plugin_manager()), [
+        "train", "--model", str(model_dir), "--data", str(toy_data), "--steps", "2", "--output", str(out),
+        "--batch-size", "2", "--grad-accum", "2", "--max-new-tokens", "6",
+    ])
+    assert result.exit_code == 0, result.output
+    config = tomllib.loads((out / "config.toml").read_text())
+    assert config["steps"] == 2 and config["model"] == str(model_dir) and config["lora"] is True
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    for key in ("loss", "divergence", "completion_length", "learning_rate", "tokens_per_s", "elapsed_s"):
+        assert key in records[0]
+    ckpt = out / "checkpoints" / "step-2"
+    for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json"):
+        assert (ckpt / name).is_file(), name
+    assert json.loads((ckpt / "trainer_state.json").read_text())["cursor"] == 8
+
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(out / "final")
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    ids = tok("hello", return_tensors="pt")["input_ids"]
+    assert reloaded(ids).logits.shape[-1] == len(tok)
+
+
+def test_full_finetuning_writes_loadable_weights(tiny_llama, toy_data, tmp_path):
+    out = tmp_path / "full"
+    result = invoke(make_app(get_plugin_manager()), [
+        "train", "--model", str(tiny_llama), "--data", str(toy_data), "--steps", "1", "--output", str(out),
+        "--batch-size", "4", "--grad-accum", "1", "--max-new-tokens", "4", "--full", "--lr", "1e-3",
+    ])
+    assert result.exit_code == 0, result.output
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(out / "final")
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    changed = any(not torch.equal(a, b) for a, b in zip(trained.parameters(), base.parameters(), strict=True))
+    assert changed
+
+
+def test_unknown_component_suggests_and_exits_2(toy_data, tiny_llama):
+    result = invoke(app_with_test_component(), ["train", "--model", str(tiny_llama), "--data", str(toy_data), "--with", "emma"])
+    assert result.exit_code == 2
+    assert "Unknown component 'emma'. Did you mean: ema?" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-o", "ema.bta=0.5", "--with", "ema"], "Unknown option 'ema.bta'. Did you mean: beta?"),
+        (["-o", "ema.beta=high", "--with", "ema"], "option ema.beta: expected float, got 'high'"),
+        (["-o", "ema.beta=0.5"], "component 'ema' is not selected; add --with ema"),
+        (["-o", "nonsense"], "expected name.key=value"),
+        (["--task", "nosuchtask"], "Unknown task 'nosuchtask'"),
+        (["--backend", "vlm"], "Unknown backend 'vlm'"),
+        (["--preset", "nope"], "Unknown preset 'nope'"),
+        (["--steps", "0"], "--steps must be ≥ 1"),
+    ],
+)
+def test_bad_input_gives_one_clear_error_and_exit_2(args, message, tiny_llama, toy_data, tmp_path):
+    base = ["train", "--model", str(tiny_llama), "--output", str(tmp_path / "o")]
+    if "--task" not in args:
+        base += ["--data", str(toy_data)]
+    result = invoke(app_with_test_component(), base + args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "o").exists()  # nothing written half-way
+
+
+def test_bad_data_file_names_file_and_line(tiny_llama, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "a", "reference": "b"}\n{"prompt": "only a prompt"}\n')
+    result = invoke(make_app(get_plugin_manager()), ["train", "--model", str(tiny_llama), "--data", str(data)])
+    assert result.exit_code == 2
+    assert f"{data}:2: field 'reference' must be a non-empty string" in result.output
+
+
+def test_missing_model_directory(toy_data, tmp_path):
+    result = invoke(make_app(get_plugin_manager()), ["train", "--model", str(tmp_path / "nope"), "--data", str(toy_data)])
+    assert result.exit_code == 2
+    assert "no such directory" in result.output
+
+
+def test_output_directory_must_be_new(tiny_llama, toy_data, tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "something").write_text("x")
+    result = invoke(make_app(get_plugin_manager()), ["train", "--model", str(tiny_llama), "--data", str(toy_data), "--output", str(out)])
+    assert result.exit_code == 2
+    assert "exists and is not empty" in result.output
+
+
+def test_config_file_with_flag_override(tiny_llama, toy_data, tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'model = "{tiny_llama}"\ndata = "{toy_data}"\nsteps = 5\nbatch_size = 2\ngrad_accum = 1\nmax_new_tokens = 4\n')
+    out = tmp_path / "cfgrun"
+    result = invoke(make_app(get_plugin_manager()), ["train", "--config", str(cfg), "--steps", "1", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert tomllib.loads((out / "config.toml").read_text())["steps"] == 1
+    bad = tmp_path / "bad.toml"
+    bad.write_text("stepz = 3\n")
+    result = invoke(make_app(get_plugin_manager()), ["train", "--config", str(bad)])
+    assert result.exit_code == 2 and "unknown setting 'stepz'. Did you mean: steps?" in result.output
+
+
+def test_version_and_help():
+    app = make_app(get_plugin_manager())
+    result = invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("unisd ")
+    result = invoke(app, ["--help"])
+    assert result.exit_code == 0 and "unisd train --model DIR --data train.jsonl" in result.output
