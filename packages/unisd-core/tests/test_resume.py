@@ -81,3 +81,40 @@ def test_resume_refuses_changed_settings_and_missing_checkpoints(tiny_llama, toy
         cfg = config(tiny_llama, toy_data, out)
         cfg.lora = False
         train(cfg, pm, resume=out)
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(tiny_llama, toy_data, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "unisd", "train", "--model", str(tiny_llama), "--data", str(toy_data),
+           "--steps", "100000", "--batch-size", "2", "--grad-accum", "1", "--max-new-tokens", "4", "--output", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            metrics = out / "metrics.jsonl"
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("training did not start")
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, output
+    assert "checkpoint saved" in output
+    ckpts = sorted((out / "checkpoints").iterdir())
+    assert len(ckpts) == 1
+    done = json.loads((ckpts[0] / "trainer_state.json").read_text())["step"]
+    result = CliRunner().invoke(make_app(get_plugin_manager(load_entry_points=False)),
+                                ["train", "--resume", str(out), "--steps", str(done + 1)])
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, done + 2))

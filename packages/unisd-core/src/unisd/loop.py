@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,7 @@ from . import atomic
 from .checkpoint import find_resume_point, load_checkpoint, save_checkpoint, save_weights
 from .components import instantiate
 from .config import RunConfig, dump_config
-from .errors import ConfigError, DataError, UsageError
+from .errors import ConfigError, DataError, UnisdError, UsageError
 from .evaluate import evaluate
 from .losses import token_outputs
 from .models import apply_lora, load_model, load_tokenizer, resolve_model
@@ -287,6 +289,37 @@ def distill_step(run: Run, examples: list[Example], completions: list[Completion
 # The run
 
 
+class TrainingInterrupted(UnisdError):
+    """SIGINT/SIGTERM arrived; the step in progress was finished and checkpointed."""
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a request to stop after the current step (with a checkpoint).
+
+    A second signal of the same kind acts immediately, as the default handler would.
+    """
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:  # asked twice: stop now
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.signal = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -403,6 +436,7 @@ def train(
     began = time.perf_counter()
     elapsed_before = _previous_elapsed(metrics_log)
     reporter.start(cfg.steps, start)
+    stop = StopRequest()
     try:
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
@@ -443,11 +477,17 @@ def train(
                 record.update(_periodic_eval(run, pm, cfg.eval_task, cfg.eval_limit))
             metrics_log.write(record)
             reporter.step(record)
-            if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
+            if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0) or stop.signal:
                 save_checkpoint(out / "checkpoints" / f"step-{step}", model=model, tokenizer=run.tokenizer,
                                 lora=cfg.lora, optimizer=optimizer, scheduler=scheduler, step=step,
                                 cursor=stream.cursor, components=run.components)
+            if stop.signal:
+                raise TrainingInterrupted(
+                    f"stopped by {stop.signal} after step {step}; checkpoint saved. Continue with: "
+                    f"unisd train --resume {out}"
+                )
     finally:
+        stop.restore()
         reporter.stop()
 
     with atomic.directory(out / "final") as tmp:

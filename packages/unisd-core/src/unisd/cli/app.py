@@ -10,15 +10,13 @@ from . import plugins_cmd, train_cmd
 
 HELP = """On-policy self-distillation of LLMs, with composable mechanisms.
 
+\b
 Examples:
-
-  unisd train                                   # built-in demo on SmolLM2-135M (CPU, < 10 min)
-
+  unisd train                          # built-in demo: SmolLM2-135M, CPU, < 10 min
   unisd train --model DIR --data train.jsonl --steps 100 --output runs/x
-
   unisd train --task demo --with ema --with clip -o clip.max_value=5
-
-  unisd plugins --json
+  unisd train --resume runs/x          # continue a run exactly
+  unisd plugins --json                 # what is installed, from which package
 """
 
 
@@ -26,6 +24,23 @@ def _version(value: bool) -> None:
     if value:
         typer.echo(f"unisd {__version__}")
         raise typer.Exit()
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bar and messages are enough: silence the libraries' per-file loading bars."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
 def make_app(pm: UnisdPluginManager) -> typer.Typer:
@@ -39,7 +54,7 @@ def make_app(pm: UnisdPluginManager) -> typer.Typer:
     def root(
         version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
     ) -> None:
-        pass
+        _quiet_libraries()
 
     train_cmd.register(app, pm)
     plugins_cmd.register(app, pm)

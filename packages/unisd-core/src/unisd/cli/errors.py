@@ -13,8 +13,13 @@ from ..errors import UnisdError, UsageError
 
 @contextlib.contextmanager
 def cli_errors() -> Iterator[None]:
+    from ..loop import TrainingInterrupted
+
     try:
         yield
+    except TrainingInterrupted as exc:
+        typer.echo(f"{exc}", err=True)
+        raise typer.Exit(130) from None
     except UsageError as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(2) from None
