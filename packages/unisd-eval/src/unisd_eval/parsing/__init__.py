@@ -1,0 +1,1 @@
+"""Answer extraction from model completions: code, option letters, numbers, ReAct tool calls."""

@@ -1,0 +1,95 @@
+"""`unisd eval`: predictions files (offline HumanEval from PyPI), generation with a tiny model, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+from unisd.cli.app import make_app
+from unisd.plugins import get_plugin_manager
+from unisd.testing import make_tiny_model_dir, write_jsonl
+from unisd_eval.tasks import HumanEvalTask
+
+
+@pytest.fixture(scope="module")
+def app():
+    return make_app(get_plugin_manager())
+
+
+@pytest.fixture(scope="module")
+def humaneval():
+    return {ex.id: ex for ex in HumanEvalTask().load("test", limit=4)}
+
+
+def test_eval_humaneval_predictions_offline(app, humaneval, tmp_path):
+    records = [{"id": i, "completion": humaneval[i].reference} for i in ("HumanEval/0", "HumanEval/1", "HumanEval/2")]
+    records.append({"id": "HumanEval/3", "completion": "```python\ndef below_zero(operations):\n    return False\n```"})
+    preds = write_jsonl(tmp_path / "preds.jsonl", records)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["eval", "humaneval", "--predictions", str(preds), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["metrics"]["pass@1"] == pytest.approx(0.75)
+    assert results["metrics"]["items"] == 4 and results["metrics"]["items_without_prediction"] == 160
+    assert results["split"] == "test" and "total_s" in results["timings"]
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["verdict"] for r in rows] == ["passed", "passed", "passed", "failed"]
+    assert set(rows[0]) >= {"id", "prompt", "completion", "extracted", "verdict", "error"}
+    assert "pass@1" in result.output
+
+
+def test_eval_several_samples_per_id_give_pass_at_k(app, humaneval, tmp_path):
+    wrong = "```python\ndef has_close_elements(numbers, threshold):\n    return None\n```"
+    ref = humaneval["HumanEval/0"].reference
+    records = [{"id": "HumanEval/0", "completion": c} for c in (ref, wrong, wrong, ref, wrong)]
+    preds = write_jsonl(tmp_path / "preds.jsonl", records)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["eval", "humaneval", "--predictions", str(preds), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "results.json").read_text())["metrics"]
+    assert metrics["pass@1"] == pytest.approx(0.4) and metrics["pass@2"] == pytest.approx(0.7)
+    assert metrics["pass@5"] == pytest.approx(1.0)
+
+
+def test_eval_unknown_id_and_bad_flags_exit_2(app, tmp_path):
+    preds = write_jsonl(tmp_path / "preds.jsonl", [{"id": "HumanEval/999", "completion": "x"}])
+    result = CliRunner().invoke(app, ["eval", "humaneval", "--predictions", str(preds), "--output", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "HumanEval/999" in result.output
+    result = CliRunner().invoke(app, ["eval", "humaneval"])
+    assert result.exit_code == 2 and "exactly one of --model" in result.output
+    result = CliRunner().invoke(app, ["eval", "nosuchtask", "--predictions", str(preds)])
+    assert result.exit_code == 2 and "Unknown task" in result.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "HumanEval/0"}\n')
+    result = CliRunner().invoke(app, ["eval", "humaneval", "--predictions", str(bad)])
+    assert result.exit_code == 2 and "completion" in result.output
+
+
+def test_eval_with_a_tiny_model(app, data_files, tmp_path):
+    model_dir = make_tiny_model_dir(tmp_path / "tiny")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [
+        "eval", "gsm8k", "--model", str(model_dir), "--data-file", str(data_files["gsm8k"]),
+        "--max-new-tokens", "4", "--output", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["metrics"]["completions"] == 2 and 0.0 <= results["metrics"]["accuracy"] <= 1.0
+    assert results["config"]["temperature"] == 0.0
+    out2 = tmp_path / "out2"
+    result = CliRunner().invoke(app, [
+        "eval", "mbpp", "--model", str(model_dir), "--data-file", str(data_files["mbpp"]), "--limit", "1",
+        "--samples", "2", "--max-new-tokens", "4", "--output", str(out2),
+    ])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out2 / "results.json").read_text())
+    assert results["metrics"]["completions"] == 2 and "pass@2" in results["metrics"]
+    assert results["config"]["temperature"] == 0.7
+    rows = [json.loads(line) for line in (out2 / "predictions.jsonl").read_text().splitlines()]
+    assert [r["sample"] for r in rows] == [0, 1]
+
+
+def test_eval_tasks_are_registered():
+    names = set(get_plugin_manager().registries.tasks.names())
+    assert {"mbpp", "humaneval", "scienceqa", "cos_e", "medmcqa", "gpqa", "tooluse", "gsm8k"} <= names
