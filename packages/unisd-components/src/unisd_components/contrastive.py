@@ -1,0 +1,141 @@
+"""Token-level contrastive learning against a negative demonstration (unisd-method.md §2.3).
+
+The teacher also scores the completion under a *negative* teacher prompt: the same template as the
+positive one with a wrong demonstration in place of the reference (§7.9: the research code changed
+the layout too). Per token, with selected-token log-probs s (student, with grad), g (teacher,
+positive) and b (teacher, negative):
+
+    c_t = relu(margin + |s − g| − |s − b|)
+
+pulls the student towards the positive teacher and away from the negative one. Negatives come from
+``meta["negative_reference"]`` or from the cache of ``unisd cache negatives``. Examples without one
+are reported and contribute no contrastive term; they are not dropped from training (§7.14).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from unisd.components import option
+from unisd.errors import UsageError
+from unisd.prompts import teacher_text
+from unisd.tasks import Example
+
+from .negatives import default_cache_path, read_cache
+
+CONTEXT = "negative"
+
+
+def hinge(student: torch.Tensor, good: torch.Tensor, bad: torch.Tensor, margin: float) -> torch.Tensor:
+    """``relu(margin + |s − g| − |s − b|)`` elementwise; gradient flows through ``student`` only."""
+    return torch.relu(margin + (student - good.detach()).abs() - (student - bad.detach()).abs())
+
+
+def teacher_text_with(task: Any, example: Example, reference: str) -> str:
+    """The teacher prompt of ``example`` with ``reference`` as its demonstration: the positive template."""
+    swapped = Example(example.id, example.prompt, reference, example.meta)
+    return task.teacher_text(swapped) if task is not None else teacher_text(example.prompt, reference)
+
+
+class Contrastive:
+    """Hinge loss pulling the student to the positive teacher and away from a negative-demonstration teacher."""
+
+    name: ClassVar[str] = "contrastive"
+
+    @dataclass
+    class Options:
+        weight: float = option(0.1, "Weight λ of the contrastive term.")
+        margin: float = option(0.5, "Hinge margin on token log-probs.")
+        cache: str | None = option(None, "Negatives cache (JSONL from `unisd cache negatives`); default: its default path.")
+        seed: int = option(42, "Seed for choosing one cached negative per example.")
+
+        def __post_init__(self) -> None:
+            if self.weight < 0:
+                raise ValueError(f"contrastive.weight must be ≥ 0, got {self.weight}")
+
+    def __init__(self, options: Options | None = None):
+        self.options = options or self.Options()
+        self.task: Any = None
+        self.negatives: dict[str, str] = {}  # example id -> negative reference text
+        self.missing: list[str] = []
+        self._step = -1
+        self._acc: dict[str, float] = {}
+
+    def setup(self, run: Any) -> None:
+        """Attach one negative per example (meta first, then the cache); report examples without one."""
+        self.task = run.task
+        cfg = run.config
+        path = Path(self.options.cache) if self.options.cache else default_cache_path(cfg.model, cfg.data or cfg.task or "data")
+        if self.options.cache and not path.is_file():
+            raise UsageError(f"contrastive.cache {path}: no such file (build it with `unisd cache negatives`)")
+        cached = read_cache(path)
+        self.attach(run.examples, cached)
+        if not self.negatives:
+            raise UsageError(
+                f"contrastive: none of the {len(run.examples)} examples has a negative demonstration. Build them with "
+                f"`unisd cache negatives --model {cfg.model} {'--data ' + cfg.data if cfg.data else '--task ' + str(cfg.task)}` "
+                "(or give meta.negative_reference in --data records, or -o contrastive.cache=PATH)"
+            )
+        if self.missing:
+            run.reporter.info(
+                f"[yellow]contrastive: {len(self.missing)} of {len(run.examples)} example(s) have no negative "
+                f"(e.g. {self.missing[0]}); they train without the contrastive term.[/]"
+            )
+
+    def attach(self, examples: list[Example], cached: dict[str, list[dict]]) -> None:
+        self.negatives, self.missing = {}, []
+        for ex in examples:
+            direct = ex.meta.get("negative_reference")
+            choices = [n["reference"] for n in cached.get(ex.id, []) if n.get("reference", "").strip()]
+            if isinstance(direct, str) and direct.strip():
+                self.negatives[ex.id] = direct
+            elif choices:
+                # One negative per example for the run, chosen independently of the data order.
+                self.negatives[ex.id] = random.Random(f"{self.options.seed}:{ex.id}").choice(choices)
+            else:
+                self.missing.append(ex.id)
+
+    def teacher_contexts(self, example: Example) -> dict[str, str]:
+        negative = self.negatives.get(example.id)
+        # Every row of a batch needs the context; rows without a negative get the student text and
+        # a zero contrastive term (see extra_losses).
+        text = teacher_text_with(self.task, example, negative) if negative is not None else example.prompt
+        return {CONTEXT: text}
+
+    def extra_losses(self, scores: Any, batch: Any) -> dict[str, torch.Tensor]:
+        s = scores.student_logp  # [B, C], with grad
+        g = scores.teacher_logp["main"].to(s.device)
+        b = scores.teacher_logp[CONTEXT].to(s.device)
+        has = torch.tensor([ex.id in self.negatives for ex in batch.examples], dtype=s.dtype, device=s.device)
+        c = hinge(s, g, b, self.options.margin) * has.unsqueeze(-1)  # [B, C]
+        self._record(batch, scores.mask.to(s.device) * has.unsqueeze(-1), s.detach(), g, b, c.detach())
+        return {"contrastive": self.options.weight * c}
+
+    def _record(self, batch: Any, mask: torch.Tensor, s: torch.Tensor, g: torch.Tensor, b: torch.Tensor,
+                c: torch.Tensor) -> None:
+        if batch.step != self._step:
+            self._step = batch.step
+            self._acc = dict.fromkeys(("tokens", "pos", "neg", "viol", "loss", "missing", "rows"), 0.0)
+        on = mask > 0
+        self._acc["tokens"] += float(on.sum())
+        self._acc["pos"] += float((s - g).abs()[on].sum())
+        self._acc["neg"] += float((s - b).abs()[on].sum())
+        self._acc["viol"] += float((c[on] > 0).sum())
+        self._acc["loss"] += float(c[on].sum())
+        self._acc["missing"] += sum(ex.id not in self.negatives for ex in batch.examples)
+        self._acc["rows"] += len(batch.examples)
+
+    def metrics(self) -> dict[str, float]:
+        """Positive/negative distances, violation rate and hinge mean over the step's tokens with a negative."""
+        if not self._acc:
+            return {}
+        n = max(self._acc["tokens"], 1.0)
+        return {
+            "pos_dist_mean": self._acc["pos"] / n, "neg_dist_mean": self._acc["neg"] / n,
+            "violation_rate": self._acc["viol"] / n, "loss": self._acc["loss"] / n,
+            "missing": self._acc["missing"], "missing_fraction": self._acc["missing"] / max(self._acc["rows"], 1.0),
+        }

@@ -1,0 +1,5 @@
+"""An example third-party unisd plugin: the ``entropy-mask`` component."""
+
+from .component import EntropyMask
+
+__all__ = ["EntropyMask"]
