@@ -78,12 +78,14 @@ def save_checkpoint(
     step: int,
     cursor: int,
     components: list[Any],
+    rng_states: list[dict[str, Any]] | None = None,
 ) -> None:
     with atomic.directory(path) as tmp:
         save_weights(model, tokenizer, tmp, lora)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
+        # One RNG state per process, so a resumed run samples exactly what the original would have.
+        torch.save(rng_states or [rng_state()], tmp / "rng.pt")
         states = {c.name: c.state_dict() for c in components if hasattr(c, "state_dict")}
         torch.save(states, tmp / "components.pt")
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, "cursor": cursor, "lora": lora}, indent=2))
@@ -113,7 +115,8 @@ def find_resume_point(path: str | Path) -> tuple[Path, Path]:
 
 
 def load_checkpoint(
-    path: Path, *, model: Any, lora: bool, optimizer: torch.optim.Optimizer, scheduler: Any, components: list[Any]
+    path: Path, *, model: Any, lora: bool, optimizer: torch.optim.Optimizer, scheduler: Any, components: list[Any],
+    rank: int = 0,
 ) -> dict[str, Any]:
     state = json.loads((path / STATE_FILE).read_text())
     if state.get("lora", lora) != lora:
@@ -127,5 +130,9 @@ def load_checkpoint(
             if comp.name not in saved:
                 raise CheckpointError(f"{path}: no saved state for component '{comp.name}'")
             comp.load_state_dict(saved[comp.name])
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    states = torch.load(path / "rng.pt", weights_only=False)
+    if rank < len(states):
+        set_rng_state(states[rank])
+    else:  # resumed on more processes than saved: a fresh, deterministic stream for the new ones
+        torch.manual_seed(1_000_003 * (state["step"] + 1) + rank)
     return state

@@ -22,6 +22,7 @@ class RunConfig:
     model: str = "smollm2"
     task: str | None = None
     data: str | None = None
+    task_data: str | None = None  # a local file in the task's own (hub) layout, for --task
     split: str = "train"
     limit: int | None = None
     preset: str | None = None

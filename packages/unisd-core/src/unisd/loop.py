@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import atomic
-from .checkpoint import find_resume_point, load_checkpoint, save_checkpoint, save_weights
+from . import atomic, distributed
+from .checkpoint import find_resume_point, load_checkpoint, rng_state, save_checkpoint, save_weights
 from .components import instantiate
 from .config import RunConfig, dump_config
 from .errors import ConfigError, DataError, UnisdError, UsageError
@@ -136,7 +136,7 @@ def load_examples(config: RunConfig, pm: UnisdPluginManager) -> tuple[Task | Non
     task = pm.registries.tasks.get(config.task)()
     if getattr(task, "train_split", "train") is None:
         raise UsageError(f"task '{config.task}' is evaluation-only; train on another task and evaluate on it")
-    examples = task.load(config.split, limit=config.limit)
+    examples = task.load(config.split, path=config.task_data, limit=config.limit)
     if not examples:
         raise DataError(f"task '{config.task}' split '{config.split}' has no examples")
     return task, examples
@@ -234,7 +234,8 @@ def distill_step(run: Run, examples: list[Example], completions: list[Completion
                 if completions[i].truncated:
                     mask[row] = 0.0
         teacher_out.append(teacher_pass(run, ex, ids, mask))
-    num_tokens = float(sum(t["mask"].sum() for t in teacher_out))
+    # The denominator is the loss-token count of the whole optimiser step, over every process.
+    num_tokens = distributed.sum_scalar(float(sum(t["mask"].sum() for t in teacher_out)))
     denominator = max(num_tokens, 1.0)
 
     distill_weight = math.prod(float(getattr(c, "distill_weight", 1.0)) for c in run.components)
@@ -395,8 +396,13 @@ def train(
     reporter: Reporter | None = None,
     resume: str | Path | None = None,
 ) -> Path:
-    """Run (or resume) training; returns the run directory."""
-    reporter = reporter or Reporter()
+    """Run (or resume) training; returns the run directory.
+
+    Under a multi-process launcher every process runs this function on its share of each global batch;
+    only the main process writes metrics, checkpoints and the final weights.
+    """
+    env = distributed.init_from_env()
+    reporter = (reporter or Reporter()) if env.is_main else Reporter()
     resume_ckpt = None
     if resume is not None:
         out, resume_ckpt = find_resume_point(resume)
@@ -405,6 +411,7 @@ def train(
         if out.exists() and any(out.iterdir()):
             raise UsageError(f"--output {out} exists and is not empty; choose another directory or use --resume {out}")
     config.output = str(out)
+    distributed.barrier()  # every process checked the output directory before the main one creates it
 
     run = build_run(config, pm, reporter, out)
     model, cfg = run.model, run.config
@@ -414,36 +421,43 @@ def train(
     backend = pm.registries.backends.get(cfg.backend)(model, run.tokenizer)
     metrics_log = MetricsLog(out / "metrics.jsonl")
     stream = DataStream(run.examples, cfg.seed)
+    if env.active:  # same initial weights everywhere (seeded above), different samples per process
+        torch.manual_seed(cfg.seed + 1000 * env.rank)
 
     start = 0
     if resume_ckpt is not None:
         state = load_checkpoint(resume_ckpt, model=model, lora=cfg.lora, optimizer=optimizer,
-                                scheduler=scheduler, components=run.components)
+                                scheduler=scheduler, components=run.components, rank=env.rank)
         start, stream.cursor = state["step"], state["cursor"]
-        metrics_log.truncate_after(start)
+        if env.is_main:
+            metrics_log.truncate_after(start)
         reporter.info(f"Resuming {out} from {resume_ckpt.name} (step {start} of {cfg.steps})")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(out / "config.toml", dump_config(cfg))
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(out / "config.toml", dump_config(cfg))
     run.step = start
 
     gap_task = run.task if cfg.eval_before_after and run.task is not None else None
-    if gap_task is not None and start == 0:
+    if gap_task is not None and start == 0 and env.is_main:
         before = privileged_gap(run, gap_task, cfg.eval_limit)
         _write_json(out / "eval" / "before.json", before)
         reporter.info(_gap_line("before training", before))
+    distributed.barrier()
 
     sampling = SamplingParams(cfg.temperature, cfg.top_p, run.max_new_tokens)
     began = time.perf_counter()
-    elapsed_before = _previous_elapsed(metrics_log)
+    elapsed_before = _previous_elapsed(metrics_log) if env.is_main else 0.0
     reporter.start(cfg.steps, start)
     stop = StopRequest()
     try:
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
-            examples = stream.take(cfg.batch_size * cfg.grad_accum)
+            # The global batch is the same whatever the process count; each process takes a share.
+            examples = distributed.shard(stream.take(cfg.batch_size * cfg.grad_accum * env.world_size), env)
             completions = backend.generate([run.student_ids(e) for e in examples], sampling)
             t_gen = time.perf_counter() - t0
             stats = distill_step(run, examples, completions)
+            distributed.sync_gradients(trainable)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -452,15 +466,17 @@ def train(
             run.step = step
             _call_all(run.components, "on_step_end", run)
             seconds = time.perf_counter() - t0
-            tokens = sum(len(run.student_ids(e)) + len(c.ids) for e, c in zip(examples, completions, strict=True))
+            lengths = [len(c.ids) for c in completions]
+            tokens = distributed.sum_scalar(float(sum(len(run.student_ids(e)) for e in examples) + sum(lengths)))
+            count = distributed.sum_scalar(float(len(completions)))
             record = {
                 "step": step,
-                "loss": stats["loss"],
-                "divergence": stats["divergence"],
-                "completion_length": sum(len(c.ids) for c in completions) / len(completions),
-                "truncated_fraction": sum(c.truncated for c in completions) / len(completions),
+                "loss": distributed.sum_scalar(stats["loss"]),
+                "divergence": distributed.sum_scalar(stats["divergence"]),
+                "completion_length": distributed.sum_scalar(float(sum(lengths))) / count,
+                "truncated_fraction": distributed.sum_scalar(float(sum(c.truncated for c in completions))) / count,
                 "loss_tokens": stats["loss_tokens"],
-                "token_weight_mean": stats["weight"],
+                "token_weight_mean": distributed.sum_scalar(stats["weight"]),
                 "grad_norm": float(grad_norm),
                 "learning_rate": lr,
                 "tokens_per_s": tokens / seconds,
@@ -469,33 +485,41 @@ def train(
                 "elapsed_s": elapsed_before + time.perf_counter() - began,
                 "reference_truncated": run.reference_truncations,
             }
-            record.update({k: v for k, v in stats.items() if k.startswith("loss/")})
+            record.update({k: distributed.sum_scalar(v) for k, v in stats.items() if k.startswith("loss/")})
             for comp in run.components:
                 if hasattr(comp, "metrics"):
                     record.update({f"{comp.name}/{k}": float(v) for k, v in comp.metrics().items()})
-            if cfg.eval_task and cfg.eval_every and step % cfg.eval_every == 0:
+            if cfg.eval_task and cfg.eval_every and step % cfg.eval_every == 0 and env.is_main:
                 record.update(_periodic_eval(run, pm, cfg.eval_task, cfg.eval_limit))
-            metrics_log.write(record)
+            if env.is_main:
+                metrics_log.write(record)
             reporter.step(record)
-            if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0) or stop.signal:
-                save_checkpoint(out / "checkpoints" / f"step-{step}", model=model, tokenizer=run.tokenizer,
-                                lora=cfg.lora, optimizer=optimizer, scheduler=scheduler, step=step,
-                                cursor=stream.cursor, components=run.components)
-            if stop.signal:
+            # Every process must stop at the same step, whichever of them received the signal.
+            stopping = distributed.sum_scalar(1.0 if stop.signal else 0.0) > 0
+            if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0) or stopping:
+                rng_states = distributed.gather_objects(rng_state())
+                if env.is_main:
+                    save_checkpoint(out / "checkpoints" / f"step-{step}", model=model, tokenizer=run.tokenizer,
+                                    lora=cfg.lora, optimizer=optimizer, scheduler=scheduler, step=step,
+                                    cursor=stream.cursor, components=run.components, rng_states=rng_states)
+                distributed.barrier()
+            if stopping:
                 raise TrainingInterrupted(
-                    f"stopped by {stop.signal} after step {step}; checkpoint saved. Continue with: "
-                    f"unisd train --resume {out}"
+                    f"stopped by {stop.signal or 'a signal to another process'} after step {step}; checkpoint saved. "
+                    f"Continue with: unisd train --resume {out}"
                 )
     finally:
         stop.restore()
         reporter.stop()
 
-    with atomic.directory(out / "final") as tmp:
-        save_weights(model, run.tokenizer, tmp, cfg.lora)
-    if gap_task is not None:
-        after = privileged_gap(run, gap_task, cfg.eval_limit)
-        _write_json(out / "eval" / "after.json", after)
-        reporter.info(_gap_line("after training", after))
+    if env.is_main:
+        with atomic.directory(out / "final") as tmp:
+            save_weights(model, run.tokenizer, tmp, cfg.lora)
+        if gap_task is not None:
+            after = privileged_gap(run, gap_task, cfg.eval_limit)
+            _write_json(out / "eval" / "after.json", after)
+            reporter.info(_gap_line("after training", after))
+    distributed.barrier()
     return out
 
 

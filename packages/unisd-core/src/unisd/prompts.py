@@ -31,8 +31,11 @@ def reference_with_reasoning(answer: str, reasoning: str | None) -> str:
 def render_chat(tokenizer: Any, user_text: str) -> str:
     """Render one user turn with the tokenizer's chat template, ready for the assistant's reply."""
     if getattr(tokenizer, "chat_template", None):
+        # enable_thinking=False: Qwen3-style templates would otherwise open a reasoning block; templates
+        # that do not know the variable ignore it. Training and evaluation render identically.
         return tokenizer.apply_chat_template(
-            [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
+            [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True,
+            enable_thinking=False,
         )
     return user_text
 

@@ -31,6 +31,7 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
         model: str = typer.Option(None, "--model", help="HF hub id, local HF directory, .gguf file, or 'smollm2' (bundled)."),
         task: str = typer.Option(None, "--task", help="A registered task (see `unisd plugins`)."),
         data: Path = typer.Option(None, "--data", help="JSONL file: one {id, prompt, reference, meta} per line."),
+        task_data: Path = typer.Option(None, "--task-data", help="Local file in the task's own field layout (with --task)."),
         with_: list[str] = typer.Option(None, "--with", help="Add a component (repeatable), e.g. --with ema."),
         preset: str = typer.Option(None, "--preset", help="A named set of components and options, e.g. unisd-star."),
         option: list[str] = typer.Option(None, "-o", "--option", help="Component option NAME.KEY=VALUE (repeatable)."),
@@ -55,7 +56,8 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
         console = Console(stderr=False)
         with cli_errors():
             flags = {
-                "model": model, "task": task, "data": str(data) if data else None, "output": str(output) if output else None,
+                "model": model, "task": task, "data": str(data) if data else None,
+                "task_data": str(task_data) if task_data else None, "output": str(output) if output else None,
                 "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr, "lora": lora,
                 "backend": backend, "eval_task": eval_task, "eval_every": eval_every, "save_every": save_every,
                 "max_new_tokens": max_new_tokens, "temperature": temperature, "alpha": alpha, "seed": seed,

@@ -1,0 +1,117 @@
+"""Data parallelism without a wrapper: each process trains on its share of the global batch.
+
+Launch with ``accelerate launch -m unisd train ...``, ``torchrun -m unisd train ...`` or
+``unisd train --num-processes N``; all set RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. Every process
+holds the same weights; after the backward pass the gradients are summed across processes, and because
+every process divides its loss by the token count of the *global* batch, the sum is exactly the gradient
+a single process would compute on the whole batch. Optimiser steps are then identical everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def init_from_env() -> DistEnv:
+    """Join the process group the launcher described in the environment (a no-op for one process)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistEnv()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    return DistEnv(dist.get_rank(), dist.get_world_size())
+
+
+def current() -> DistEnv:
+    if dist.is_available() and dist.is_initialized():
+        return DistEnv(dist.get_rank(), dist.get_world_size())
+    return DistEnv()
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over processes in place (and return it). Identity for one process."""
+    if current().active:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def sum_scalar(value: float) -> float:
+    if not current().active:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    all_reduce_sum(t)
+    return float(t.item())
+
+
+def all_gather_cat(value: torch.Tensor) -> torch.Tensor:
+    """Concatenate a 1-D tensor of any length from every process (for global quantiles)."""
+    env = current()
+    if not env.active:
+        return value
+    sizes = [None] * env.world_size
+    dist.all_gather_object(sizes, int(value.numel()))
+    width = max(sizes)
+    padded = torch.zeros(width, dtype=value.dtype)
+    padded[: value.numel()] = value.detach().cpu().reshape(-1)
+    gathered = [torch.zeros(width, dtype=value.dtype) for _ in range(env.world_size)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:n] for g, n in zip(gathered, sizes, strict=True)]).to(value.device)
+
+
+def sync_gradients(parameters: list[torch.nn.Parameter]) -> None:
+    """Sum gradients over processes, flattened into one buffer per dtype (one collective each)."""
+    if not current().active:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    by_dtype: dict[Any, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for group in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for g in group:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every process's ``obj``, in rank order (a one-element list for one process)."""
+    env = current()
+    if not env.active:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if current().active:
+        dist.barrier()
+
+
+def shard(items: list[Any], env: DistEnv) -> list[Any]:
+    """This process's share of the global batch (strided, so shares differ by at most one item)."""
+    return items[env.rank :: env.world_size]
