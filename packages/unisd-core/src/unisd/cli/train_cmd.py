@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from importlib import resources
 from pathlib import Path
@@ -51,9 +52,12 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
         alpha: float = typer.Option(None, "--alpha", help="Divergence: 0 forward KL(teacher‖student), 1 reverse KL, between: scaled generalized JSD."),
         resume: Path = typer.Option(None, "--resume", help="Continue a run directory (or one of its checkpoints) exactly."),
         seed: int = typer.Option(None, "--seed", help="Random seed (42)."),
+        num_processes: int = typer.Option(1, "--num-processes", help="Data-parallel processes on this machine (relaunches under torch.distributed.run)."),
     ) -> None:
         """Train a model by on-policy self-distillation (no arguments: the built-in demo)."""
         console = Console(stderr=False)
+        if num_processes > 1 and "WORLD_SIZE" not in os.environ:
+            raise typer.Exit(relaunch(num_processes))
         with cli_errors():
             flags = {
                 "model": model, "task": task, "data": str(data) if data else None,
@@ -96,6 +100,28 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
             run_dir = train(cfg, pm, RichReporter(console), resume=resume)
             console.print(f"Done in {time.perf_counter() - began:.0f} s. Run directory: {run_dir} "
                           f"(adapter/weights in {run_dir / 'final'})", highlight=False)
+
+
+def relaunch(num_processes: int) -> int:
+    """Run this same command under torch.distributed.run with N processes; returns its exit code."""
+    import socket
+    import subprocess
+    import sys
+
+    args = list(sys.argv[1:])
+    for i, arg in enumerate(args):  # drop our own flag so the children do not relaunch again
+        if arg == "--num-processes":
+            del args[i : i + 2]
+            break
+        if arg.startswith("--num-processes="):
+            del args[i]
+            break
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={num_processes}",
+           f"--master-port={port}", "-m", "unisd", *args]
+    return subprocess.call(cmd)
 
 
 def _resume_config(resume: Path) -> RunConfig:

@@ -1,0 +1,112 @@
+"""Two processes (gloo, CPU) and one process over the same global batch give the same update."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from unisd.testing import make_tiny_model_dir, toy_records, write_jsonl
+
+WORKER = textwrap.dedent('''
+    import json, sys, torch
+    from unisd import distributed
+    from unisd.config import RunConfig
+    from unisd.loop import build_run, distill_step, _call_all
+    from unisd.plugins import get_plugin_manager
+    from unisd.reporting import Reporter
+    from unisd.rollout import Completion
+
+    model_dir, data, components, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+    env = distributed.init_from_env()
+    cfg = RunConfig(model=model_dir, data=data, batch_size=2, grad_accum=8 // (2 * env.world_size),
+                    lora_dropout=0.0, max_new_tokens=8, components=components, lr=1e-2)
+    run = build_run(cfg, get_plugin_manager(), Reporter(), None)
+    with torch.no_grad():
+        for name, p in run.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.linspace(-0.05, 0.05, p.numel()).reshape(p.shape))
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    # SGD: the optimiser is not under test, and AdamW's per-entry normalisation would magnify round-off.
+    opt = torch.optim.SGD(params, lr=0.5)
+    eos = run.tokenizer.eos_token_id
+    completions = [Completion([20 + i, 30 + (i * 7) % 50, 40 + i % 3] + ([eos] if i % 3 else []), i % 3 == 0)
+                   for i in range(8)]
+    losses, grads = [], []
+    for step in (1, 2):  # two optimiser steps, so an EMA sync (sync_steps=1) changes the second teacher
+        idx = distributed.shard(list(range(8)), env)
+        stats = distill_step(run, [run.examples[i] for i in idx], [completions[i] for i in idx])
+        distributed.sync_gradients(params)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        grads.append([p.grad.detach().clone() for p in params])
+        opt.step()
+        opt.zero_grad()
+        run.step = step
+        _call_all(run.components, "on_step_end", run)
+        losses.append(distributed.sum_scalar(stats["loss"]))
+    if env.is_main:
+        torch.save({"params": [p.detach() for p in params], "losses": losses, "grads": grads}, out)
+''')
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(nproc, model_dir, data, components, out, tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "UNISD_CACHE_DIR": str(tmp_path / "cache")}
+    args = [str(model_dir), str(data), json.dumps(components), str(out)]
+    if nproc == 1:
+        cmd = [sys.executable, str(script), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               f"--master-port={_free_port()}", str(script), *args]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("components", [{}, {"ema": {"sync_steps": 1, "beta": 0.5}}], ids=["plain", "ema"])
+def test_two_processes_match_one(tmp_path, components):
+    model_dir = make_tiny_model_dir(tmp_path / "model")
+    data = write_jsonl(tmp_path / "data.jsonl", toy_records(8))
+    one = _run(1, model_dir, data, components, tmp_path / "one.pt", tmp_path)
+    two = _run(2, model_dir, data, components, tmp_path / "two.pt", tmp_path)
+    assert one["losses"] == pytest.approx(two["losses"], rel=1e-5)
+    assert one["losses"][0] != one["losses"][1]
+    for step in range(2):
+        for a, b in zip(one["grads"][step], two["grads"][step], strict=True):
+            assert ((a - b).norm() / b.norm().clamp_min(1e-12)).item() <= 1e-5
+    for a, b in zip(one["params"], two["params"], strict=True):
+        assert ((a - b).norm() / b.norm().clamp_min(1e-12)).item() <= 1e-5
+
+
+def test_num_processes_flag_trains_with_two_processes(tmp_path):
+    model_dir = make_tiny_model_dir(tmp_path / "model")
+    data = write_jsonl(tmp_path / "data.jsonl", toy_records(8))
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "unisd", "train", "--model", str(model_dir), "--data", str(data), "--steps", "2",
+           "--batch-size", "2", "--grad-accum", "1", "--max-new-tokens", "4", "--output", str(out),
+           "--num-processes", "2"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]  # written once, by the main process
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+    state = json.loads((out / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert state["cursor"] == 8  # 2 steps × global batch of 2 per process × 2 processes
+    assert len(torch.load(out / "checkpoints" / "step-2" / "rng.pt", weights_only=False)) == 2
+    # and it resumes on a different process count
+    again = subprocess.run([sys.executable, "-m", "unisd", "train", "--resume", str(out), "--steps", "3"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
