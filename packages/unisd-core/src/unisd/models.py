@@ -39,7 +39,7 @@ def resolve_model(model: str, progress: Any = None) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise UsageError(f"--model {model}: directory has no config.json (is it a Hugging Face model directory?)")
-        return str(path)
+        return str(path.resolve())  # absolute: adapters record it as their base model
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UsageError(f"--model {model}: no such GGUF file")

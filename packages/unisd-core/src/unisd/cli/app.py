@@ -6,7 +6,7 @@ import typer
 
 from .. import __version__
 from ..plugins import UnisdPluginManager
-from . import plugins_cmd, train_cmd
+from . import doctor_cmd, plugins_cmd, report_cmd, sweep_cmd, train_cmd
 
 HELP = """On-policy self-distillation of LLMs, with composable mechanisms.
 
@@ -58,5 +58,8 @@ def make_app(pm: UnisdPluginManager) -> typer.Typer:
 
     train_cmd.register(app, pm)
     plugins_cmd.register(app, pm)
+    doctor_cmd.register(app, pm)
+    report_cmd.register(app, pm)
+    sweep_cmd.register(app, pm)
     pm.hook.register_commands(app=app)
     return app

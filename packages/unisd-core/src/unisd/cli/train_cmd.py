@@ -68,6 +68,7 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
                 "preset": preset,
             }
             given = {k: v for k, v in flags.items() if v is not None}
+            file_keys: set[str] = set()
             if resume is not None:
                 cfg = _resume_config(resume)
                 allowed = {"steps", "save_every", "eval_every"}
@@ -79,6 +80,7 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
                     )
             elif config is not None:
                 cfg = load_config(config)
+                file_keys = _toml_keys(config)
             elif not any(given.get(k) for k in ("model", "task", "data")) and not with_ and not preset:
                 cfg = demo_config()
                 console.print("No --model/--task/--data given: running the built-in demo "
@@ -93,13 +95,20 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
                     preset=cfg.preset, base=cfg.components,
                 )
                 if cfg.preset:
+                    # precedence: defaults < preset < config file < flags
                     for key, value in regs.presets.get(cfg.preset).run.items():
-                        if key not in given:
+                        if key not in given and key not in file_keys:
                             setattr(cfg, key, value)
             began = time.perf_counter()
             run_dir = train(cfg, pm, RichReporter(console), resume=resume)
             console.print(f"Done in {time.perf_counter() - began:.0f} s. Run directory: {run_dir} "
                           f"(adapter/weights in {run_dir / 'final'})", highlight=False)
+
+
+def _toml_keys(path: Path) -> set[str]:
+    import tomllib
+
+    return set(tomllib.loads(path.read_text(encoding="utf-8")))
 
 
 def relaunch(num_processes: int) -> int:

@@ -1,0 +1,414 @@
+"""The sweep file (TOML) and the jobs it expands to. :mod:`unisd.ops.scheduler` runs them.
+
+A sweep crosses models × training sets × methods × option grids. Every combination is one training
+run, followed by its evaluations. Example (every key is optional except a model and something to
+train on)::
+
+    output_root = "runs/ablation"       # default: runs/<sweep file stem>, next to the sweep file
+    models = ["smollm2"]                # --model values (hub ids, directories, .gguf files)
+    tasks = ["demo"]                    # registered training tasks ...
+    data = ["train.jsonl"]              # ... and/or JSONL files; each is one dataset axis value
+    presets = ["ema", "unisd-star"]     # one method per preset
+
+    [run]                               # RunConfig settings of every training job (scalars)
+    steps = 200
+    batch_size = 4
+    max_new_tokens = 256
+
+    [grid]                              # RunConfig settings swept for every method: all combinations
+    alpha = [0.0, 0.5]
+
+    [methods.clip]                      # a method of your own: components and their option grids
+    with = ["clip"]                     # component names (and/or preset = "NAME")
+    options = { "clip.max_value" = [5.0, 10.0] }   # NAME.KEY = value, or a list = a grid axis
+    run = { lr = 1e-5 }                 # run settings of this method (a list = a grid axis)
+
+    [eval]
+    tasks = ["demo"]                    # default: each job's training task (none for data files)
+    args = ["--limit", "64"]            # extra arguments passed to `unisd eval`
+    untrained = false                   # also evaluate every model before training
+
+With neither ``presets`` nor ``[methods.*]`` there is one method, ``plain``: self-distillation alone.
+Settings stack up, later winning: RunConfig defaults < the preset's run settings < ``[run]`` <
+the method's ``run`` < grid values. Relative paths (data files, ``output_root``, model directories)
+are taken relative to the sweep file.
+
+Layout (as the research orchestrator's, see the design notes §6.3)::
+
+    OUTPUT_ROOT/{method}/{dataset}/[{grid values}/]{model}/      one training run (unisd train --output)
+    OUTPUT_ROOT/{method}/.../{model}/eval/{TASK}/results.json     its evaluation (unisd eval --output)
+    OUTPUT_ROOT/untrained/{model}/eval/{TASK}/results.json        the untrained model ([eval] untrained = true)
+    OUTPUT_ROOT/jobs/…/{model}.toml                               the exact config each run trains with
+    OUTPUT_ROOT/logs/…                                            one log per job attempt
+    OUTPUT_ROOT/failed_jobs.md, OUTPUT_ROOT/sweep_state.json
+
+Methods with the ``contrastive`` component get a cache job ``unisd cache negatives`` per model and
+training set (skipped when ``contrastive.cache`` names a file). ``{dataset}`` is the task name or the data file's stem, with ``-max{N}`` when ``limit = N`` is set;
+``{grid values}`` joins every grid axis as ``key{value}`` (``comp.key{value}`` for component options).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..components import make_options, resolve_selection
+from ..config import RunConfig, config_from_mapping
+from ..errors import ConfigError
+from ..plugins import UnisdPluginManager
+
+TOP_LEVEL = ("output_root", "models", "tasks", "data", "presets", "run", "grid", "methods", "eval")
+METHOD_KEYS = ("with", "preset", "options", "run")
+EVAL_KEYS = ("tasks", "args", "untrained")
+# These are the sweep's own axes (or set by the sweep); a [run]/[grid] table must not set them.
+RESERVED_RUN_KEYS = ("model", "task", "data", "output", "preset", "components")
+PHASES = ("cache", "train", "eval")
+
+
+@dataclass
+class Method:
+    """One way of training: a preset and/or components, their option grids and run settings."""
+
+    name: str
+    preset: str | None = None
+    with_: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)  # "comp.key" -> value or list (grid axis)
+    run: dict[str, Any] = field(default_factory=dict)  # RunConfig key -> value or list (grid axis)
+
+
+@dataclass
+class EvalSpec:
+    tasks: list[str] | None = None
+    args: list[str] = field(default_factory=list)
+    untrained: bool = False  # also evaluate each model before training
+
+
+@dataclass
+class SweepSpec:
+    """A parsed sweep file."""
+
+    path: Path
+    output_root: Path
+    models: list[str]
+    tasks: list[str]
+    data: list[Path]
+    methods: list[Method]
+    run: dict[str, Any]
+    grid: dict[str, list[Any]]
+    eval: EvalSpec
+
+
+@dataclass
+class Job:
+    """One unit of work: a subprocess ``python ARGV`` that is finished once ``marker`` exists."""
+
+    id: str
+    phase: str  # "cache" | "train" | "eval"
+    argv: list[str]  # after the Python executable; train jobs rebuild it at launch (see train_argv)
+    marker: Path  # exists ⇔ the job's output is complete
+    label: str
+    depends: list[str] = field(default_factory=list)
+    run_dir: Path | None = None  # train and eval jobs: the run directory
+    config: RunConfig | None = None  # train jobs: the full config
+    config_path: Path | None = None  # train jobs: where that config is written before launch
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the sweep file
+
+
+def _unknown(keys: Any, allowed: tuple[str, ...], where: str) -> None:
+    for key in keys:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=2)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise ConfigError(f"{where}: unknown key '{key}'.{hint} Allowed: {', '.join(allowed)}")
+
+
+def _str_list(value: Any, where: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+    return list(value)
+
+
+def _table(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a table, got {value!r}")
+    return dict(value)
+
+
+def _check_run_keys(values: dict[str, Any], where: str) -> None:
+    for key in values:
+        if key in RESERVED_RUN_KEYS:
+            raise ConfigError(
+                f"{where}: '{key}' is set by the sweep itself; use the top-level models/tasks/data/presets "
+                "lists or a [methods.NAME] table instead"
+            )
+    # Type-check every value (each element of a list) against RunConfig now, not in a job hours later.
+    for key, value in values.items():
+        for v in value if isinstance(value, list) else [value]:
+            config_from_mapping({key: v}, where)
+
+
+def _resolve_path(base: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def load_sweep(path: str | Path, output_root: str | Path | None = None) -> SweepSpec:
+    """Parse and check a sweep file (names are checked against the plugins later, in :func:`plan`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {path}: no such file")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+    where = str(path)
+    _unknown(raw, TOP_LEVEL, where)
+    base = path.parent
+
+    models = _str_list(raw.get("models", []), f"{where}: models")
+    if not models:
+        raise ConfigError(f"{where}: 'models' is empty; name at least one model, e.g. models = [\"smollm2\"]")
+    # A model that names a directory or file next to the sweep file means that path.
+    models = [str(_resolve_path(base, m)) if _resolve_path(base, m).exists() else m for m in models]
+    tasks = _str_list(raw.get("tasks", []), f"{where}: tasks")
+    data = [_resolve_path(base, d) for d in _str_list(raw.get("data", []), f"{where}: data")]
+    if not tasks and not data:
+        raise ConfigError(f"{where}: nothing to train on; give tasks = [...] and/or data = [\"file.jsonl\"]")
+
+    run = _table(raw.get("run", {}), f"{where}: [run]")
+    for key, value in run.items():
+        if isinstance(value, list):
+            raise ConfigError(f"{where}: [run] {key} is a list; put swept values in [grid]")
+    _check_run_keys(run, f"{where}: [run]")
+    grid = _table(raw.get("grid", {}), f"{where}: [grid]")
+    grid = {k: v if isinstance(v, list) else [v] for k, v in grid.items()}
+    for key, values in grid.items():
+        if not values:
+            raise ConfigError(f"{where}: [grid] {key} is an empty list")
+    _check_run_keys(grid, f"{where}: [grid]")
+
+    methods: list[Method] = []
+    for preset in _str_list(raw.get("presets", []), f"{where}: presets"):
+        methods.append(Method(name=preset, preset=preset))
+    for name, table in _table(raw.get("methods", {}), f"{where}: [methods]").items():
+        mwhere = f"{where}: [methods.{name}]"
+        table = _table(table, mwhere)
+        _unknown(table, METHOD_KEYS, mwhere)
+        options = _table(table.get("options", {}), f"{mwhere} options")
+        for key in options:
+            if "." not in key:
+                raise ConfigError(f"{mwhere}: option '{key}' must be written COMPONENT.KEY, e.g. \"ema.beta\"")
+        mrun = _table(table.get("run", {}), f"{mwhere} run")
+        _check_run_keys(mrun, mwhere)
+        preset = table.get("preset")
+        if preset is not None and not isinstance(preset, str):
+            raise ConfigError(f"{mwhere}: preset must be a string")
+        methods.append(Method(name, preset, _str_list(table.get("with", []), f"{mwhere} with"), options, mrun))
+    if not methods:
+        methods = [Method(name="plain")]
+    seen: set[str] = set()
+    for m in methods:
+        if m.name in seen:
+            raise ConfigError(f"{where}: method '{m.name}' is defined twice (a preset and a [methods] table?)")
+        seen.add(m.name)
+
+    ev = _table(raw.get("eval", {}), f"{where}: [eval]")
+    _unknown(ev, EVAL_KEYS, f"{where}: [eval]")
+    eval_spec = EvalSpec(
+        tasks=_str_list(ev["tasks"], f"{where}: [eval] tasks") if "tasks" in ev else None,
+        args=_str_list(ev.get("args", []), f"{where}: [eval] args"),
+        untrained=bool(ev.get("untrained", False)),
+    )
+
+    if output_root is not None:
+        root = Path(output_root)
+    elif "output_root" in raw:
+        root = _resolve_path(base, str(raw["output_root"]))
+    else:
+        root = base / "runs" / path.stem
+    return SweepSpec(path, root, models, tasks, data, methods, run, grid, eval_spec)
+
+
+# ----------------------------------------------------------------------------------------------
+# Expanding into jobs
+
+
+def _fmt(value: Any) -> str:
+    text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    return re.sub(r"[^A-Za-z0-9._+-]", "-", text)
+
+
+def model_tag(model: str) -> str:
+    """The directory name of a model: its basename (hub ids: the part after the owner)."""
+    return _fmt(Path(model.rstrip("/")).name or model)
+
+
+def _axes(method: Method, grid: dict[str, list[Any]]) -> list[tuple[str, list[Any]]]:
+    axes = [(k, v) for k, v in grid.items()]
+    axes += [(k, v) for k, v in method.run.items() if isinstance(v, list)]
+    axes += [(k, v) for k, v in method.options.items() if isinstance(v, list)]
+    return axes
+
+
+def _nested(options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in options.items():
+        comp, _, name = key.partition(".")
+        out.setdefault(comp, {})[name] = value
+    return out
+
+
+def plan(spec: SweepSpec, pm: UnisdPluginManager) -> list[Job]:
+    """Every job of the sweep, in phase order (cache, train, eval). Names are checked here."""
+    regs = pm.registries
+    for task in spec.tasks:
+        regs.tasks.get(task)
+    eval_tasks_all = set(spec.eval.tasks or [])
+    for task in eval_tasks_all:
+        regs.tasks.get(task)
+    root = spec.output_root
+    cache_jobs = _cache_jobs(spec, root)
+    cache_ids = {j.meta["key"]: j.id for j in cache_jobs}
+
+    train_jobs: list[Job] = []
+    eval_jobs: list[Job] = []
+    by_dir: dict[Path, str] = {}
+    datasets: list[tuple[str | None, Path | None]] = [(t, None) for t in spec.tasks] + [(None, d) for d in spec.data]
+    for method in spec.methods:
+        axes = _axes(method, spec.grid)
+        names = [a[0] for a in axes]
+        for values in itertools.product(*[a[1] for a in axes]):
+            point = dict(zip(names, values, strict=True))
+            cfg_values = _run_values(method, spec, point, regs)
+            selection = _selection(method, point, regs)
+            hparam = "_".join(f"{_fmt(k)}{_fmt(v)}" for k, v in point.items())
+            for task, data in datasets:
+                for model in spec.models:
+                    cfg = _config(cfg_values, selection, model, task, data)
+                    dataset = task or data.stem  # type: ignore[union-attr]
+                    if cfg.limit is not None:
+                        dataset += f"-max{cfg.limit}"
+                    rel = Path(method.name) / dataset / (hparam or ".") / model_tag(model)
+                    rel = Path(*[p for p in rel.parts if p != "."])
+                    run_dir = root / rel
+                    if run_dir in by_dir:
+                        raise ConfigError(
+                            f"{spec.path}: two jobs would write {run_dir} ({by_dir[run_dir]}); rename a data file "
+                            "or a model directory so their names differ"
+                        )
+                    cfg.output = str(run_dir)
+                    job_id = f"train:{rel.as_posix()}"
+                    by_dir[run_dir] = job_id
+                    deps = [cache_ids[k] for k in (("model", model), ("task", task)) if k in cache_ids]
+                    negatives = _negatives_job(cfg, root, deps)
+                    if negatives is not None:
+                        if negatives.id not in {j.id for j in cache_jobs}:
+                            cache_jobs.append(negatives)
+                        deps = [*deps, negatives.id]
+                    label = f"{method.name} | {dataset} | {model_tag(model)}" + (f" | {hparam}" if hparam else "")
+                    meta = {"method": method.name, "preset": method.preset, "dataset": dataset, "model": model,
+                            "task": task, "data": str(data) if data else None, "hparams": point}
+                    train = Job(job_id, "train", [], run_dir / "final", label, deps, run_dir, cfg,
+                                root / "jobs" / rel.with_suffix(".toml"), meta)
+                    train.argv = train_argv(train)
+                    train_jobs.append(train)
+                    for ev_task in spec.eval.tasks if spec.eval.tasks is not None else ([task] if task else []):
+                        eval_jobs.append(_eval_job(spec, ev_task, run_dir / "final", run_dir, [job_id], meta, rel))
+    if spec.eval.untrained:
+        ev_tasks = spec.eval.tasks if spec.eval.tasks is not None else list(spec.tasks)
+        for model in spec.models:
+            rel = Path("untrained") / model_tag(model)
+            deps = [cache_ids[("model", model)]] if ("model", model) in cache_ids else []
+            meta = {"method": "untrained", "model": model, "dataset": None, "task": None, "hparams": {}}
+            for ev_task in ev_tasks:
+                eval_jobs.append(_eval_job(spec, ev_task, Path(model), root / rel, deps, meta, rel))
+    return cache_jobs + train_jobs + eval_jobs
+
+
+def _run_values(method: Method, spec: SweepSpec, point: dict[str, Any], regs: Any) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    if method.preset:
+        values.update(regs.presets.get(method.preset).run)
+    values.update(spec.run)
+    values.update({k: v for k, v in method.run.items() if not isinstance(v, list)})
+    values.update({k: v for k, v in point.items() if "." not in k})
+    return values
+
+
+def _selection(method: Method, point: dict[str, Any], regs: Any) -> dict[str, dict[str, Any]]:
+    options = {k: v for k, v in method.options.items() if not isinstance(v, list)}
+    options.update({k: v for k, v in point.items() if "." in k})
+    selection = resolve_selection(list(method.with_), _nested(options), regs.components, regs.presets, preset=method.preset)
+    for comp, values in selection.items():  # type-check option values now, not inside a job
+        make_options(regs.components.get(comp), values)
+    return selection
+
+
+def _config(values: dict[str, Any], selection: dict[str, dict[str, Any]], model: str, task: str | None,
+            data: Path | None) -> RunConfig:
+    cfg = config_from_mapping(values, "sweep")
+    cfg = dataclasses.replace(cfg, model=model, task=task, data=str(data) if data else None, components=selection)
+    cfg.validate()
+    return cfg
+
+
+def _eval_job(spec: SweepSpec, task: str, model: Path, run_dir: Path, deps: list[str], meta: dict[str, Any],
+              rel: Path) -> Job:
+    out = run_dir / "eval" / task
+    argv = ["-m", "unisd", "eval", task, "--model", str(model), "--output", str(out), *spec.eval.args]
+    label = f"{task} | {rel.as_posix()}"
+    return Job(f"eval:{rel.as_posix()}:{task}", "eval", argv, out / "results.json", label, deps, run_dir,
+               meta={**meta, "eval_task": task})
+
+
+def _cache_jobs(spec: SweepSpec, root: Path) -> list[Job]:
+    """Fetch/convert each model and load each task once, before parallel jobs race to do it."""
+    jobs = []
+    for model in spec.models:
+        if Path(model).is_dir():
+            continue  # a local Hugging Face directory needs no preparation
+        slug = _fmt(model)
+        jobs.append(Job(f"cache:model:{slug}", "cache", ["-m", "unisd.ops.prepare", "--model", model],
+                        root / ".cache" / f"model-{slug}.done", f"prepare model {model}", meta={"key": ("model", model)}))
+    limit = spec.run.get("limit")
+    for task in spec.tasks:
+        argv = ["-m", "unisd.ops.prepare", "--task", task] + (["--limit", str(limit)] if limit else [])
+        jobs.append(Job(f"cache:task:{task}", "cache", argv, root / ".cache" / f"task-{_fmt(task)}.done",
+                        f"prepare task {task}", meta={"key": ("task", task)}))
+    return jobs
+
+
+def _negatives_job(cfg: RunConfig, root: Path, deps: list[str]) -> Job | None:
+    """The contrastive component reads wrong demonstrations from `unisd cache negatives` (unless its
+    ``cache`` option names a file): build them once per model and training set, before training."""
+    opts = cfg.components.get("contrastive")
+    if opts is None or opts.get("cache"):
+        return None
+    source = ["--data", cfg.data] if cfg.data else ["--task", str(cfg.task)]
+    limit = ["--limit", str(cfg.limit)] if cfg.limit is not None else []
+    slug = _fmt(f"{model_tag(cfg.model)}-{Path(source[1]).stem}" + (f"-max{cfg.limit}" if cfg.limit else ""))
+    argv = ["-m", "unisd", "cache", "negatives", "--model", cfg.model, *source, *limit]
+    return Job(f"cache:negatives:{slug}", "cache", argv, root / ".cache" / f"negatives-{slug}.done",
+               f"negatives for {cfg.model} on {source[1]}", list(deps), meta={"key": ("negatives", slug)})
+
+
+def train_argv(job: Job) -> list[str]:
+    """The train command as things stand on disk: resume from a checkpoint when the run left one."""
+    from ..checkpoint import latest_checkpoint
+
+    assert job.run_dir is not None and job.config is not None and job.config_path is not None
+    if latest_checkpoint(job.run_dir) is not None:
+        return ["-m", "unisd", "train", "--resume", str(job.run_dir), "--steps", str(job.config.steps)]
+    return ["-m", "unisd", "train", "--config", str(job.config_path), "--output", str(job.run_dir)]
