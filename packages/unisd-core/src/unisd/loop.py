@@ -35,7 +35,7 @@ from .evaluate import evaluate
 from .losses import token_outputs
 from .models import apply_lora, load_model, load_tokenizer, resolve_model
 from .plugins import UnisdPluginManager
-from .prompts import budget_teacher_prompt, encode, render_chat
+from .prompts import budget_teacher_prompt, encode, fit_from_front, render_chat
 from .reporting import Reporter
 from .rollout import Completion, SamplingParams
 from .runlog import MetricsLog
@@ -75,6 +75,7 @@ class Run:
     teacher: Any = None
     step: int = 0
     reference_truncations: int = 0
+    context_truncations: int = 0
     _prompt_cache: dict[tuple[str, str], list[int]] = field(default_factory=dict)
 
     @property
@@ -106,10 +107,21 @@ class Run:
         return self._prompt_cache[key]
 
     def context_ids(self, ex: Example, name: str, text: str) -> list[int]:
+        """A component's extra teacher prompt, within the teacher budget: over-long contexts lose
+        their *beginning* (few-shot donors come first; the problem itself is at the end)."""
         key = (f"ctx:{name}", ex.id)
         if key not in self._prompt_cache:
-            self._prompt_cache[key] = encode(self.tokenizer, render_chat(self.tokenizer, text))
+            ids = encode(self.tokenizer, render_chat(self.tokenizer, text))
+            if len(ids) > self.teacher_budget:
+                ids = fit_from_front(self.tokenizer, text, self.teacher_budget)
+                self.context_truncations += 1
+            self._prompt_cache[key] = ids
         return self._prompt_cache[key]
+
+    @property
+    def teacher_rows(self) -> int:
+        """Rows per teacher forward (all contexts of a micro-batch together unless capped)."""
+        return self.config.teacher_batch_rows or 1_000_000
 
     @property
     def max_new_tokens(self) -> int:
@@ -179,40 +191,60 @@ def _call_all(components: list[Any], method: str, *args: Any) -> list[Any]:
 
 @torch.no_grad()
 def teacher_pass(run: Run, examples: list[Example], completions: list[list[int]], masks: torch.Tensor) -> dict[str, Any]:
-    """Teacher hidden states (main prompt) and token log-probs for every context of one micro-batch."""
+    """Teacher hidden states and token log-probs for the main prompt and every component context.
+
+    All contexts of the micro-batch (main, agreement, negative, ...) go through the teacher together,
+    as one packed batch of B·(1+K) rows, and only hidden states are kept: logits are formed one context
+    at a time, so an extra context costs B·C·H memory, not B·C·V.
+    """
     cfg = run.config
     temperature = cfg.divergence_temperature
-    packed = pack([run.teacher_ids(e) for e in examples], completions, run.pad_id)
-    weight = run.teacher.head_weight()
-    hidden = run.teacher.hidden(packed)  # [B, C, H]
-    logits = hidden.float() @ weight.float().T  # [B, C, V]; teacher side, no grad
-    targets = packed.targets.to(logits.device)
-    logp = {"main": torch.log_softmax(logits / temperature, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()}
-    del logits
-    hidden_by_ctx = {"main": hidden}
+    # (name, temperature, keep hidden?, prompt ids per example), main prompt first
+    rows: list[tuple[str, float, bool, list[list[int]]]] = [
+        ("main", temperature, True, [run.teacher_ids(e) for e in examples])
+    ]
     for comp in run.components:
         if not hasattr(comp, "teacher_contexts"):
             continue
         ctx_temperature = getattr(comp, "context_temperature", None) or temperature
         per_example = [comp.teacher_contexts(e) for e in examples]
-        names = sorted({n for ctx in per_example for n in ctx})
-        for name in names:
+        for name in sorted({n for ctx in per_example for n in ctx}):
             missing = [e.id for e, ctx in zip(examples, per_example, strict=True) if name not in ctx]
             if missing:
                 raise UsageError(f"component {comp.name} gave no context '{name}' for example(s) {missing[:3]}")
-            ctx_packed = pack(
-                [run.context_ids(e, name, ctx[name]) for e, ctx in zip(examples, per_example, strict=True)],
-                completions, run.pad_id,
-            )
-            h = run.teacher.hidden(ctx_packed)
-            ctx_logits = h.float() @ weight.float().T
-            logp[name] = (
-                torch.log_softmax(ctx_logits / ctx_temperature, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
-            )
-            if getattr(comp, "needs_hidden", False):
-                hidden_by_ctx[name] = h
-            del ctx_logits
+            ids = [run.context_ids(e, name, ctx[name]) for e, ctx in zip(examples, per_example, strict=True)]
+            rows.append((name, ctx_temperature, bool(getattr(comp, "needs_hidden", False)), ids))
+
+    b = len(examples)
+    packed_all = pack([p for _, _, _, ids in rows for p in ids], completions * len(rows), run.pad_id)
+    hidden_all = torch.cat([
+        run.teacher.hidden(_rows(packed_all, start, start + run.teacher_rows))
+        for start in range(0, b * len(rows), run.teacher_rows)
+    ])  # [B·(1+K), C, H]
+    weight = run.teacher.head_weight()
+    targets = packed_all.targets[:b].to(hidden_all.device)
+    logp: dict[str, torch.Tensor] = {}
+    hidden_by_ctx: dict[str, torch.Tensor] = {}
+    for i, (name, ctx_temperature, keep, _) in enumerate(rows):
+        hidden = hidden_all[i * b : (i + 1) * b]  # [B, C, H]
+        logits = hidden.float() @ weight.float().T  # [B, C, V], one context at a time
+        logp[name] = torch.log_softmax(logits / ctx_temperature, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+        del logits
+        if keep:
+            hidden_by_ctx[name] = hidden
+    packed = _rows(packed_all, 0, b)
     return {"packed": packed, "hidden": hidden_by_ctx, "logp": logp, "mask": masks}
+
+
+def _rows(packed: Any, start: int, stop: int) -> Any:
+    """Rows [start, stop) of a packed batch, trimmed to the widest real row (less padding per forward)."""
+    from .scoring import Packed
+
+    width = int(packed.attention_mask[start:stop].sum(-1).max())
+    return Packed(
+        packed.input_ids[start:stop, :width], packed.attention_mask[start:stop, :width],
+        packed.positions[start:stop], packed.targets[start:stop], packed.mask[start:stop],
+    )
 
 
 def distill_step(run: Run, examples: list[Example], completions: list[Completion]) -> dict[str, float]:
@@ -484,6 +516,7 @@ def train(
                 "step_s": seconds,
                 "elapsed_s": elapsed_before + time.perf_counter() - began,
                 "reference_truncated": run.reference_truncations,
+                "contexts_truncated": run.context_truncations,
             }
             record.update({k: distributed.sum_scalar(v) for k, v in stats.items() if k.startswith("loss/")})
             for comp in run.components:

@@ -80,3 +80,17 @@ def budget_teacher_prompt(
             return BudgetedPrompt(ids, True, False)
         keep -= max(1, len(ids) - max_tokens)
     return BudgetedPrompt(encode(tokenizer, render_chat(tokenizer, build_text(marker))), True, True)
+
+
+def fit_from_front(tokenizer: Any, user_text: str, max_tokens: int) -> list[int]:
+    """Drop the beginning of ``user_text`` until its chat rendering fits ``max_tokens`` (binary search)."""
+    lo, hi = 0, len(user_text)  # characters to drop
+    best = encode(tokenizer, render_chat(tokenizer, ""))
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        ids = encode(tokenizer, render_chat(tokenizer, "[...] " + user_text[mid:]))
+        if len(ids) <= max_tokens:
+            best, hi = ids, mid - 1
+        else:
+            lo = mid + 1
+    return best
