@@ -118,3 +118,31 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tiny_llama, toy_data, t
     assert result.exit_code == 0, result.output
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, done + 2))
+
+
+def test_nonfinite_steps_are_skipped_then_stop_with_a_checkpoint(tiny_llama, toy_data, tmp_path, monkeypatch):
+    import unisd.loop as loop
+    from unisd.loop import TrainingDiverged
+
+    real_step = loop.distill_step
+    calls = {"n": 0}
+
+    def poisoned(run, examples, completions):
+        calls["n"] += 1
+        stats = real_step(run, examples, completions)
+        if calls["n"] >= 2:  # from step 2 on, every gradient is NaN
+            for p in run.model.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+        return stats
+
+    monkeypatch.setattr(loop, "distill_step", poisoned)
+    cfg = config(tiny_llama, toy_data, tmp_path / "nan")
+    cfg.steps, cfg.save_every, cfg.max_nonfinite_steps = 10, 0, 3
+    with pytest.raises(TrainingDiverged, match="3 steps in a row"):
+        train(cfg, get_plugin_manager(load_entry_points=False))
+    records = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nonfinite_skipped"] for r in records] == [0, 1, 2, 3]
+    ckpt = tmp_path / "nan" / "checkpoints" / "step-4"
+    weights = load_file(str(ckpt / "adapter_model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())  # the skipped updates never landed

@@ -36,6 +36,7 @@ class RunConfig:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    max_nonfinite_steps: int = 5  # stop (with a checkpoint) after this many NaN/inf steps in a row
     lora: bool = True
     lora_r: int = 64
     lora_alpha: int = 128

@@ -326,6 +326,10 @@ class TrainingInterrupted(UnisdError):
     """SIGINT/SIGTERM arrived; the step in progress was finished and checkpointed."""
 
 
+class TrainingDiverged(UnisdError):
+    """Too many optimiser steps in a row had a non-finite loss or gradient."""
+
+
 class StopRequest:
     """Turns SIGINT/SIGTERM into a request to stop after the current step (with a checkpoint).
 
@@ -481,6 +485,7 @@ def train(
     elapsed_before = _previous_elapsed(metrics_log) if env.is_main else 0.0
     reporter.start(cfg.steps, start)
     stop = StopRequest()
+    skipped_total = bad_in_a_row = 0
     try:
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
@@ -492,7 +497,15 @@ def train(
             distributed.sync_gradients(trainable)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            # A NaN/inf loss or gradient would poison the weights and the optimizer state: skip the update
+            # (same decision on every process: the loss is summed and the gradients are synchronised).
+            finite = math.isfinite(distributed.sum_scalar(stats["loss"])) and bool(torch.isfinite(grad_norm))
+            if finite:
+                optimizer.step()
+                bad_in_a_row = 0
+            else:
+                skipped_total += 1
+                bad_in_a_row += 1
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             run.step = step
@@ -517,6 +530,7 @@ def train(
                 "elapsed_s": elapsed_before + time.perf_counter() - began,
                 "reference_truncated": run.reference_truncations,
                 "contexts_truncated": run.context_truncations,
+                "nonfinite_skipped": skipped_total,
             }
             record.update({k: distributed.sum_scalar(v) for k, v in stats.items() if k.startswith("loss/")})
             for comp in run.components:
@@ -529,13 +543,19 @@ def train(
             reporter.step(record)
             # Every process must stop at the same step, whichever of them received the signal.
             stopping = distributed.sum_scalar(1.0 if stop.signal else 0.0) > 0
-            if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0) or stopping:
+            diverged = bad_in_a_row >= cfg.max_nonfinite_steps
+            if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0) or stopping or diverged:
                 rng_states = distributed.gather_objects(rng_state())
                 if env.is_main:
                     save_checkpoint(out / "checkpoints" / f"step-{step}", model=model, tokenizer=run.tokenizer,
                                     lora=cfg.lora, optimizer=optimizer, scheduler=scheduler, step=step,
                                     cursor=stream.cursor, components=run.components, rng_states=rng_states)
                 distributed.barrier()
+            if diverged:
+                raise TrainingDiverged(
+                    f"{bad_in_a_row} steps in a row had a NaN/inf loss or gradient (last: step {step}); stopped "
+                    f"with a checkpoint. Lower --lr, check the data, or resume with: unisd train --resume {out}"
+                )
             if stopping:
                 raise TrainingInterrupted(
                     f"stopped by {stop.signal or 'a signal to another process'} after step {step}; checkpoint saved. "
