@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from unisd import hookspecs
 from unisd.components import COMPONENT_METHODS
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from unisd.loop import StepBatch
 from unisd.scoring import Scores
 from unisd.tasks import Example

@@ -6,6 +6,7 @@ import json
 
 import torch
 from typer.testing import CliRunner
+
 from unisd.cli.app import make_app
 from unisd.plugins import get_plugin_manager
 from unisd.tasks import load_jsonl_examples

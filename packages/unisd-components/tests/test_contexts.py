@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from components_testlib import examples
+
 from unisd.components import make_options
 from unisd.reporting import Reporter
 from unisd.tasks import Example

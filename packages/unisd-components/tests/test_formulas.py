@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from components_testlib import agree_logp, examples, scores, step_batch
+
 from unisd.components import make_options
 from unisd.errors import OptionError
 from unisd_components.agreement import Agreement

@@ -6,6 +6,7 @@ from typing import ClassVar
 
 import typer
 from typer.testing import CliRunner
+
 from unisd.cli.app import make_app
 from unisd.components import Preset
 from unisd.hookspecs import hookimpl

@@ -7,6 +7,7 @@ import json
 import pytest
 from components_testlib import examples
 from typer.testing import CliRunner
+
 from unisd.cli.app import make_app
 from unisd.plugins import get_plugin_manager
 from unisd.prompts import reference_with_reasoning

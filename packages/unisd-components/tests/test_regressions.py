@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from components_testlib import examples
+
 from unisd.components import make_options
 from unisd.config import RunConfig
 from unisd.loop import Run, distill_step

@@ -73,7 +73,7 @@ def test_hook_that_raises_marks_plugin_failed(fake_dist):
     fake_dist("unisd-raiser", "raiser", "unisd_raiser_plugin",
               "from unisd.hookspecs import hookimpl\n@hookimpl\ndef register_components(register):\n    raise RuntimeError('boom')\n")
     pm = get_plugin_manager()
-    pm.registries  # collecting runs the hooks
+    _ = pm.registries  # collecting runs the hooks
     assert _plugins(pm)["raiser"].status == "failed"
     assert "boom" in _plugins(pm)["raiser"].error
 
@@ -108,7 +108,7 @@ def test_same_component_name_from_two_plugins_names_both():
     pm.register_plugin(P1(), "p1", "dist-one")
     pm.register_plugin(P2(), "p2", "dist-two")
     with pytest.raises(PluginConflictError) as err:
-        pm.registries
+        _ = pm.registries
     assert "dist-one" in str(err.value) and "dist-two" in str(err.value)
 
 

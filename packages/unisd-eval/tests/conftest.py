@@ -22,6 +22,7 @@ from eval_fixtures import (  # noqa: E402
     TOOLUSE,
     write_rows,
 )
+
 from unisd_eval.sandbox import Limits, Sandbox  # noqa: E402
 
 

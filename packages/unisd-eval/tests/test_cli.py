@@ -6,6 +6,7 @@ import json
 
 import pytest
 from typer.testing import CliRunner
+
 from unisd.cli.app import make_app
 from unisd.plugins import get_plugin_manager
 from unisd.testing import make_tiny_model_dir, write_jsonl

@@ -6,6 +6,7 @@ import random
 from math import comb
 
 import pytest
+
 from unisd_eval.metrics import grouped_mean, ks_for, mean_pass_at_k, pass_at_k
 
 # 1 - C(3, k) / C(5, k) for n = 5 samples with c = 2 correct, worked by hand.

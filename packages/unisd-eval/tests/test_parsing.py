@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from unisd_eval.parsing.code import extract_code
 from unisd_eval.parsing.letters import extract_letter, letter_list
 from unisd_eval.parsing.numbers import extract_number, normalize_number, numbers_match, split_gold

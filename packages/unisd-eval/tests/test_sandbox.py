@@ -6,6 +6,7 @@ import os
 import signal
 
 import pytest
+
 from unisd_eval.sandbox import (
     CRASHED,
     FAILED,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from eval_fixtures import HUMANEVAL
+
 from unisd.errors import DataError, UsageError
 from unisd_eval.tasks import HumanEvalTask, MBPPFullTask, MBPPTask
 from unisd_eval.tasks.mbpp import asserted_name, fix_function_name, signature

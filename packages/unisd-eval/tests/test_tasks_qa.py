@@ -6,6 +6,7 @@ import random
 
 import pytest
 from eval_fixtures import COS_E, GPQA, MEDMCQA, SCIENCEQA, TOOL_PROMPT
+
 from unisd.errors import UsageError
 from unisd.prompts import teacher_text
 from unisd_eval.tasks import (

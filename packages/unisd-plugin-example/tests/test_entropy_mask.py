@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from typer.testing import CliRunner
+
 from unisd.cli.app import make_app
 from unisd.components import make_options
 from unisd.errors import OptionError

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+
 from unisd.components import option
 from unisd.errors import UsageError
 

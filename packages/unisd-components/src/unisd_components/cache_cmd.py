@@ -48,6 +48,7 @@ def _run(pm: Any, model: str, task_name: str | None, data: Path | None, split: s
     import torch
     from rich.console import Console
     from rich.progress import Progress
+
     from unisd.errors import ConfigError
     from unisd.models import load_model, load_tokenizer, resolve_model
     from unisd.prompts import encode, render_chat

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+
 from unisd.components import option
 
 from .agreement import masked_quantile

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+
 from unisd.components import option
 from unisd.errors import UsageError
 from unisd.prompts import teacher_text

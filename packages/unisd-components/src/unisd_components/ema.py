@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+
 from unisd.components import option
 from unisd.scoring import Packed, completion_hidden, lm_head_weight
 from unisd.teacher import FrozenCopyTeacher, eval_mode

@@ -44,6 +44,10 @@ class RunConfig:
     seed: int = 42
     # rollouts
     backend: str = "hf"
+    vllm_gpu_memory_utilization: float = 0.3
+    vllm_sleep: bool = False  # free the engine's GPU memory between generations
+    vllm_server_url: str | None = None  # --backend vllm-server
+    vllm_adapter_dir: str | None = None  # where the server can read the adapters we save
     temperature: float = 0.7
     top_p: float = 1.0
     max_new_tokens: int | None = None  # None: the task's default (256 for --data files)
@@ -81,6 +85,18 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+    def completion_budget(self, task: Any = None) -> int:
+        """Max new tokens per completion: the flag, else the task's default, else 256."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        return int(getattr(task, "max_new_tokens", 256)) if task is not None else 256
+
+    def teacher_budget(self, task: Any = None) -> int:
+        """Token budget of a teacher prompt: the flag, else the student's prompt budget plus the completion's."""
+        if self.max_teacher_prompt_tokens is not None:
+            return self.max_teacher_prompt_tokens
+        return self.max_prompt_tokens + self.completion_budget(task)
 
     @property
     def divergence_temperature(self) -> float:

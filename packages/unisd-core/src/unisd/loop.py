@@ -72,6 +72,7 @@ class Run:
     output_dir: Path | None
     reporter: Reporter
     plugins: UnisdPluginManager | None = None
+    source: str | None = None  # where the model was loaded from (directory or hub id)
     teacher: Any = None
     step: int = 0
     reference_truncations: int = 0
@@ -125,15 +126,11 @@ class Run:
 
     @property
     def max_new_tokens(self) -> int:
-        if self.config.max_new_tokens is not None:
-            return self.config.max_new_tokens
-        return self.task.max_new_tokens if self.task is not None else 256
+        return self.config.completion_budget(self.task)
 
     @property
     def teacher_budget(self) -> int:
-        if self.config.max_teacher_prompt_tokens is not None:
-            return self.config.max_teacher_prompt_tokens
-        return self.config.max_prompt_tokens + self.max_new_tokens
+        return self.config.teacher_budget(self.task)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,7 +389,7 @@ def build_run(config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, out
     model.train()
     if hasattr(model, "config"):
         model.config.use_cache = False
-    run = Run(config, model, tokenizer, task, examples, components, output_dir, reporter, plugins=pm)
+    run = Run(config, model, tokenizer, task, examples, components, output_dir, reporter, plugins=pm, source=source)
     run.teacher = default_teacher(model, config.lora)
     owners = [c for c in components if hasattr(c, "teacher")]
     _call_all(components, "setup", run)
@@ -414,7 +411,7 @@ def build_run(config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, out
 def privileged_gap(run: Run, task: Task, limit: int | None) -> dict[str, float]:
     """Student accuracy, teacher-with-reference accuracy, and their difference, on the eval split."""
     examples = task.load(task.eval_split, limit=limit)
-    max_new = run.config.max_new_tokens or task.max_new_tokens
+    max_new = run.config.completion_budget(task)
     student = evaluate(run.model, run.tokenizer, task, examples, max_new).metrics
     with run.teacher.as_model() as teacher_model:
         teacher = evaluate(teacher_model, run.tokenizer, task, examples, max_new, with_reference=True).metrics
@@ -454,7 +451,7 @@ def train(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = cosine_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * cfg.steps), cfg.steps)
-    backend = pm.registries.backends.get(cfg.backend)(model, run.tokenizer)
+    backend = pm.registries.backends.get(cfg.backend)(model, run.tokenizer, source=run.source, config=cfg)
     metrics_log = MetricsLog(out / "metrics.jsonl")
     stream = DataStream(run.examples, cfg.seed)
     if env.active:  # same initial weights everywhere (seeded above), different samples per process
@@ -509,6 +506,8 @@ def train(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             run.step = step
+            if finite and hasattr(backend, "sync_weights"):
+                backend.sync_weights(step)  # e.g. vLLM generates the next rollouts with the new weights
             _call_all(run.components, "on_step_end", run)
             seconds = time.perf_counter() - t0
             lengths = [len(c.ids) for c in completions]

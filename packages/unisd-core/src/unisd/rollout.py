@@ -32,6 +32,9 @@ class Backend(Protocol):
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]: ...
 
+    # Optional: ``sync_weights(step)`` is called after every optimiser step, for backends that hold
+    # their own copy of the weights (vLLM); the HF backend generates with the training model itself.
+
 
 def split_completion(row: list[int], eos_ids: set[int], pad_id: int | None) -> Completion:
     """Cut a generated row after its first EOS (kept: the student must learn to stop)."""
@@ -63,7 +66,7 @@ class HFBackend:
     name: ClassVar[str] = "hf"
     description: ClassVar[str] = "transformers generate (default; CPU and GPU)"
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 16):
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 16, **_: Any):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
 
     @torch.no_grad()

@@ -8,6 +8,7 @@ and scores completions. Tasks are registered through the ``register_tasks`` hook
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -73,6 +74,23 @@ class Task:
         }
 
 
+def iter_jsonl(path: str | Path, expected: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``("FILE:LINE", object)`` for each non-blank line; ``expected`` describes a good line in errors."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: not valid JSON ({exc.msg}); each line must be one JSON object, {expected}") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object ({expected}), got {type(record).__name__}")
+            yield where, record
+
+
 def load_jsonl_examples(path: str | Path, limit: int | None = None) -> list[Example]:
     """Read ``{"id", "prompt", "reference", "meta"}`` records, one JSON object per line.
 
@@ -84,33 +102,23 @@ def load_jsonl_examples(path: str | Path, limit: int | None = None) -> list[Exam
         raise DataError(f"{path}: no such data file (expected JSONL with 'prompt' and 'reference' fields)")
     examples: list[Example] = []
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            for key in ("prompt", "reference"):
-                if not isinstance(record.get(key), str) or not record[key].strip():
-                    raise DataError(
-                        f"{where}: field '{key}' must be a non-empty string "
-                        "(each line needs 'prompt' (student text) and 'reference' (shown to the teacher))"
-                    )
-            meta = record.get("meta", {})
-            if not isinstance(meta, dict):
-                raise DataError(f"{where}: field 'meta' must be an object")
-            ex_id = str(record.get("id", lineno))
-            if ex_id in seen:
-                raise DataError(f"{where}: duplicate id {ex_id!r}; ids must be unique")
-            seen.add(ex_id)
-            examples.append(Example(ex_id, record["prompt"], record["reference"], meta))
-            if limit is not None and len(examples) >= limit:
-                break
+    for where, record in iter_jsonl(path, "with 'prompt' and 'reference'"):
+        for key in ("prompt", "reference"):
+            if not isinstance(record.get(key), str) or not record[key].strip():
+                raise DataError(
+                    f"{where}: field '{key}' must be a non-empty string "
+                    "(each line needs 'prompt' (student text) and 'reference' (shown to the teacher))"
+                )
+        meta = record.get("meta", {})
+        if not isinstance(meta, dict):
+            raise DataError(f"{where}: field 'meta' must be an object")
+        ex_id = str(record.get("id", where.rsplit(":", 1)[1]))
+        if ex_id in seen:
+            raise DataError(f"{where}: duplicate id {ex_id!r}; ids must be unique")
+        seen.add(ex_id)
+        examples.append(Example(ex_id, record["prompt"], record["reference"], meta))
+        if limit is not None and len(examples) >= limit:
+            break
     if not examples:
         raise DataError(f"{path}: no examples found")
     return examples

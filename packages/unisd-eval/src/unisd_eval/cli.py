@@ -15,10 +15,11 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.table import Table
+
 from unisd import atomic
 from unisd.cli.errors import cli_errors
 from unisd.errors import DataError, UsageError
-from unisd.tasks import Example, Score, Task
+from unisd.tasks import Example, Score, Task, iter_jsonl
 
 SAMPLING_TEMPERATURE = 0.7  # the method's sampling temperature, used for pass@k with --samples > 1
 
@@ -28,19 +29,11 @@ def read_predictions(path: Path) -> dict[str, list[str]]:
     if not path.is_file():
         raise DataError(f"--predictions {path}: no such file (expected JSONL with 'id' and 'completion')")
     by_id: dict[str, list[str]] = defaultdict(list)
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg}); one object per line") from None
-            if not isinstance(record, dict) or "id" not in record or not isinstance(record.get("completion"), str):
-                raise DataError(f"{where}: each line needs 'id' and a string 'completion', e.g. "
-                                '{"id": "HumanEval/0", "completion": "..."}')
-            by_id[str(record["id"])].append(record["completion"])
+    for where, record in iter_jsonl(path, "with 'id' and 'completion'"):
+        if "id" not in record or not isinstance(record.get("completion"), str):
+            raise DataError(f"{where}: each line needs 'id' and a string 'completion', e.g. "
+                            '{"id": "HumanEval/0", "completion": "..."}')
+        by_id[str(record["id"])].append(record["completion"])
     if not by_id:
         raise DataError(f"--predictions {path}: no records found")
     return dict(by_id)
@@ -63,6 +56,7 @@ def generate(model_ref: str, examples: list[Example], samples: int, max_new_toke
              batch_size: int, console: Console) -> list[tuple[Example, str]]:
     """Greedy completions (samples == 1) or ``samples`` sampled ones per example, with a progress bar."""
     from rich.progress import Progress
+
     from unisd.models import load_model, load_tokenizer, resolve_model
     from unisd.prompts import encode, render_chat
     from unisd.rollout import HFBackend, SamplingParams

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+
 from unisd.errors import UsageError
 from unisd.models import cache_dir
 from unisd.tasks import Example

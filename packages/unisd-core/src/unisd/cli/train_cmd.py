@@ -43,7 +43,8 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
         grad_accum: int = typer.Option(None, "--grad-accum", help="Micro-batches per optimiser step."),
         lr: float = typer.Option(None, "--lr", help="Peak learning rate (cosine schedule with warm-up)."),
         lora: bool = typer.Option(None, "--lora/--full", help="LoRA adapter (default; teacher = adapter off) or full fine-tuning (teacher = frozen copy)."),
-        backend: str = typer.Option(None, "--backend", help="Generation backend: hf (default) or a plugin's."),
+        backend: str = typer.Option(None, "--backend", help="Generation backend: hf (default), vllm, vllm-server, or a plugin's."),
+        attn_implementation: str = typer.Option(None, "--attn-implementation", help="sdpa, eager or flash_attention_2 (needs flash-attn)."),
         eval_task: str = typer.Option(None, "--eval-task", help="Evaluate this task during training."),
         eval_every: int = typer.Option(None, "--eval-every", help="Evaluate every N steps."),
         save_every: int = typer.Option(None, "--save-every", help="Checkpoint every N steps (always at the end)."),
@@ -63,7 +64,7 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
                 "model": model, "task": task, "data": str(data) if data else None,
                 "task_data": str(task_data) if task_data else None, "output": str(output) if output else None,
                 "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr, "lora": lora,
-                "backend": backend, "eval_task": eval_task, "eval_every": eval_every, "save_every": save_every,
+                "backend": backend, "attn_implementation": attn_implementation, "eval_task": eval_task, "eval_every": eval_every, "save_every": save_every,
                 "max_new_tokens": max_new_tokens, "temperature": temperature, "alpha": alpha, "seed": seed,
                 "preset": preset,
             }

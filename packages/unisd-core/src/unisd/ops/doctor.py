@@ -57,15 +57,11 @@ class Context:
 
     @property
     def max_new_tokens(self) -> int:
-        if self.config.max_new_tokens is not None:
-            return self.config.max_new_tokens
-        return self.task.max_new_tokens if self.task is not None else 256
+        return self.config.completion_budget(self.task)
 
     @property
     def teacher_budget(self) -> int:
-        if self.config.max_teacher_prompt_tokens is not None:
-            return self.config.max_teacher_prompt_tokens
-        return self.config.max_prompt_tokens + self.max_new_tokens
+        return self.config.teacher_budget(self.task)
 
     def teacher_builder(self, ex: Example) -> Callable[[str], str]:
         task = self.task
