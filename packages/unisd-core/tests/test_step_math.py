@@ -131,3 +131,26 @@ def test_run_counts_truncated_references(tiny_llama, toy_data):
     ids = run.teacher_ids(long)
     assert len(ids) <= 160 and run.reference_truncations == 1
     assert "What is 10 + 20?" in run.tokenizer.decode(ids)
+
+
+def test_loop_uses_the_chunked_divergence_by_default(tiny_llama, toy_data, monkeypatch):
+    import unisd.loop as loop
+
+    calls = []
+    real = loop.chunked_token_outputs
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["chunk_size"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "chunked_token_outputs", spy)
+    run = make_run(tiny_llama, toy_data, batch_size=2, grad_accum=2)
+    distill_step(run, run.examples[:4], fixed_completions(run, 4))
+    assert calls == [1024, 1024]  # one call per micro-batch, default chunk size
+
+
+def test_micro_batch_with_every_completion_masked_does_not_crash(tiny_llama, toy_data):
+    run = make_run(tiny_llama, toy_data, batch_size=2, grad_accum=1, mask_truncated=True)
+    completions = [Completion([20, 21], truncated=True), Completion([22, 23], truncated=True)]
+    stats = distill_step(run, run.examples[:2], completions)
+    assert stats["loss_tokens"] == 0 and stats["loss"] == 0.0

@@ -58,6 +58,7 @@ class RunConfig:
     # the divergence
     alpha: float = 0.0
     loss_temperature: float | None = None  # None: the sampling temperature, as in the method
+    divergence_chunk_size: int = 1024  # tokens per chunk of the vocabulary projection (memory vs speed)
     # bookkeeping
     save_every: int = 0  # 0: only at the end of the run
     eval_task: str | None = None

@@ -28,11 +28,11 @@ import torch
 
 from . import atomic, distributed
 from .checkpoint import find_resume_point, load_checkpoint, rng_state, save_checkpoint, save_weights
+from .chunked import chunked_target_logprobs, chunked_token_outputs
 from .components import instantiate
 from .config import RunConfig, dump_config
 from .errors import ConfigError, DataError, UnisdError, UsageError
 from .evaluate import evaluate
-from .losses import token_outputs
 from .models import apply_lora, load_model, load_tokenizer, resolve_model
 from .plugins import UnisdPluginManager
 from .prompts import budget_teacher_prompt, encode, fit_from_front, render_chat
@@ -191,8 +191,8 @@ def teacher_pass(run: Run, examples: list[Example], completions: list[list[int]]
     """Teacher hidden states and token log-probs for the main prompt and every component context.
 
     All contexts of the micro-batch (main, agreement, negative, ...) go through the teacher together,
-    as one packed batch of B·(1+K) rows, and only hidden states are kept: logits are formed one context
-    at a time, so an extra context costs B·C·H memory, not B·C·V.
+    as one packed batch of B·(1+K) rows, and only hidden states are kept: token log-probs are formed
+    chunk by chunk, so an extra context costs B·C·H memory, not B·C·V.
     """
     cfg = run.config
     temperature = cfg.divergence_temperature
@@ -220,13 +220,14 @@ def teacher_pass(run: Run, examples: list[Example], completions: list[list[int]]
     ])  # [B·(1+K), C, H]
     weight = run.teacher.head_weight()
     targets = packed_all.targets[:b].to(hidden_all.device)
+    token_mask = packed_all.mask[:b].to(hidden_all.device)
     logp: dict[str, torch.Tensor] = {}
     hidden_by_ctx: dict[str, torch.Tensor] = {}
     for i, (name, ctx_temperature, keep, _) in enumerate(rows):
         hidden = hidden_all[i * b : (i + 1) * b]  # [B, C, H]
-        logits = hidden.float() @ weight.float().T  # [B, C, V], one context at a time
-        logp[name] = torch.log_softmax(logits / ctx_temperature, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
-        del logits
+        logp[name] = chunked_target_logprobs(
+            hidden, weight, targets, token_mask, ctx_temperature, chunk_size=cfg.divergence_chunk_size
+        ).cpu()  # [B, C], 0 on padding
         if keep:
             hidden_by_ctx[name] = hidden
     packed = _rows(packed_all, 0, b)
@@ -278,9 +279,12 @@ def distill_step(run: Run, examples: list[Example], completions: list[Completion
         packed = pack([run.student_ids(e) for e in ex], ids, run.pad_id)
         mask = t["mask"].to(student_weight.device)  # [B, C]
         student_hidden = completion_hidden(run.model, packed)  # [B, C, H], with grad
-        outputs = token_outputs(
+        # Chunked over tokens: never a [tokens, vocab] tensor for student or teacher (losses.token_outputs
+        # is the plain reference implementation the tests compare against).
+        outputs = chunked_token_outputs(
             student_hidden, student_weight, t["hidden"]["main"], run.teacher.head_weight(),
             packed.targets.to(mask.device), mask, alpha=cfg.alpha, temperature=temperature,
+            chunk_size=cfg.divergence_chunk_size,
         )
         needs_hidden = any(getattr(c, "needs_hidden", False) for c in run.components)
         scores = Scores(

@@ -1,0 +1,299 @@
+"""The chunked divergence against the naive path run in float64 (the oracle), and its memory shape."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from unisd.chunked import chunked_target_logprobs, chunked_token_outputs
+from unisd.errors import UsageError
+from unisd.losses import token_outputs
+
+B, C, H, V = 4, 9, 16, 97
+
+
+def make_case(dtype: torch.dtype, seed: int = 0, same_head: bool = False):
+    """Random hidden states and heads with logits of order 1-5, a ragged mask (rows of 9, 6, 0 and
+    5 valid tokens: N = 20), random targets and per-token loss weights."""
+    g = torch.Generator().manual_seed(seed)
+    h_s = torch.randn(B, C, H, generator=g) * 1.5
+    h_t = h_s + torch.randn(B, C, H, generator=g)
+    w_s = torch.randn(V, H, generator=g) * 0.5
+    w_t = w_s if same_head else w_s + 0.3 * torch.randn(V, H, generator=g)
+    mask = torch.zeros(B, C)
+    for row, length in enumerate((9, 6, 0, 5)):  # row 2 fully masked
+        mask[row, :length] = 1.0
+    targets = torch.randint(0, V, (B, C), generator=g)
+    w_div, w_lp = torch.rand(B, C, generator=g), torch.randn(B, C, generator=g)
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    return dict(h_s=cast(h_s), w_s=cast(w_s), h_t=cast(h_t), w_t=w_s.to(dtype) if same_head else cast(w_t),
+                targets=targets, mask=mask, w_div=w_div, w_lp=w_lp)
+
+
+def run(fn, case, alpha, temperature, dtype=None, loss_fn=None, **kw):
+    """Forward + backward of a loss built from the per-token outputs; returns outputs, loss and grads.
+    ``dtype`` casts every float input first (float64 for the oracle)."""
+    cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+    h_s = cast(case["h_s"]).detach().requires_grad_()
+    w_s = cast(case["w_s"]).detach().requires_grad_()
+    h_t, w_t = cast(case["h_t"]), (w_s if case["w_t"] is case["w_s"] else cast(case["w_t"]))
+    out = fn(h_s, w_s, h_t, w_t, case["targets"], case["mask"], alpha=alpha, temperature=temperature, **kw)
+    if loss_fn is None:  # the loop's shape: weighted divergence plus a term linear in student_logp
+        loss = (out.divergence * case["w_div"].to(out.divergence.dtype)).sum() / 20 + (
+            out.student_logp * case["w_lp"].to(out.student_logp.dtype)).sum() / 20
+    else:
+        loss = loss_fn(out)
+    loss.backward()
+    return out, loss.detach(), h_s.grad, w_s.grad
+
+
+def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.detach().double() - ref.detach().double()).norm() / ref.detach().double().norm())
+
+
+GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 0.2])
+def test_matches_fp64_oracle(alpha, temperature, dtype):
+    case = make_case(dtype)
+    out, loss, gh, gw = run(chunked_token_outputs, case, alpha, temperature, chunk_size=7)  # 7 ∤ 20
+    ref, ref_loss, ref_gh, ref_gw = run(token_outputs, case, alpha, temperature, dtype=torch.float64)
+    assert rel(loss, ref_loss) <= 1e-4
+    assert gh.dtype == dtype and gw.dtype == dtype
+    assert rel(gh, ref_gh) <= GRAD_TOL[dtype]
+    assert rel(gw, ref_gw) <= GRAD_TOL[dtype]
+    for name in ("divergence", "student_logp", "entropy", "teacher_logp"):
+        got, want = getattr(out, name), getattr(ref, name)
+        assert got.shape == (B, C) and got.dtype == torch.float32
+        assert rel(got, want) <= 1e-5, name
+        assert torch.all(got[case["mask"] == 0] == 0), f"{name} not zero on padding"
+    assert not out.entropy.requires_grad and not out.teacher_logp.requires_grad
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 5, 7, 20, 1024])  # 4, 5, 20 divide N=20; 1, 7, 1024 edge / not
+def test_chunk_size_does_not_change_results(chunk_size):
+    case = make_case(torch.float32, seed=1)
+    out, loss, gh, gw = run(chunked_token_outputs, case, 0.5, 1.0, chunk_size=chunk_size)
+    _, ref_loss, ref_gh, ref_gw = run(token_outputs, case, 0.5, 1.0, dtype=torch.float64)
+    assert rel(loss, ref_loss) <= 1e-5
+    assert rel(gh, ref_gh) <= 1e-5 and rel(gw, ref_gw) <= 1e-5
+
+
+def test_float64_inputs_agree_to_rounding():
+    case = make_case(torch.float64, seed=2)
+    for alpha in (0.0, 0.3, 1.0):
+        out, loss, gh, gw = run(chunked_token_outputs, case, alpha, 0.8, chunk_size=3)
+        ref, ref_loss, ref_gh, ref_gw = run(token_outputs, case, alpha, 0.8)
+        assert out.divergence.dtype == torch.float64
+        assert rel(loss, ref_loss) < 1e-12 and rel(gh, ref_gh) < 1e-12 and rel(gw, ref_gw) < 1e-12
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_nonlinear_loss_on_student_logp_only(alpha):
+    """A hinge on the student log-prob alone (no divergence term: its upstream gradient is None)."""
+    case = make_case(torch.float32, seed=3)
+    hinge = lambda o: torch.relu(-2.0 - o.student_logp).mul(case["mask"]).sum()  # noqa: E731
+    _, loss, gh, gw = run(chunked_token_outputs, case, alpha, 1.0, loss_fn=hinge, chunk_size=6)
+    _, ref_loss, ref_gh, ref_gw = run(token_outputs, case, alpha, 1.0, dtype=torch.float64, loss_fn=hinge)
+    assert ref_gh.abs().sum() > 0  # the hinge is active somewhere, so the check means something
+    assert rel(loss, ref_loss) <= 1e-5 and rel(gh, ref_gh) <= 1e-5 and rel(gw, ref_gw) <= 1e-5
+
+
+def test_divergence_only_and_squared_combination():
+    case = make_case(torch.float32, seed=4)
+    for loss_fn in (lambda o: o.divergence.sum(), lambda o: (o.divergence * o.student_logp).sum()):
+        _, loss, gh, gw = run(chunked_token_outputs, case, 0.5, 1.3, loss_fn=loss_fn, chunk_size=8)
+        _, ref_loss, ref_gh, ref_gw = run(token_outputs, case, 0.5, 1.3, dtype=torch.float64, loss_fn=loss_fn)
+        assert rel(loss, ref_loss) <= 1e-5 and rel(gh, ref_gh) <= 1e-5 and rel(gw, ref_gw) <= 1e-5
+
+
+def test_gradcheck_float64():
+    """Finite differences on both differentiable outputs and both differentiable inputs."""
+    g = torch.Generator().manual_seed(5)
+    h_s = torch.randn(2, 3, 4, dtype=torch.float64, generator=g).requires_grad_()
+    w_s = torch.randn(7, 4, dtype=torch.float64, generator=g).requires_grad_()
+    h_t, w_t = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)
+    y, mask = torch.randint(0, 7, (2, 3), generator=g), torch.tensor([[1.0, 1, 0], [1, 0, 0]])
+    for alpha in (0.0, 0.4, 1.0):
+        def f(a, b, alpha=alpha):
+            o = chunked_token_outputs(a, b, h_t, w_t, y, mask, alpha=alpha, temperature=0.9, chunk_size=2)
+            return o.divergence, o.student_logp
+        assert torch.autograd.gradcheck(f, (h_s, w_s), fast_mode=True)
+
+
+def test_shared_head_and_teacher_gets_no_gradient():
+    case = make_case(torch.float32, seed=6, same_head=True)
+    _, loss, gh, gw = run(chunked_token_outputs, case, 0.5, 1.0, chunk_size=4)
+    _, ref_loss, ref_gh, ref_gw = run(token_outputs, case, 0.5, 1.0, dtype=torch.float64)
+    assert rel(loss, ref_loss) <= 1e-5 and rel(gh, ref_gh) <= 1e-5 and rel(gw, ref_gw) <= 1e-5
+    # A teacher whose tensors require grad (e.g. the student's own head under full fine-tuning):
+    h_t = case["h_t"].clone().requires_grad_()
+    w_t = case["w_t"].clone().requires_grad_()
+    h_s = case["h_s"].clone().requires_grad_()
+    out = chunked_token_outputs(h_s, case["w_s"], h_t, w_t, case["targets"], case["mask"], alpha=0.5)
+    (out.divergence.sum() + out.student_logp.sum()).backward()
+    assert h_t.grad is None and w_t.grad is None and h_s.grad is not None
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_teacher_contexts(k):
+    case = make_case(torch.float32, seed=7)
+    g = torch.Generator().manual_seed(8)
+    contexts = {
+        f"ctx{i}": (torch.randn(B, C, H, generator=g), torch.randn(V, H, generator=g) * 0.5, 0.6 + 0.3 * i)
+        for i in range(k)
+    }
+    out = chunked_token_outputs(case["h_s"], case["w_s"], case["h_t"], case["w_t"], case["targets"], case["mask"],
+                                alpha=0.5, chunk_size=6, teacher_contexts=contexts)
+    assert sorted(out.context_logp) == sorted(contexts)
+    for name, (hidden, head, temperature) in contexts.items():
+        logits = hidden.double() @ head.double().T / temperature
+        want = torch.log_softmax(logits, -1).gather(-1, case["targets"].unsqueeze(-1)).squeeze(-1) * case["mask"]
+        got = out.context_logp[name]
+        assert got.shape == (B, C) and not got.requires_grad
+        assert rel(got, want) <= 1e-6
+        assert torch.all(got[case["mask"] == 0] == 0)
+    # The main teacher's log-prob is unchanged by extra contexts and equals the standalone helper.
+    main = chunked_target_logprobs(case["h_t"], case["w_t"], case["targets"], case["mask"], 1.0, chunk_size=3)
+    assert torch.allclose(out.teacher_logp, main, atol=1e-6)
+
+
+def test_all_tokens_masked():
+    case = make_case(torch.float32, seed=9)
+    case["mask"] = torch.zeros(B, C)
+    out, loss, gh, gw = run(chunked_token_outputs, case, 0.5, 1.0)
+    assert float(loss) == 0.0 and torch.all(gh == 0) and torch.all(gw == 0)
+    assert out.divergence.shape == (B, C) and torch.all(out.entropy == 0)
+
+
+def test_bad_arguments_are_usage_errors():
+    case = make_case(torch.float32)
+    args = (case["h_s"], case["w_s"], case["h_t"], case["w_t"], case["targets"], case["mask"])
+    with pytest.raises(UsageError, match="alpha"):
+        chunked_token_outputs(*args, alpha=1.5)
+    with pytest.raises(UsageError, match="temperature"):
+        chunked_token_outputs(*args, temperature=0.0)
+    with pytest.raises(UsageError, match="chunk_size"):
+        chunked_token_outputs(*args, chunk_size=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory shape: no [N, V] tensor, in forward, in backward, or saved between them.
+
+MN, MH, MV, MCHUNK = 64, 8, 300, 8  # N·V = 19200 > every other tensor: chunk·V = 2400, V·H = 2400
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any aten op returns while active (forward and backward alike)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def memory_case():
+    g = torch.Generator().manual_seed(10)
+    return dict(
+        h_s=torch.randn(2, MN // 2, MH, generator=g), w_s=torch.randn(MV, MH, generator=g),
+        h_t=torch.randn(2, MN // 2, MH, generator=g), w_t=torch.randn(MV, MH, generator=g),
+        targets=torch.randint(0, MV, (2, MN // 2), generator=g), mask=torch.ones(2, MN // 2),
+    )
+
+
+def probe_largest(fn, alpha, **kw):
+    """(largest tensor created by any op, largest tensor saved for backward) over one fwd+bwd."""
+    case = memory_case()
+    h_s, w_s = case["h_s"].requires_grad_(), case["w_s"].requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with LargestTensor() as mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(h_s, w_s, case["h_t"], case["w_t"], case["targets"], case["mask"], alpha=alpha, **kw)
+        (out.divergence.sum() + out.student_logp.sum()).backward()
+    return mode.largest, max(saved)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_no_tokens_by_vocab_tensor(alpha):
+    largest, saved = probe_largest(chunked_token_outputs, alpha, chunk_size=MCHUNK)
+    assert largest <= max(MCHUNK * MV, MV * MH, MN * MH), largest
+    assert saved <= max(MV * MH, MN * MH), saved
+    # The probe sees the naive path's full logits, so the bounds above can fail.
+    naive_largest, naive_saved = probe_largest(token_outputs, alpha)
+    assert naive_largest >= MN * MV and naive_saved >= MN * MV
+
+
+class Recorder(TorchDispatchMode):
+    """Records (dtype, shape) of every tensor any aten op returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.seen.append((t.dtype, tuple(t.shape)))
+        return out
+
+
+def test_bf16_head_is_never_converted_whole(monkeypatch):
+    """A bf16 head is converted a slice of rows at a time: forward holds no float32 [V, H] copy."""
+    import unisd.chunked as chunked
+
+    monkeypatch.setattr(chunked._Head, "SLICE", 40)  # 97 = 40 + 40 + 17 rows
+    case = make_case(torch.bfloat16, seed=11)
+    with Recorder() as rec:
+        chunked_token_outputs(case["h_s"], case["w_s"], case["h_t"], case["w_t"], case["targets"], case["mask"],
+                              alpha=0.5, chunk_size=7)
+    assert (torch.float32, (V, H)) not in rec.seen
+    assert (torch.float32, (40, H)) in rec.seen  # the probe does see the slices
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_low_precision_matmul_path(monkeypatch, alpha):
+    """The CUDA path (bf16 operands, float32 accumulation and output), emulated on CPU: exact products
+    of the bf16 values accumulated in float32 — what ``torch.mm(..., out_dtype=torch.float32)`` does."""
+    import unisd.chunked as chunked
+
+    def emulated(a, b, out):
+        assert a.dtype == b.dtype == torch.bfloat16  # the logit gradient is rounded to bf16 on this path
+        return torch.mm(a.float(), b.float(), out=out) if out is not None else torch.mm(a.float(), b.float())
+
+    monkeypatch.setattr(chunked, "_lowp_available", lambda w, compute: w.dtype == torch.bfloat16)
+    monkeypatch.setattr(chunked, "_lowp_mm", emulated)
+    monkeypatch.setattr(chunked._Head, "SLICE", 40)
+    case = make_case(torch.bfloat16, seed=12)
+    out, loss, gh, gw = run(chunked_token_outputs, case, alpha, 0.7, chunk_size=6)
+    _, ref_loss, ref_gh, ref_gw = run(token_outputs, case, alpha, 0.7, dtype=torch.float64)
+    assert rel(loss, ref_loss) <= 1e-4
+    assert rel(gh, ref_gh) <= 1e-2 and rel(gw, ref_gw) <= 1e-2
+
+
+def test_mixed_dtypes_keep_float32_precision(monkeypatch):
+    """float32 hidden states with a bf16 head: never rounded to bf16, even where the fast path exists."""
+    import unisd.chunked as chunked
+
+    monkeypatch.setattr(chunked, "_lowp_available", lambda w, compute: True)
+    monkeypatch.setattr(chunked, "_lowp_mm", lambda *a: pytest.fail("float32 hidden states went to bf16"))
+    case = make_case(torch.float32, seed=13)
+    case["w_s"], case["w_t"] = case["w_s"].bfloat16(), case["w_t"].bfloat16()
+    _, loss, gh, gw = run(chunked_token_outputs, case, 0.5, 1.0, chunk_size=7)
+    _, ref_loss, ref_gh, ref_gw = run(token_outputs, case, 0.5, 1.0, dtype=torch.float64)
+    assert gw.dtype == torch.bfloat16
+    assert rel(loss, ref_loss) <= 1e-5 and rel(gh, ref_gh) <= 1e-5 and rel(gw, ref_gw) <= 1e-2
