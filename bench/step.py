@@ -1,0 +1,196 @@
+"""One whole training step, split into generate / teacher / student / optimizer, and the memory cost
+of extra teacher contexts.
+
+    python bench/step.py                       # CPU: random-init tiny Llama, 8 × (prompt ≈ 60 + 32 new)
+    python bench/step.py --model smollm2       # the real SmolLM2-135M-Instruct (CPU, slower)
+    python bench/step.py --device cuda --preset qwen2.5-0.5b --batch-size 16 --max-new-tokens 256
+
+Part 1 times the loop's own functions (``HFBackend.generate``, ``teacher_pass``, the rest of
+``distill_step``, the optimizer) over a few steps after a warm-up and prints each phase's median and
+share, and tokens/s. With ``--device cuda`` it also reports MFU against a FLOP count of the training
+part (student fwd+bwd ≈ 6·N·tokens, each teacher forward ≈ 2·N·tokens, plus 2·tokens·H·V per lm-head
+projection).
+
+Part 2 measures the peak memory of one ``distill_step`` with 0 and with 2 agreement contexts and
+prints the increase next to the size of the extra contexts' final hidden states ([B, C, H] each):
+contexts are kept as hidden states, never as [B, C, V] logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from divergence import PeakMemory, _fix_malloc  # noqa: E402  (bench scripts share the memory probe)
+
+import unisd.loop as loop  # noqa: E402
+from unisd.config import RunConfig  # noqa: E402
+from unisd.plugins import get_plugin_manager  # noqa: E402
+from unisd.reporting import Reporter  # noqa: E402
+from unisd.rollout import HFBackend, SamplingParams  # noqa: E402
+from unisd.testing import make_tiny_model, make_tokenizer, toy_records, write_jsonl  # noqa: E402
+
+PRESETS = {  # random-init shapes (hidden, layers, heads, kv heads, intermediate, vocab)
+    "tiny": dict(hidden=256, layers=4),
+    "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         intermediate_size=4864, vocab_size=151936),
+}
+
+
+def build_model_dir(preset: str, root: Path) -> str:
+    tok = make_tokenizer()
+    if preset == "tiny":
+        model = make_tiny_model(tok, hidden=PRESETS["tiny"]["hidden"], layers=PRESETS["tiny"]["layers"])
+    else:
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        shape = dict(PRESETS[preset])
+        model = Qwen2ForCausalLM(Qwen2Config(**shape, tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
+                                             pad_token_id=tok.pad_token_id, max_position_embeddings=4096))
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    return str(root / "model")
+
+
+def make_run(args, root: Path, components: dict) -> loop.Run:
+    model = args.model or build_model_dir(args.preset, root)
+    data = write_jsonl(root / "data.jsonl", toy_records(max(64, args.batch_size * 4)))
+    cfg = RunConfig(model=model, data=str(data), batch_size=args.batch_size, grad_accum=1, lr=1e-4,
+                    max_new_tokens=args.max_new_tokens, components=components, lora=not args.full,
+                    dtype="bfloat16" if args.device == "cuda" else "float32")
+    return loop.build_run(cfg, get_plugin_manager(), Reporter(), None)
+
+
+def timed_steps(args, run: loop.Run) -> dict:
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    backend = HFBackend(run.model, run.tokenizer, batch_size=args.batch_size)
+    teacher_time = [0.0]
+    real_teacher_pass = loop.teacher_pass
+
+    def timed_teacher_pass(*a, **kw):
+        t = time.perf_counter()
+        out = real_teacher_pass(*a, **kw)
+        sync(args.device)
+        teacher_time[0] += time.perf_counter() - t
+        return out
+
+    loop.teacher_pass = timed_teacher_pass
+    phases: dict[str, list[float]] = {"generate": [], "teacher": [], "student": [], "optimizer": []}
+    tokens: list[int] = []
+    sampling = SamplingParams(temperature=0.7, max_new_tokens=args.max_new_tokens)
+    try:
+        for i in range(args.warmup + args.steps):
+            examples = run.examples[(i * args.batch_size) % len(run.examples):][: args.batch_size]
+            sync(args.device)
+            t0 = time.perf_counter()
+            completions = backend.generate([run.student_ids(e) for e in examples], sampling)
+            sync(args.device)
+            t1 = time.perf_counter()
+            teacher_time[0] = 0.0
+            loop.distill_step(run, examples, completions)
+            sync(args.device)
+            t2 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync(args.device)
+            t3 = time.perf_counter()
+            if i >= args.warmup:
+                phases["generate"].append(t1 - t0)
+                phases["teacher"].append(teacher_time[0])
+                phases["student"].append(t2 - t1 - teacher_time[0])
+                phases["optimizer"].append(t3 - t2)
+                tokens.append(sum(len(run.student_ids(e)) + len(c.ids) for e, c in zip(examples, completions, strict=True)))
+    finally:
+        loop.teacher_pass = real_teacher_pass
+    med = {k: statistics.median(v) for k, v in phases.items()}
+    total = sum(med.values())
+    result = {"phases_s": med, "step_s": total, "tokens_per_step": statistics.median(tokens),
+              "tokens_per_s": statistics.median(tokens) / total}
+    if args.device == "cuda":
+        n = sum(p.numel() for p in run.model.parameters())
+        cfg = run.model.config
+        t = result["tokens_per_step"]
+        flops = 6 * n * t + 2 * n * t + 2 * 2 * t * cfg.hidden_size * cfg.vocab_size
+        peak = float(args.peak_tflops) * 1e12
+        train_s = med["teacher"] + med["student"] + med["optimizer"]
+        result["training_mfu"] = flops / train_s / peak
+    return result
+
+
+def context_memory(args, root: Path) -> dict:
+    """Peak memory of one distill_step without and with two agreement contexts."""
+    out = {}
+    probe = PeakMemory(torch.device(args.device))
+    for k in (0, 2):
+        components = {"agreement": {"num_contexts": k, "builder": "random"}} if k else {}
+        run = make_run(args, root / f"k{k}", components)
+        examples = run.examples[: args.batch_size]
+        torch.manual_seed(0)
+        completions = HFBackend(run.model, run.tokenizer).generate(
+            [run.student_ids(e) for e in examples], SamplingParams(temperature=0.7, max_new_tokens=args.max_new_tokens))
+        loop.distill_step(run, examples, completions)  # warm-up (allocator, caches)
+        run.model.zero_grad(set_to_none=True)
+        probe.start()
+        loop.distill_step(run, examples, completions)
+        out[k] = probe.peak()
+        c = max(len(c.ids) for c in completions)
+        hidden_bytes = args.batch_size * c * run.model.config.hidden_size * next(run.model.parameters()).element_size()
+        del run
+    return {"peak_k0": out[0], "peak_k2": out[2], "increase": out[2] - out[0], "two_contexts_hidden_bytes": 2 * hidden_bytes}
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a model directory or 'smollm2' (default: random-init preset)")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    parser.add_argument("--peak-tflops", default=989, help="dense bf16 peak of the GPU for MFU (H100/H200: 989)")
+    parser.add_argument("--json", default=None, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.device == "cpu":
+        _fix_malloc()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        speed = timed_steps(args, make_run(args, root / "speed", {}))
+        memory = context_memory(args, root)
+    print(f"step of {args.batch_size} × ({speed['tokens_per_step'] / args.batch_size:.0f} tokens), device {args.device}")
+    print(f"{'phase':<10} {'median s':>9} {'share':>7}")
+    for name, seconds in speed["phases_s"].items():
+        print(f"{name:<10} {seconds:>9.3f} {seconds / speed['step_s']:>7.1%}")
+    print(f"{'step':<10} {speed['step_s']:>9.3f}   tokens/s {speed['tokens_per_s']:.0f}"
+          + (f"   training MFU {speed['training_mfu']:.1%}" if "training_mfu" in speed else ""))
+    mib = 1024 * 1024
+    print(f"peak memory of distill_step: 0 contexts {memory['peak_k0'] / mib:.1f} MiB, 2 agreement contexts "
+          f"{memory['peak_k2'] / mib:.1f} MiB")
+    print(f"context_memory_increase_mib={memory['increase'] / mib:.2f} "
+          f"two_contexts_hidden_mib={memory['two_contexts_hidden_bytes'] / mib:.2f} "
+          f"generation_share={speed['phases_s']['generate'] / speed['step_s']:.3f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"speed": speed, "memory": memory, "args": vars(args)}, indent=2))
+    return 0 if math.isfinite(speed["step_s"]) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
