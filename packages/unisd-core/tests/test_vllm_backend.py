@@ -62,3 +62,57 @@ def _same_start(a, b, n=3):
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
         assert x.ids[:n] == y.ids[:n]
+
+
+def test_vllm_server_backend_talks_to_an_openai_compatible_server(tiny_llama, tmp_path):
+    """Against a stand-in server on 127.0.0.1: adapters are loaded per weight version, token ids round-trip."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from unisd.config import RunConfig
+    from unisd.models import apply_lora, load_model, load_tokenizer
+    from unisd.rollout import SamplingParams
+    from unisd.vllm_backend import VLLMServerBackend
+
+    tokenizer = load_tokenizer(str(tiny_llama))
+    eos = tokenizer.eos_token_id
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's naming)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, body))
+            if self.path == "/v1/load_lora_adapter":
+                reply = "ok"
+            else:  # echo the prompt's last two ids, then EOS, as "token_id:N" tokens
+                ids = body["prompt"][-2:] + [eos, 99]
+                reply = json.dumps({"choices": [{"logprobs": {"tokens": [f"token_id:{i}" for i in ids]}}]})
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(reply.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        model = apply_lora(load_model(str(tiny_llama), "float32"), r=4, alpha=8, dropout=0.0)
+        cfg = RunConfig(model=str(tiny_llama), vllm_server_url=f"http://127.0.0.1:{server.server_port}",
+                        vllm_adapter_dir=str(tmp_path / "adapters"))
+        backend = VLLMServerBackend(model, tokenizer, source=str(tiny_llama), config=cfg)
+        params = SamplingParams(temperature=0.7, max_new_tokens=5)
+        out = backend.generate([[5, 6, 7], [8, 9]], params)
+        assert [c.ids for c in out] == [[6, 7, eos], [8, 9, eos]] and not any(c.truncated for c in out)
+        backend.generate([[5, 6, 7]], params)  # same weights: the adapter is not loaded again
+        backend.sync_weights(1)
+        backend.generate([[5, 6, 7]], params)
+    finally:
+        server.shutdown()
+    loads = [body["lora_name"] for path, body in seen if path == "/v1/load_lora_adapter"]
+    assert loads == ["student-v0", "student-v1"]
+    assert (tmp_path / "adapters" / "student-v1" / "adapter_config.json").is_file()
+    completion = next(body for path, body in seen if path == "/v1/completions")
+    assert completion["model"] == "student-v0" and completion["temperature"] == 0.7 and completion["max_tokens"] == 5
