@@ -74,7 +74,13 @@ def _run(nproc, model_dir, data, components, out, tmp_path):
     return torch.load(out)
 
 
-@pytest.mark.parametrize("components", [{}, {"ema": {"sync_steps": 1, "beta": 0.5}}], ids=["plain", "ema"])
+@pytest.mark.parametrize(
+    "components",
+    [{}, {"ema": {"sync_steps": 1, "beta": 0.5}},
+     # token-level agreement normalises by a quantile over the *global* batch's tokens
+     {"agreement": {"num_contexts": 2, "builder": "random", "gamma": 5.0, "quantile": 0.5}}],
+    ids=["plain", "ema", "agreement"],
+)
 def test_two_processes_match_one(tmp_path, components):
     model_dir = make_tiny_model_dir(tmp_path / "model")
     data = write_jsonl(tmp_path / "data.jsonl", toy_records(8))

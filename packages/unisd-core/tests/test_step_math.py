@@ -154,3 +154,19 @@ def test_micro_batch_with_every_completion_masked_does_not_crash(tiny_llama, toy
     completions = [Completion([20, 21], truncated=True), Completion([22, 23], truncated=True)]
     stats = distill_step(run, run.examples[:2], completions)
     assert stats["loss_tokens"] == 0 and stats["loss"] == 0.0
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(tiny_llama, toy_data):
+    grads = []
+    for checkpointing in (False, True):
+        run = make_run(tiny_llama, toy_data, batch_size=4, grad_accum=1, gradient_checkpointing=checkpointing)
+        torch.manual_seed(5)
+        with torch.no_grad():
+            for name, p in run.model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+        distill_step(run, run.examples[:4], fixed_completions(run, 4))
+        grads.append([p.grad.clone() for p in run.model.parameters() if p.requires_grad])
+    assert run.model.is_gradient_checkpointing
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from unisd import distributed
 from unisd.components import option
 from unisd.errors import UsageError
 
@@ -175,12 +176,14 @@ class Agreement:
         return torch.stack([logp[context_name(k)].float() for k in range(self.options.num_contexts)])  # [K, B, C]
 
     def step_scale(self, batch: Any) -> float:
-        """The quantile of token disagreement over the loss tokens of every micro-batch of the step."""
+        """The quantile of token disagreement over the loss tokens of every micro-batch of the step, on
+        every process: the weights then do not depend on how the global batch is split."""
         values = []
         for logp, mask in zip(batch.step_teacher_logp, batch.step_masks, strict=True):
             d = disagreement(self._stack(logp).cpu(), self.options.stat, unbiased=True)
             values.append(d[mask.cpu() > 0])
-        return max(masked_quantile(torch.cat(values) if values else torch.zeros(0), self.options.quantile), SCALE_MIN)
+        local = torch.cat(values) if values else torch.zeros(0)
+        return max(masked_quantile(distributed.all_gather_cat(local), self.options.quantile), SCALE_MIN)
 
     def token_weights(self, scores: Any, batch: Any) -> torch.Tensor:
         opts = self.options

@@ -42,6 +42,7 @@ class RunConfig:
     lora_alpha: int = 128
     lora_dropout: float = 0.05
     seed: int = 42
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% slower)
     # rollouts
     backend: str = "hf"
     vllm_gpu_memory_utilization: float = 0.3

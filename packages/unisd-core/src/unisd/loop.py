@@ -388,6 +388,8 @@ def build_run(config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, out
     source = resolve_model(config.model, progress=reporter.info)
     tokenizer = load_tokenizer(source)
     model = load_model(source, config.dtype, config.attn_implementation)
+    if config.gradient_checkpointing:  # the method's memory setting: recompute activations in backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora:
         model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout)
     model.train()
