@@ -61,12 +61,13 @@ def build_model_dir(preset: str, root: Path) -> str:
     return str(root / "model")
 
 
-def make_run(args, root: Path, components: dict) -> loop.Run:
+def make_run(args, root: Path, components: dict, teacher_rows: int | None = None) -> loop.Run:
+    root.mkdir(parents=True, exist_ok=True)
     model = args.model or build_model_dir(args.preset, root)
     data = write_jsonl(root / "data.jsonl", toy_records(max(64, args.batch_size * 4)))
     cfg = RunConfig(model=model, data=str(data), batch_size=args.batch_size, grad_accum=1, lr=1e-4,
                     max_new_tokens=args.max_new_tokens, components=components, lora=not args.full,
-                    dtype="bfloat16" if args.device == "cuda" else "float32")
+                    dtype="bfloat16" if args.device == "cuda" else "float32", teacher_batch_rows=teacher_rows)
     return loop.build_run(cfg, get_plugin_manager(), Reporter(), None)
 
 
@@ -133,7 +134,7 @@ def context_memory(args, root: Path) -> dict:
     probe = PeakMemory(torch.device(args.device))
     for k in (0, 2):
         components = {"agreement": {"num_contexts": k, "builder": "random"}} if k else {}
-        run = make_run(args, root / f"k{k}", components)
+        run = make_run(args, root / f"k{k}", components, args.teacher_rows)
         examples = run.examples[: args.batch_size]
         torch.manual_seed(0)
         completions = HFBackend(run.model, run.tokenizer).generate(
@@ -164,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    parser.add_argument("--teacher-rows", type=int, default=None,
+                        help="teacher_batch_rows for the memory part (default: the loop's default)")
     parser.add_argument("--peak-tflops", default=989, help="dense bf16 peak of the GPU for MFU (H100/H200: 989)")
     parser.add_argument("--json", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)

@@ -170,3 +170,30 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny_llama, toy_data):
     assert run.model.is_gradient_checkpointing
     for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_completion_hidden_under_lora_matches_logits_with_and_without_adapter():
+    from unisd.models import apply_lora
+
+    tok = make_tokenizer()
+    model = apply_lora(make_tiny_model(tok), r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.eval()
+    packed = pack([[5, 6, 7, 8], [9, 10]], [[11, 12], [13, 14, 15]], tok.pad_token_id)
+    select = packed.mask > 0
+
+    def both():
+        hidden = completion_hidden(model, packed)
+        logits = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits
+        expected = logits.gather(1, packed.positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        return (hidden @ lm_head_weight(model).T)[select], expected[select]
+
+    with_adapter = both()
+    with model.disable_adapter():
+        without_adapter = both()
+    for ours, expected in (with_adapter, without_adapter):
+        assert torch.allclose(ours, expected, atol=1e-5)
+    assert not torch.allclose(with_adapter[0], without_adapter[0], atol=1e-3)  # the adapter really acts

@@ -55,7 +55,7 @@ class RunConfig:
     max_prompt_tokens: int = 1024
     max_teacher_prompt_tokens: int | None = None  # None: max_prompt_tokens + max_new_tokens
     mask_truncated: bool = False
-    teacher_batch_rows: int | None = None  # cap rows per teacher forward (None: all contexts at once)
+    teacher_batch_rows: int | None = None  # rows per teacher forward (None: batch_size = one context each)
     # the divergence
     alpha: float = 0.0
     loss_temperature: float | None = None  # None: the sampling temperature, as in the method

@@ -121,8 +121,8 @@ class Run:
 
     @property
     def teacher_rows(self) -> int:
-        """Rows per teacher forward (all contexts of a micro-batch together unless capped)."""
-        return self.config.teacher_batch_rows or 1_000_000
+        """Rows per teacher forward: by default one micro-batch, i.e. one forward per context."""
+        return self.config.teacher_batch_rows or self.config.batch_size
 
     @property
     def max_new_tokens(self) -> int:
@@ -190,9 +190,11 @@ def _call_all(components: list[Any], method: str, *args: Any) -> list[Any]:
 def teacher_pass(run: Run, examples: list[Example], completions: list[list[int]], masks: torch.Tensor) -> dict[str, Any]:
     """Teacher hidden states and token log-probs for the main prompt and every component context.
 
-    All contexts of the micro-batch (main, agreement, negative, ...) go through the teacher together,
-    as one packed batch of B·(1+K) rows, and only hidden states are kept: token log-probs are formed
-    chunk by chunk, so an extra context costs B·C·H memory, not B·C·V.
+    All contexts of the micro-batch (main, agreement, negative, ...) are packed into one batch of
+    B·(1+K) rows and go through the teacher ``teacher_batch_rows`` rows at a time: by default one
+    context per forward, so an extra context adds only its kept hidden states (B·C·H) to the peak;
+    raising it runs several contexts per forward (faster, with a larger activation peak). Token
+    log-probs are formed chunk by chunk from hidden states: never a B·C·V tensor per context.
     """
     cfg = run.config
     temperature = cfg.divergence_temperature

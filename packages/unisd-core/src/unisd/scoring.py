@@ -48,17 +48,26 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) ->
     return Packed(input_ids, attention_mask, positions, targets, mask)
 
 
+def decoder_of(model: Any) -> Any:
+    """The transformer body of a causal LM (under a PEFT wrapper too): it returns the final, post-norm
+    hidden states without computing logits or keeping every layer's output."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get = getattr(inner, "get_decoder", None)
+    decoder = get() if callable(get) else None
+    return decoder if decoder is not None and decoder is not inner else None
+
+
 def completion_hidden(model: Any, packed: Packed) -> torch.Tensor:
     """Final (post-norm) hidden states at the completion-predicting positions: ``[B, C, H]``."""
     device = next(model.parameters()).device
-    out = model(
-        input_ids=packed.input_ids.to(device),
-        attention_mask=packed.attention_mask.to(device),
-        output_hidden_states=True,
-        use_cache=False,
-        logits_to_keep=1,  # we apply the lm-head ourselves, only where it is needed
+    inputs = dict(
+        input_ids=packed.input_ids.to(device), attention_mask=packed.attention_mask.to(device), use_cache=False
     )
-    hidden = out.hidden_states[-1]  # [B, L, H]
+    decoder = decoder_of(model)
+    if decoder is not None:
+        hidden = decoder(**inputs).last_hidden_state  # [B, L, H]
+    else:  # models without a separable body: ask for hidden states, skip most of the lm-head
+        hidden = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
     index = packed.positions.to(device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
     return hidden.gather(1, index)  # [B, C, H]
 
