@@ -114,7 +114,6 @@ def _toml_keys(path: Path) -> set[str]:
 
 def relaunch(num_processes: int) -> int:
     """Run this same command under torch.distributed.run with N processes; returns its exit code."""
-    import socket
     import subprocess
     import sys
 
@@ -126,11 +125,9 @@ def relaunch(num_processes: int) -> int:
         if arg.startswith("--num-processes="):
             del args[i]
             break
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={num_processes}",
-           f"--master-port={port}", "-m", "unisd", *args]
+    # --standalone: a local rendezvous on a port the launcher picks itself
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={num_processes}",
+           "-m", "unisd", *args]
     return subprocess.call(cmd)
 
 
