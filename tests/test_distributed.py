@@ -49,6 +49,7 @@ WORKER = textwrap.dedent('''
         losses.append(distributed.sum_scalar(stats["loss"]))
     if env.is_main:
         torch.save({"params": [p.detach() for p in params], "losses": losses, "grads": grads}, out)
+    distributed.shutdown()
 ''')
 
 

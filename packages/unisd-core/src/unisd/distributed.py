@@ -44,6 +44,18 @@ def init_from_env() -> DistEnv:
     return DistEnv(dist.get_rank(), dist.get_world_size())
 
 
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group (its background threads must not outlive the interpreter).
+
+    ``clean``: all processes got here normally; meet at a barrier first, so no process tears its
+    connections down while a peer still uses them. After an error the peers may be gone: no barrier.
+    """
+    if dist.is_available() and dist.is_initialized():
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def current() -> DistEnv:
     if dist.is_available() and dist.is_initialized():
         return DistEnv(dist.get_rank(), dist.get_world_size())

@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from .. import distributed
 from ..components import parse_option_flags, resolve_selection
 from ..config import RunConfig, load_config
 from ..errors import UsageError
@@ -101,7 +102,12 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
                         if key not in given and key not in file_keys:
                             setattr(cfg, key, value)
             began = time.perf_counter()
-            run_dir = train(cfg, pm, RichReporter(console), resume=resume)
+            try:
+                run_dir = train(cfg, pm, RichReporter(console), resume=resume)
+            except BaseException:
+                distributed.shutdown(clean=False)
+                raise
+            distributed.shutdown()
             console.print(f"Done in {time.perf_counter() - began:.0f} s. Run directory: {run_dir} "
                           f"(adapter/weights in {run_dir / 'final'})", highlight=False)
 
