@@ -158,3 +158,21 @@ def test_version_and_help():
     assert result.exit_code == 0 and result.output.startswith("unisd ")
     result = invoke(app, ["--help"])
     assert result.exit_code == 0 and "unisd train --model DIR --data train.jsonl" in result.output
+
+
+def test_eval_during_training_logs_student_teacher_and_gap(tiny_llama, toy_data, tmp_path):
+    out = tmp_path / "evalrun"
+    result = invoke(make_app(get_plugin_manager()), [
+        "train", "--model", str(tiny_llama), "--data", str(toy_data), "--steps", "2", "--output", str(out),
+        "--batch-size", "2", "--grad-accum", "1", "--max-new-tokens", "4",
+        "--eval-task", "demo", "--eval-every", "2", "--eval-limit", "6",
+    ])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "eval/demo/student_accuracy" not in records[0]
+    last = records[1]
+    for key in ("student_accuracy", "teacher_accuracy", "privileged_gap"):
+        assert 0.0 <= abs(last[f"eval/demo/{key}"]) <= 1.0
+    assert last["eval/demo/privileged_gap"] == pytest.approx(
+        last["eval/demo/teacher_accuracy"] - last["eval/demo/student_accuracy"])
+    assert last["eval/demo/n"] == 6

@@ -48,6 +48,7 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
         attn_implementation: str = typer.Option(None, "--attn-implementation", help="sdpa, eager or flash_attention_2 (needs flash-attn)."),
         eval_task: str = typer.Option(None, "--eval-task", help="Evaluate this task during training."),
         eval_every: int = typer.Option(None, "--eval-every", help="Evaluate every N steps."),
+        eval_limit: int = typer.Option(None, "--eval-limit", help="Items of the eval split to use (64)."),
         save_every: int = typer.Option(None, "--save-every", help="Checkpoint every N steps (always at the end)."),
         max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Completion budget (default: the task's)."),
         temperature: float = typer.Option(None, "--temperature", help="Sampling and divergence temperature (0.7)."),
@@ -65,7 +66,7 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
                 "model": model, "task": task, "data": str(data) if data else None,
                 "task_data": str(task_data) if task_data else None, "output": str(output) if output else None,
                 "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr, "lora": lora,
-                "backend": backend, "attn_implementation": attn_implementation, "eval_task": eval_task, "eval_every": eval_every, "save_every": save_every,
+                "backend": backend, "attn_implementation": attn_implementation, "eval_task": eval_task, "eval_every": eval_every, "eval_limit": eval_limit, "save_every": save_every,
                 "max_new_tokens": max_new_tokens, "temperature": temperature, "alpha": alpha, "seed": seed,
                 "preset": preset,
             }
