@@ -133,15 +133,19 @@ def config_from_mapping(values: dict[str, Any], where: str) -> RunConfig:
     return RunConfig(**kwargs)
 
 
-def load_config(path: str | Path) -> RunConfig:
+def read_toml(path: str | Path, what: str = "--config") -> dict[str, Any]:
+    """A TOML file as a mapping; a missing file or bad TOML is a ConfigError naming ``what`` and the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file")
+        raise ConfigError(f"{what} {path}: no such file")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML ({exc})") from None
-    return config_from_mapping(data, str(path))
+
+
+def load_config(path: str | Path) -> RunConfig:
+    return config_from_mapping(read_toml(path), str(path))
 
 
 def _toml_value(value: Any) -> str:

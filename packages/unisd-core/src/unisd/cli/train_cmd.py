@@ -13,7 +13,7 @@ from rich.console import Console
 
 from .. import distributed
 from ..components import parse_option_flags, resolve_selection
-from ..config import RunConfig, load_config
+from ..config import RunConfig, load_config, read_toml
 from ..errors import UsageError
 from ..loop import train
 from ..plugins import UnisdPluginManager
@@ -114,9 +114,7 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
 
 
 def _toml_keys(path: Path) -> set[str]:
-    import tomllib
-
-    return set(tomllib.loads(path.read_text(encoding="utf-8")))
+    return set(read_toml(path))
 
 
 def relaunch(num_processes: int) -> int:

@@ -53,13 +53,12 @@ import dataclasses
 import difflib
 import itertools
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..components import make_options, resolve_selection
-from ..config import RunConfig, config_from_mapping
+from ..config import RunConfig, config_from_mapping, read_toml
 from ..errors import ConfigError
 from ..plugins import UnisdPluginManager
 
@@ -167,12 +166,7 @@ def _resolve_path(base: Path, value: str) -> Path:
 def load_sweep(path: str | Path, output_root: str | Path | None = None) -> SweepSpec:
     """Parse and check a sweep file (names are checked against the plugins later, in :func:`plan`)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {path}: no such file")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+    raw = read_toml(path, "sweep file")
     where = str(path)
     _unknown(raw, TOP_LEVEL, where)
     base = path.parent

@@ -9,8 +9,9 @@ first), a capital "A" followed by a lowercase noun is read as an article, and th
 
 from __future__ import annotations
 
-import json
 import re
+
+from .jsonobj import json_object
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -75,14 +76,8 @@ def extract_letter(text: str, n_choices: int = 4) -> str | None:
 
 
 def _from_json(text: str, valid: str) -> str | None:
-    stripped = text.strip()
-    if not stripped.startswith("{"):
-        return None
-    try:
-        obj = json.loads(stripped)
-    except ValueError:
-        return None
-    answer = obj.get("answer") if isinstance(obj, dict) else None
+    obj = json_object(text)
+    answer = obj.get("answer") if obj is not None else None
     if isinstance(answer, str) and answer.strip()[:1] in valid and answer.strip():
         return answer.strip()[0]
     return None

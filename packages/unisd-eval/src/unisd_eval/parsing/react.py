@@ -11,6 +11,8 @@ import json
 import re
 from typing import Any
 
+from .jsonobj import json_object
+
 _CALL = re.compile(
     r"Action(?:\s*\d+)?\s*:[ \t]*([^\n]*?)[ \t]*\r?\n\s*Action(?:\s*\d+)?\s+Input\s*:[ \t]*(.*?)"
     r"(?=\r?\n\s*(?:Thought|Observation|Final Answer|Action(?:\s*\d+)?\s*:)|\Z)",
@@ -34,14 +36,8 @@ def parse_calls(text: str) -> list[dict[str, str]]:
 
 
 def _parse_json_calls(text: str) -> list[dict[str, str]] | None:
-    stripped = text.strip()
-    if not stripped.startswith("{"):
-        return None
-    try:
-        obj = json.loads(stripped)
-    except ValueError:
-        return None
-    calls = obj.get("tool_calls") if isinstance(obj, dict) else None
+    obj = json_object(text)
+    calls = obj.get("tool_calls") if obj is not None else None
     if not isinstance(calls, list):
         return None
     out = []
