@@ -23,8 +23,7 @@ import torch
 
 from unisd.components import option
 from unisd.errors import UsageError
-from unisd.prompts import teacher_text
-from unisd.tasks import Example
+from unisd.tasks import Example, teacher_text_with
 
 from .negatives import default_cache_path, read_cache
 
@@ -34,12 +33,6 @@ CONTEXT = "negative"
 def hinge(student: torch.Tensor, good: torch.Tensor, bad: torch.Tensor, margin: float) -> torch.Tensor:
     """``relu(margin + |s − g| − |s − b|)`` elementwise; gradient flows through ``student`` only."""
     return torch.relu(margin + (student - good.detach()).abs() - (student - bad.detach()).abs())
-
-
-def teacher_text_with(task: Any, example: Example, reference: str) -> str:
-    """The teacher prompt of ``example`` with ``reference`` as its demonstration: the positive template."""
-    swapped = Example(example.id, example.prompt, reference, example.meta)
-    return task.teacher_text(swapped) if task is not None else teacher_text(example.prompt, reference)
 
 
 class Contrastive:

@@ -40,7 +40,7 @@ from .reporting import Reporter
 from .rollout import Completion, SamplingParams
 from .runlog import MetricsLog
 from .scoring import Scores, completion_hidden, lm_head_weight, pack
-from .tasks import Example, Task, load_jsonl_examples
+from .tasks import Example, Task, load_jsonl_examples, teacher_text_with
 from .teacher import default_teacher
 
 
@@ -94,15 +94,9 @@ class Run:
         """The teacher prompt within its token budget: the reference is cut, never the problem."""
         key = ("teacher", ex.id)
         if key not in self._prompt_cache:
-            task = self.task
-            build = (lambda ref: task.teacher_text(Example(ex.id, ex.prompt, ref, ex.meta))) if task else None
-            if build is None:
-                from .prompts import teacher_text
-
-                def build(ref: str) -> str:
-                    return teacher_text(ex.prompt, ref)
-
-            budgeted = budget_teacher_prompt(self.tokenizer, build, ex.reference, self.teacher_budget)
+            budgeted = budget_teacher_prompt(
+                self.tokenizer, lambda ref: teacher_text_with(self.task, ex, ref), ex.reference, self.teacher_budget
+            )
             self.reference_truncations += budgeted.reference_truncated
             self._prompt_cache[key] = budgeted.ids
         return self._prompt_cache[key]

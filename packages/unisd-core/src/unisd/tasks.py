@@ -74,6 +74,17 @@ class Task:
         }
 
 
+def teacher_text_with(task: Task | None, example: Example, reference: str) -> str:
+    """The teacher's user text for ``example`` with ``reference`` as its demonstration.
+
+    The one place that picks the template: the task's own (tool use differs) or the method's generic
+    one for ``--data`` files. Budgeting (a shortened reference) and contrastive negatives (another
+    demonstration in the same template) both go through it.
+    """
+    swapped = Example(example.id, example.prompt, reference, example.meta)
+    return task.teacher_text(swapped) if task is not None else teacher_text(example.prompt, reference)
+
+
 def iter_jsonl(path: str | Path, expected: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``("FILE:LINE", object)`` for each non-blank line; ``expected`` describes a good line in errors."""
     path = Path(path)

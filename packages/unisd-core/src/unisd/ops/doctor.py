@@ -18,8 +18,8 @@ import torch
 from ..config import RunConfig
 from ..errors import UnisdError
 from ..plugins import UnisdPluginManager
-from ..prompts import budget_teacher_prompt, encode, render_chat, teacher_text
-from ..tasks import Example, Task
+from ..prompts import budget_teacher_prompt, encode, render_chat
+from ..tasks import Example, Task, teacher_text_with
 from .memory import GIB, estimate_step_memory, free_memory
 
 BUDGET_SAMPLE = 200  # the longest examples whose teacher prompts are tokenised
@@ -64,10 +64,7 @@ class Context:
         return self.config.teacher_budget(self.task)
 
     def teacher_builder(self, ex: Example) -> Callable[[str], str]:
-        task = self.task
-        if task is not None:
-            return lambda ref: task.teacher_text(Example(ex.id, ex.prompt, ref, ex.meta))
-        return lambda ref: teacher_text(ex.prompt, ref)
+        return lambda ref: teacher_text_with(self.task, ex, ref)
 
     @property
     def pad_id(self) -> int:
