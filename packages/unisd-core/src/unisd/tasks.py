@@ -8,7 +8,7 @@ and scores completions. Tasks are registered through the ``register_tasks`` hook
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -89,17 +89,22 @@ def iter_jsonl(path: str | Path, expected: str) -> Iterator[tuple[str, dict[str,
     """Yield ``("FILE:LINE", object)`` for each non-blank line; ``expected`` describes a good line in errors."""
     path = Path(path)
     with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg}); each line must be one JSON object, {expected}") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object ({expected}), got {type(record).__name__}")
-            yield where, record
+        yield from iter_jsonl_lines(fh, str(path), expected)
+
+
+def iter_jsonl_lines(lines: Iterable[str], label: str, expected: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Like :func:`iter_jsonl` over lines already read (e.g. from a gzip file); ``label`` names their source."""
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{label}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: not valid JSON ({exc.msg}); each line must be one JSON object, {expected}") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object ({expected}), got {type(record).__name__}")
+        yield where, record
 
 
 def load_jsonl_examples(path: str | Path, limit: int | None = None) -> list[Example]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from unisd.errors import DataError, UsageError
+from unisd.tasks import iter_jsonl_lines
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
@@ -51,18 +52,7 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _read_jsonl(text: str, path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}); expected one object per line") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
+    return [row for _, row in iter_jsonl_lines(text.splitlines(), str(path), "one row per line")]
 
 
 def _read_parquet(path: Path) -> list[dict[str, Any]]:
