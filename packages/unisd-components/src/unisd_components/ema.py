@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from unisd import sharding
 from unisd.components import option
 from unisd.scoring import Packed, completion_hidden, lm_head_weight
 from unisd.teacher import FrozenCopyTeacher, eval_mode
@@ -41,15 +42,21 @@ class EmaAdapterTeacher:
 
     @contextlib.contextmanager
     def swapped(self):
+        """The EMA values written into the parameters, the student's restored afterwards.
+
+        Values are copied in place rather than swapped in with ``.data =``: a sharded (FSDP) parameter
+        is gathered from its own storage, so only values written into that storage reach the forward.
+        """
         saved: dict[str, torch.Tensor] = {}
-        try:
-            for name, p in self.params.items():
-                saved[name] = p.data
-                p.data = self.shadow[name].to(device=p.device, dtype=p.dtype)
-            yield
-        finally:
-            for name, data in saved.items():
-                self.params[name].data = data
+        with torch.no_grad():
+            try:
+                for name, p in self.params.items():
+                    saved[name] = p.detach().clone()
+                    p.detach().copy_(self.shadow[name].to(dtype=p.dtype))
+                yield
+            finally:
+                for name, data in saved.items():
+                    self.params[name].detach().copy_(data)
 
     @torch.no_grad()
     def hidden(self, packed: Packed) -> torch.Tensor:
@@ -135,7 +142,7 @@ class Ema:
 
             raise CheckpointError(f"ema state was saved in {state.get('mode')} mode, resumed in {self.mode} mode")
         for name, tensor in state["shadow"].items():
-            self.shadow[name].data.copy_(tensor.to(self.shadow[name].device, self.shadow[name].dtype))
+            sharding.copy_whole_into(self.shadow[name].data, tensor)
         self.updates = int(state.get("updates", 0))
 
     @torch.no_grad()
@@ -143,7 +150,7 @@ class Ema:
         """L2 distance between the teacher's and the student's tracked tensors."""
         total = 0.0
         for name, p in self.params.items():
-            total += float((self.shadow[name].float() - p.detach().float().to(self.shadow[name].device)).pow(2).sum())
+            total += float(sharding.whole((self.shadow[name].float() - p.detach().float()).pow(2).sum()))
         return math.sqrt(total)
 
     def metrics(self) -> dict[str, float]:

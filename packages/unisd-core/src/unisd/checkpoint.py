@@ -36,9 +36,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_weights(model: Any, tokenizer: Any, directory: Path, lora: bool) -> None:
-    """Adapter (LoRA) or full weights plus the tokenizer, loadable with ``from_pretrained``."""
-    model.save_pretrained(directory)
+def save_weights(model: Any, tokenizer: Any, directory: Path, lora: bool, state: dict[str, Any] | None = None) -> None:
+    """Adapter (LoRA) or full weights plus the tokenizer, loadable with ``from_pretrained``.
+
+    ``state``: the whole weights by parameter name, for a sharded model (``sharding.full_model_state``).
+    """
+    if state is None:
+        model.save_pretrained(directory)
+    else:
+        model.save_pretrained(directory, state_dict=state)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
 
@@ -46,13 +52,25 @@ def save_weights(model: Any, tokenizer: Any, directory: Path, lora: bool) -> Non
 def load_weights(model: Any, directory: Path, lora: bool) -> None:
     from safetensors.torch import load_file
 
+    from . import sharding
+
     if lora:
-        from peft import set_peft_model_state_dict
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
         path = directory / "adapter_model.safetensors"
         if not path.is_file():
             raise CheckpointError(f"{directory}: no adapter_model.safetensors (was this run trained with --full?)")
-        set_peft_model_state_dict(model, load_file(str(path)))
+        saved = load_file(str(path))
+        if not sharding.is_sharded(model):
+            set_peft_model_state_dict(model, saved)
+            return
+        # The adapter file names tensors without the adapter name; a sharded model loads by parameter name.
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        saved_name_of = get_peft_model_state_dict(model, state_dict={n: n for n in names})
+        missing = [k for k in saved_name_of if k not in saved]
+        if missing:
+            raise CheckpointError(f"{path}: adapter tensors missing ({missing[:3]}); was it saved by another model?")
+        sharding.load_model_state(model, {fqn: saved[key] for key, fqn in saved_name_of.items()})
         return
     files = sorted(directory.glob("model*.safetensors"))
     if not files:
@@ -60,6 +78,13 @@ def load_weights(model: Any, directory: Path, lora: bool) -> None:
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
+    if sharding.is_sharded(model):
+        names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+        unknown = [k for k in state if k not in names]
+        if unknown:
+            raise CheckpointError(f"{directory}: weights do not match the model (unexpected {unknown[:3]})")
+        sharding.load_model_state(model, state)
+        return
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Tied lm-head weights are saved once; anything else missing means a different model.
     missing = [m for m in missing if not m.endswith("lm_head.weight")]
@@ -79,15 +104,26 @@ def save_checkpoint(
     cursor: int,
     components: list[Any],
     rng_states: list[dict[str, Any]] | None = None,
+    model_state: dict[str, Any] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    component_states: dict[str, Any] | None = None,
 ) -> None:
+    """Write one checkpoint (main process). ``model_state``/``optimizer_state``: whole states gathered
+    beforehand by every process (sharded runs); the optimizer state is keyed by parameter name, so a
+    run can resume on another process count or with(out) sharding."""
+    from . import sharding
+
     with atomic.directory(path) as tmp:
-        save_weights(model, tokenizer, tmp, lora)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_weights(model, tokenizer, tmp, lora, state=model_state)
+        if optimizer_state is None:
+            optimizer_state = sharding.full_optimizer_state(model, optimizer)
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         # One RNG state per process, so a resumed run samples exactly what the original would have.
         torch.save(rng_states or [rng_state()], tmp / "rng.pt")
-        states = {c.name: c.state_dict() for c in components if hasattr(c, "state_dict")}
-        torch.save(states, tmp / "components.pt")
+        if component_states is None:
+            component_states = {c.name: c.state_dict() for c in components if hasattr(c, "state_dict")}
+        torch.save(component_states, tmp / "components.pt")
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, "cursor": cursor, "lora": lora}, indent=2))
 
 
@@ -122,7 +158,14 @@ def load_checkpoint(
     if state.get("lora", lora) != lora:
         raise CheckpointError(f"{path}: saved with lora={state['lora']}, resumed with lora={lora}")
     load_weights(model, path, lora)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    optim_state = torch.load(path / "optimizer.pt", weights_only=False)
+    groups = optim_state.get("param_groups") or [{}]
+    if groups[0].get("params") and isinstance(groups[0]["params"][0], int):  # positional (older checkpoints)
+        optimizer.load_state_dict(optim_state)
+    else:
+        from . import sharding
+
+        sharding.load_optimizer_state(model, optimizer, optim_state)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     saved = torch.load(path / "components.pt", weights_only=False)
     for comp in components:

@@ -43,6 +43,10 @@ class RunConfig:
     lora_dropout: float = 0.05
     seed: int = 42
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% slower)
+    # multi-process: "auto" follows the launcher (an accelerate FSDP/DeepSpeed config shards, else plain
+    # data parallelism); "fsdp" shards parameters, gradients and optimizer state; "none" never shards
+    shard: str = "auto"
+    deepspeed: str | None = None  # a DeepSpeed JSON config: its ZeRO stage selects the FSDP2 equivalent
     # rollouts
     backend: str = "hf"
     vllm_gpu_memory_utilization: float = 0.3
@@ -83,6 +87,7 @@ class RunConfig:
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (self.save_every >= 0, "--save-every must be ≥ 0"),
             (self.eval_every >= 0, "--eval-every must be ≥ 0"),
+            (self.shard in ("auto", "none", "fsdp"), f"--shard must be auto, none or fsdp, got '{self.shard}'"),
         ]
         for ok, message in checks:
             if not ok:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import atomic, distributed
+from . import atomic, distributed, sharding
 from .checkpoint import find_resume_point, load_checkpoint, rng_state, save_checkpoint, save_weights
 from .chunked import chunked_target_logprobs, chunked_token_outputs
 from .components import instantiate
@@ -193,6 +193,16 @@ def teacher_pass(run: Run, examples: list[Example], completions: list[list[int]]
     raising it runs several contexts per forward (faster, with a larger activation peak). Token
     log-probs are formed chunk by chunk from hidden states: never a B·C·V tensor per context.
     """
+    with sharding.gathered(teacher_model(run)):
+        return _teacher_pass(run, examples, completions, masks)
+
+
+def teacher_model(run: Run) -> Any:
+    """The module behind the teacher view (the student itself unless the teacher keeps a copy)."""
+    return getattr(run.teacher, "model", None)
+
+
+def _teacher_pass(run: Run, examples: list[Example], completions: list[list[int]], masks: torch.Tensor) -> dict[str, Any]:
     cfg = run.config
     temperature = cfg.divergence_temperature
     # (name, temperature, keep hidden?, prompt ids per example), main prompt first
@@ -248,7 +258,6 @@ def distill_step(run: Run, examples: list[Example], completions: list[Completion
     """Forward/backward of one optimiser step's loss over fixed completions (gradients accumulate in
     the parameters; the caller steps the optimiser). Returns the step's loss statistics."""
     cfg = run.config
-    temperature = cfg.divergence_temperature
     comp_ids = [c.ids for c in completions]
     micro = _micro_batches(len(examples), cfg.batch_size)
 
@@ -265,57 +274,78 @@ def distill_step(run: Run, examples: list[Example], completions: list[Completion
         teacher_out.append(teacher_pass(run, ex, ids, mask))
     # The denominator is the loss-token count of the whole optimiser step, over every process.
     num_tokens = distributed.sum_scalar(float(sum(t["mask"].sum() for t in teacher_out)))
-    denominator = max(num_tokens, 1.0)
 
     distill_weight = math.prod(float(getattr(c, "distill_weight", 1.0)) for c in run.components)
     totals = {"loss": 0.0, "divergence": 0.0, "weight": 0.0}
     extra_totals: dict[str, float] = {}
-    student_weight = lm_head_weight(run.model)
-    for m, idx in enumerate(micro):
-        ex = [examples[i] for i in idx]
-        ids = [comp_ids[i] for i in idx]
-        t = teacher_out[m]
-        packed = pack([run.student_ids(e) for e in ex], ids, run.pad_id)
-        mask = t["mask"].to(student_weight.device)  # [B, C]
-        student_hidden = completion_hidden(run.model, packed)  # [B, C, H], with grad
-        # Chunked over tokens: never a [tokens, vocab] tensor for student or teacher (losses.token_outputs
-        # is the plain reference implementation the tests compare against).
-        outputs = chunked_token_outputs(
-            student_hidden, student_weight, t["hidden"]["main"], run.teacher.head_weight(),
-            packed.targets.to(mask.device), mask, alpha=cfg.alpha, temperature=temperature,
-            chunk_size=cfg.divergence_chunk_size,
-        )
-        needs_hidden = any(getattr(c, "needs_hidden", False) for c in run.components)
-        scores = Scores(
-            mask=mask, targets=packed.targets, divergence=outputs.divergence, student_logp=outputs.student_logp,
-            entropy=outputs.entropy, teacher_logp={k: v.to(mask.device) for k, v in t["logp"].items()},
-            student_hidden=student_hidden if needs_hidden else None,
-            teacher_hidden=t["hidden"] if needs_hidden else {},
-        )
-        batch = StepBatch(
-            ex, ids, run.step + 1, num_tokens, m,
-            step_teacher_logp=[o["logp"] for o in teacher_out], step_masks=[o["mask"] for o in teacher_out],
-        )
-        div = scores.divergence  # [B, C]
-        for comp in run.components:  # each transform sees the previous one's output
-            if hasattr(comp, "transform_divergence"):
-                div = comp.transform_divergence(div, batch)
-        weights = torch.ones_like(div)
-        for w in _call_all(run.components, "token_weights", scores, batch):
-            weights = weights * w.to(div.device)
-        loss_sum = distill_weight * (div * weights * mask).sum()
-        for extras in _call_all(run.components, "extra_losses", scores, batch):
-            for name, per_token in extras.items():
-                term = (per_token * mask).sum()
-                loss_sum = loss_sum + term
-                extra_totals[name] = extra_totals.get(name, 0.0) + float(term.detach()) / denominator
-        (loss_sum / denominator).backward()
-        totals["loss"] += float(loss_sum.detach()) / denominator
-        totals["divergence"] += float((scores.divergence.detach() * mask).sum()) / denominator
-        totals["weight"] += float((weights.detach() * mask).sum()) / denominator
+    # A teacher that keeps its own (sharded) copy needs its lm-head gathered for the student's micro-batches.
+    separate_teacher = teacher_model(run) if teacher_model(run) is not run.model else None
+    with sharding.gathered(separate_teacher):
+        for m, idx in enumerate(micro):
+            _micro_step(run, examples, comp_ids, idx, m, teacher_out, num_tokens, distill_weight, totals, extra_totals)
     stats = {**totals, "loss_tokens": num_tokens}
     stats.update({f"loss/{k}": v for k, v in extra_totals.items()})
     return stats
+
+
+def _student_outputs(run: Run, packed: Any, teacher_hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The student's hidden states and per-token outputs against the main teacher (one root forward
+    under sharding, so the embedding and lm-head are gathered for it)."""
+    cfg = run.config
+    student_hidden = completion_hidden(run.model, packed)  # [B, C, H], with grad
+    # Chunked over tokens: never a [tokens, vocab] tensor for student or teacher (losses.token_outputs
+    # is the plain reference implementation the tests compare against).
+    outputs = chunked_token_outputs(
+        student_hidden, lm_head_weight(run.model), teacher_hidden, run.teacher.head_weight(),
+        packed.targets.to(mask.device), mask, alpha=cfg.alpha, temperature=cfg.divergence_temperature,
+        chunk_size=cfg.divergence_chunk_size,
+    )
+    return student_hidden, outputs.divergence, outputs.student_logp, outputs.entropy
+
+
+def _micro_step(
+    run: Run, examples: list[Example], comp_ids: list[list[int]], idx: range, m: int,
+    teacher_out: list[dict[str, Any]], num_tokens: float, distill_weight: float,
+    totals: dict[str, float], extra_totals: dict[str, float],
+) -> None:
+    """Forward and backward of one micro-batch; adds its share of the step's statistics to the totals."""
+    denominator = max(num_tokens, 1.0)
+    ex = [examples[i] for i in idx]
+    ids = [comp_ids[i] for i in idx]
+    t = teacher_out[m]
+    packed = pack([run.student_ids(e) for e in ex], ids, run.pad_id)
+    mask = t["mask"].to(t["hidden"]["main"].device)  # [B, C]
+    student_hidden, divergence, student_logp, entropy = sharding.forward_call(
+        run.model, _student_outputs, run, packed, t["hidden"]["main"], mask
+    )
+    needs_hidden = any(getattr(c, "needs_hidden", False) for c in run.components)
+    scores = Scores(
+        mask=mask, targets=packed.targets, divergence=divergence, student_logp=student_logp,
+        entropy=entropy, teacher_logp={k: v.to(mask.device) for k, v in t["logp"].items()},
+        student_hidden=student_hidden if needs_hidden else None,
+        teacher_hidden=t["hidden"] if needs_hidden else {},
+    )
+    batch = StepBatch(
+        ex, ids, run.step + 1, num_tokens, m,
+        step_teacher_logp=[o["logp"] for o in teacher_out], step_masks=[o["mask"] for o in teacher_out],
+    )
+    div = scores.divergence  # [B, C]
+    for comp in run.components:  # each transform sees the previous one's output
+        if hasattr(comp, "transform_divergence"):
+            div = comp.transform_divergence(div, batch)
+    weights = torch.ones_like(div)
+    for w in _call_all(run.components, "token_weights", scores, batch):
+        weights = weights * w.to(div.device)
+    loss_sum = distill_weight * (div * weights * mask).sum()
+    for extras in _call_all(run.components, "extra_losses", scores, batch):
+        for name, per_token in extras.items():
+            term = (per_token * mask).sum()
+            loss_sum = loss_sum + term
+            extra_totals[name] = extra_totals.get(name, 0.0) + float(term.detach()) / denominator
+    (loss_sum / denominator).backward()
+    totals["loss"] += float(loss_sum.detach()) / denominator
+    totals["divergence"] += float((scores.divergence.detach() * mask).sum()) / denominator
+    totals["weight"] += float((weights.detach() * mask).sum()) / denominator
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,11 +413,17 @@ def build_run(config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, out
     if config.eval_task:
         regs.tasks.get(config.eval_task)
 
+    plan = sharding.choose_plan(config.shard, config.deepspeed, distributed.current().world_size)
+    if plan is not None and config.backend != "hf":
+        raise UsageError(f"--backend {config.backend} cannot generate from a sharded model yet; use --backend hf "
+                         f"with sharding ({plan.source}), or plain data parallelism (--shard none)")
+
     seed_everything(config.seed)
     source = resolve_model(config.model, progress=reporter.info)
     tokenizer = load_tokenizer(source)
     model = load_model(source, config.dtype, config.attn_implementation)
-    if config.gradient_checkpointing:  # the method's memory setting: recompute activations in backward
+    if config.gradient_checkpointing or (plan is not None and plan.activation_checkpointing):
+        # the method's memory setting: recompute activations in backward
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora:
         model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout)
@@ -396,6 +432,14 @@ def build_run(config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, out
         model.config.use_cache = False
     run = Run(config, model, tokenizer, task, examples, components, output_dir, reporter, plugins=pm, source=source)
     run.teacher = default_teacher(model, config.lora)
+    if plan is not None:  # after the teacher's copy is taken, before components capture parameters
+        reporter.info(f"Sharding: {plan.describe()}")
+        if plan.ignored:
+            reporter.info(f"[yellow]Not applied from {plan.source}: {', '.join(plan.ignored)} "
+                          f"(unisd sets these itself: see `unisd train --help`).[/]")
+        sharding.shard_model(model, plan)
+        if teacher_model(run) is not None and teacher_model(run) is not model:
+            sharding.shard_model(teacher_model(run), plan)
     owners = [c for c in components if hasattr(c, "teacher")]
     _call_all(components, "setup", run)
     if owners:
@@ -453,6 +497,7 @@ def train(
 
     run = build_run(config, pm, reporter, out)
     model, cfg = run.model, run.config
+    sharded = sharding.is_sharded(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = cosine_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * cfg.steps), cfg.steps)
@@ -476,10 +521,12 @@ def train(
     run.step = start
 
     gap_task = run.task if cfg.eval_before_after and run.task is not None else None
-    if gap_task is not None and start == 0 and env.is_main:
+    # Evaluation generates on the main process; a sharded model needs every process for its all-gathers.
+    if gap_task is not None and start == 0 and (env.is_main or sharded):
         before = privileged_gap(run, gap_task, cfg.eval_limit)
-        _write_json(out / "eval" / "before.json", before)
-        reporter.info(_gap_line("before training", before))
+        if env.is_main:
+            _write_json(out / "eval" / "before.json", before)
+            reporter.info(_gap_line("before training", before))
     distributed.barrier()
 
     sampling = SamplingParams(cfg.temperature, cfg.top_p, run.max_new_tokens)
@@ -496,8 +543,9 @@ def train(
             completions = backend.generate([run.student_ids(e) for e in examples], sampling)
             t_gen = time.perf_counter() - t0
             stats = distill_step(run, examples, completions)
-            distributed.sync_gradients(trainable)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            if not sharded:  # sharded units reduce their gradients themselves, during backward
+                distributed.sync_gradients(trainable)
+            grad_norm = sharding.whole(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
             lr = scheduler.get_last_lr()[0]
             # A NaN/inf loss or gradient would poison the weights and the optimizer state: skip the update
             # (same decision on every process: the loss is summed and the gradients are synchronised).
@@ -540,7 +588,7 @@ def train(
             for comp in run.components:
                 if hasattr(comp, "metrics"):
                     record.update({f"{comp.name}/{k}": float(v) for k, v in comp.metrics().items()})
-            if cfg.eval_task and cfg.eval_every and step % cfg.eval_every == 0 and env.is_main:
+            if cfg.eval_task and cfg.eval_every and step % cfg.eval_every == 0 and (env.is_main or sharded):
                 record.update(_periodic_eval(run, pm, cfg.eval_task, cfg.eval_limit))
             if env.is_main:
                 metrics_log.write(record)
@@ -549,11 +597,17 @@ def train(
             stopping = distributed.sum_scalar(1.0 if stop.signal else 0.0) > 0
             diverged = bad_in_a_row >= cfg.max_nonfinite_steps
             if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0) or stopping or diverged:
+                # Gathered by every process (collectives), written by the main one.
                 rng_states = distributed.gather_objects(rng_state())
+                model_state = sharding.full_model_state(model, cfg.lora) if sharded else None
+                optimizer_state = sharding.full_optimizer_state(model, optimizer)
+                component_states = _component_states(run)
                 if env.is_main:
                     save_checkpoint(out / "checkpoints" / f"step-{step}", model=model, tokenizer=run.tokenizer,
                                     lora=cfg.lora, optimizer=optimizer, scheduler=scheduler, step=step,
-                                    cursor=stream.cursor, components=run.components, rng_states=rng_states)
+                                    cursor=stream.cursor, components=run.components, rng_states=rng_states,
+                                    model_state=model_state, optimizer_state=optimizer_state,
+                                    component_states=component_states)
                 distributed.barrier()
             if diverged:
                 raise TrainingDiverged(
@@ -569,15 +623,23 @@ def train(
         stop.restore()
         reporter.stop()
 
+    model_state = sharding.full_model_state(model, cfg.lora) if sharded else None
     if env.is_main:
         with atomic.directory(out / "final") as tmp:
-            save_weights(model, run.tokenizer, tmp, cfg.lora)
-        if gap_task is not None:
-            after = privileged_gap(run, gap_task, cfg.eval_limit)
+            save_weights(model, run.tokenizer, tmp, cfg.lora, state=model_state)
+    if gap_task is not None and (env.is_main or sharded):
+        after = privileged_gap(run, gap_task, cfg.eval_limit)
+        if env.is_main:
             _write_json(out / "eval" / "after.json", after)
             reporter.info(_gap_line("after training", after))
     distributed.barrier()
     return out
+
+
+def _component_states(run: Run) -> dict[str, Any]:
+    """Every stateful component's state, with sharded tensors made whole (collective)."""
+    states = {c.name: c.state_dict() for c in run.components if hasattr(c, "state_dict")}
+    return sharding.whole_tree(states)
 
 
 def _periodic_eval(run: Run, pm: UnisdPluginManager, task_name: str, limit: int | None) -> dict[str, float]:

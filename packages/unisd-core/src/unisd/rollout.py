@@ -7,6 +7,8 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
+from . import sharding
+
 
 @dataclass
 class SamplingParams:
@@ -101,7 +103,9 @@ class HFBackend:
                     kwargs.update(temperature=params.temperature, top_p=params.top_p)
                 else:
                     kwargs.update(temperature=None, top_p=None)
-                gen = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+                with sharding.gathered(self.model, keep_blocks=True):
+                    gen = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs,
+                                              **sharding.generation_kwargs(self.model))
                 for row in gen[:, width:].tolist():
                     out.append(split_completion(row, eos, pad_id))
         finally:

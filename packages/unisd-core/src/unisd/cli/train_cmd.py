@@ -56,6 +56,8 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
         resume: Path = typer.Option(None, "--resume", help="Continue a run directory (or one of its checkpoints) exactly."),
         seed: int = typer.Option(None, "--seed", help="Random seed (42)."),
         num_processes: int = typer.Option(1, "--num-processes", help="Data-parallel processes on this machine (relaunches under torch.distributed.run)."),
+        shard: str = typer.Option(None, "--shard", help="Multi-process: fsdp shards weights, gradients and optimizer state (FSDP2); none replicates them; auto (default) follows an accelerate FSDP/DeepSpeed config."),
+        deepspeed: Path = typer.Option(None, "--deepspeed", help="DeepSpeed JSON config: its ZeRO stage and offload select the equivalent FSDP2 sharding."),
     ) -> None:
         """Train a model by on-policy self-distillation (no arguments: the built-in demo)."""
         console = Console(stderr=False)
@@ -68,18 +70,19 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
                 "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr, "lora": lora,
                 "backend": backend, "attn_implementation": attn_implementation, "eval_task": eval_task, "eval_every": eval_every, "eval_limit": eval_limit, "save_every": save_every,
                 "max_new_tokens": max_new_tokens, "temperature": temperature, "alpha": alpha, "seed": seed,
-                "preset": preset,
+                "preset": preset, "shard": shard, "deepspeed": str(deepspeed) if deepspeed else None,
             }
             given = {k: v for k, v in flags.items() if v is not None}
             file_keys: set[str] = set()
             if resume is not None:
                 cfg = _resume_config(resume)
-                allowed = {"steps", "save_every", "eval_every"}
+                # what may change: the run's length and bookkeeping, and how it is spread over processes
+                allowed = {"steps", "save_every", "eval_every", "shard", "deepspeed"}
                 extra = set(given) - allowed
                 if extra or with_ or option:
                     raise UsageError(
-                        f"--resume continues the saved config.toml; only --steps, --save-every and --eval-every "
-                        f"may change (got {', '.join(sorted(extra)) or '--with/-o'})"
+                        f"--resume continues the saved config.toml; only --steps, --save-every, --eval-every, "
+                        f"--shard and --deepspeed may change (got {', '.join(sorted(extra)) or '--with/-o'})"
                     )
             elif config is not None:
                 cfg = load_config(config)
@@ -108,9 +111,11 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
             except BaseException:
                 distributed.shutdown(clean=False)
                 raise
+            is_main = distributed.current().is_main
             distributed.shutdown()
-            console.print(f"Done in {time.perf_counter() - began:.0f} s. Run directory: {run_dir} "
-                          f"(adapter/weights in {run_dir / 'final'})", highlight=False)
+            if is_main:
+                console.print(f"Done in {time.perf_counter() - began:.0f} s. Run directory: {run_dir} "
+                              f"(adapter/weights in {run_dir / 'final'})", highlight=False)
 
 
 def _toml_keys(path: Path) -> set[str]:

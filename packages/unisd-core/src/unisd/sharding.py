@@ -1,0 +1,350 @@
+"""Sharded data parallelism: parameters, gradients and optimizer state split over processes (FSDP2).
+
+Plain data parallelism (``distributed.py``) keeps a whole model on every process. Sharding keeps
+1/N of it: each transformer block and then the whole model become ``torch.distributed.fsdp.fully_shard``
+units, whose parameters are gathered just for the computation that needs them.
+
+Self-distillation does more with a model than call ``forward``: it runs the decoder body directly
+(hidden states, never full logits), applies the lm-head weight in chunks, lets the teacher reuse the
+same weights, and generates. So the loop brackets that work explicitly:
+
+- ``forward_call(model, fn, ...)``: runs ``fn`` as a forward of the root unit, so the embedding, the
+  final norm and the lm-head are gathered for it and their gradients are reduced after backward;
+- ``gathered(model)``: the root unit's parameters gathered for no-grad work (teacher, generation);
+- ``synced_generation(model)``: generate keeps every process stepping until all are done (the
+  blocks' all-gathers are collectives: one process stopping early would hang the others).
+
+The settings come from ``--shard fsdp`` or are passed through from the launcher: an accelerate config
+with FSDP (``accelerate launch --use_fsdp ...``) or DeepSpeed ZeRO, or a DeepSpeed JSON file
+(``--deepspeed ds.json``). ZeRO stages map onto the equivalent FSDP2 sharding; DeepSpeed's own engine
+is not used, and settings that have no equivalent are reported, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import types
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+
+SHARD_CHOICES = ("auto", "none", "fsdp")
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """How to shard: the FSDP2 settings, where they came from, and what of the source was ignored."""
+
+    reshard_after_forward: bool = True  # FULL_SHARD / ZeRO-3; False: SHARD_GRAD_OP / ZeRO-1,2
+    cpu_offload: bool = False  # parameters, gradients and the optimizer step on the CPU
+    param_dtype: str | None = None  # mixed precision: compute in this dtype, reduce gradients in fp32
+    activation_checkpointing: bool = False
+    source: str = "--shard fsdp"
+    ignored: tuple[str, ...] = field(default_factory=tuple)
+
+    def describe(self) -> str:
+        mode = "full shard (ZeRO-3)" if self.reshard_after_forward else "shard grads+optimizer (ZeRO-2)"
+        extras = [e for e, on in (("CPU offload", self.cpu_offload), (f"{self.param_dtype} compute", self.param_dtype),
+                                  ("activation checkpointing", self.activation_checkpointing)) if on]
+        return f"FSDP2 {mode}" + (f", {', '.join(extras)}" if extras else "") + f" (from {self.source})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Choosing a plan
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool = False) -> bool:
+    value = env.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _mixed_precision(value: str | None, where: str) -> str | None:
+    value = (value or "no").strip().lower()
+    if value in ("no", "none", ""):
+        return None
+    if value == "bf16":
+        return "bfloat16"
+    raise ConfigError(
+        f"{where}: mixed precision '{value}' is not supported with sharding (fp16 needs a loss scaler, "
+        f"which unisd does not run); use bf16, or load the model in bf16 with dtype = \"bfloat16\""
+    )
+
+
+# accelerate's FSDP1 sharding strategies, by name and by the number its config files may use
+_FSDP_STRATEGIES = {"FULL_SHARD": True, "1": True, "SHARD_GRAD_OP": False, "2": False,
+                    "NO_SHARD": None, "3": None}
+
+
+def plan_from_accelerate(env: Mapping[str, str]) -> ShardPlan | None:
+    """The plan an ``accelerate launch`` with an FSDP or DeepSpeed config asks for (None: plain DDP)."""
+    if _flag(env, "ACCELERATE_USE_DEEPSPEED"):
+        path = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+        if path and path != "none":
+            return plan_from_deepspeed(path)
+        stage = int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+        offload = any(env.get(k, "none").lower() == "cpu" for k in (
+            "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"))
+        mp = _mixed_precision(env.get("ACCELERATE_MIXED_PRECISION"), "accelerate config")
+        return _zero_plan(stage, offload, mp, "accelerate DeepSpeed config", ())
+    if not _flag(env, "ACCELERATE_USE_FSDP"):
+        return None
+    where = "accelerate FSDP config"
+    if env.get("FSDP_VERSION", "1") == "2" or "FSDP_RESHARD_AFTER_FORWARD" in env:
+        reshard = _flag(env, "FSDP_RESHARD_AFTER_FORWARD", default=True)
+    else:
+        strategy = env.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").strip().upper()
+        if strategy not in _FSDP_STRATEGIES:
+            raise ConfigError(
+                f"{where}: sharding strategy {strategy} is not supported (hybrid sharding needs several machines); "
+                f"use FULL_SHARD or SHARD_GRAD_OP"
+            )
+        reshard = _FSDP_STRATEGIES[strategy]
+        if reshard is None:
+            return None  # NO_SHARD is plain data parallelism
+    ignored = tuple(k for k in ("FSDP_FORWARD_PREFETCH", "FSDP_BACKWARD_PREFETCH") if _flag(env, k))
+    return ShardPlan(
+        reshard_after_forward=reshard, cpu_offload=_flag(env, "FSDP_OFFLOAD_PARAMS"),
+        param_dtype=_mixed_precision(env.get("ACCELERATE_MIXED_PRECISION"), where),
+        activation_checkpointing=_flag(env, "FSDP_ACTIVATION_CHECKPOINTING"), source=where, ignored=ignored,
+    )
+
+
+# DeepSpeed settings that unisd sets itself (or that do not apply); each is named in the run's log.
+_DEEPSPEED_OWN_SETTINGS = ("optimizer", "scheduler", "gradient_clipping", "gradient_accumulation_steps",
+                           "train_batch_size", "train_micro_batch_size_per_gpu", "steps_per_print")
+
+
+def plan_from_deepspeed(path: str | Path) -> ShardPlan | None:
+    """The FSDP2 equivalent of a DeepSpeed JSON config's ZeRO section (None for stage 0)."""
+    path = Path(path)
+    where = f"DeepSpeed config {path}"
+    if not path.is_file():
+        raise ConfigError(f"{where}: no such file")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{where}: invalid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{where}: expected a JSON object")
+    zero = cfg.get("zero_optimization") or {}
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    offload = any((zero.get(k) or {}).get("device", "none") in ("cpu", "nvme") for k in ("offload_optimizer", "offload_param"))
+    if any((zero.get(k) or {}).get("device") == "nvme" for k in ("offload_optimizer", "offload_param")):
+        raise ConfigError(f"{where}: NVMe offload has no FSDP2 equivalent; use \"device\": \"cpu\"")
+    if (cfg.get("fp16") or {}).get("enabled") is True:
+        raise ConfigError(f"{where}: fp16 needs a loss scaler, which unisd does not run; use \"bf16\": {{\"enabled\": true}}")
+    mp = "bfloat16" if (cfg.get("bf16") or {}).get("enabled") is True else None
+    ignored = tuple(k for k in _DEEPSPEED_OWN_SETTINGS if k in cfg and cfg[k] != "auto")
+    return _zero_plan(int(stage), offload, mp, where, ignored)
+
+
+def _zero_plan(stage: int, offload: bool, param_dtype: str | None, where: str, ignored: tuple[str, ...]) -> ShardPlan | None:
+    if stage == 0:
+        return None
+    # ZeRO-1/2 keep parameters whole for compute (only gradients and optimizer state are split):
+    # FSDP2 without resharding after forward. ZeRO-3 splits parameters too: reshard after forward.
+    return ShardPlan(reshard_after_forward=stage == 3, cpu_offload=offload, param_dtype=param_dtype,
+                     source=f"{where} (ZeRO-{stage})", ignored=ignored)
+
+
+def choose_plan(shard: str, deepspeed_config: str | None, world_size: int,
+                env: Mapping[str, str] | None = None) -> ShardPlan | None:
+    """The plan for this run: explicit settings first, then the launcher's; None means plain DDP."""
+    env = os.environ if env is None else env
+    if shard not in SHARD_CHOICES:
+        raise ConfigError(f"--shard must be one of {', '.join(SHARD_CHOICES)}, got '{shard}'")
+    if deepspeed_config:
+        if shard == "none":
+            raise ConfigError("--deepspeed asks for ZeRO sharding, --shard none for none: drop one of them")
+        plan = plan_from_deepspeed(deepspeed_config)
+    elif shard == "fsdp":
+        plan = ShardPlan()
+    elif shard == "auto":
+        plan = plan_from_accelerate(env)
+    else:
+        plan = None
+    if plan is not None and world_size <= 1:
+        return None  # one process: nothing to shard over (the settings still validate above)
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------
+# Applying it
+
+
+def is_sharded(model: Any) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks to shard one by one: the model's declared no-split modules (HF), else the
+    children of its longest ``ModuleList``."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(inner, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if blocks:
+        return blocks
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def _nothing() -> None:
+    return None
+
+
+def _run_as_forward(self: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    out = fn(*args, **kwargs)
+    # FSDP hooks the outputs for its backward pass; an in-place op on a view output would lose the hook.
+    if isinstance(out, tuple):
+        return tuple(t.clone() if isinstance(t, torch.Tensor) and t._is_view() else t for t in out)
+    return out
+
+
+def shard_model(model: torch.nn.Module, plan: ShardPlan) -> torch.nn.Module:
+    """Make every transformer block and then ``model`` itself an FSDP2 unit (in place; returns model)."""
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
+
+    kwargs: dict[str, Any] = {"reshard_after_forward": plan.reshard_after_forward}
+    if plan.param_dtype:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=getattr(torch, plan.param_dtype), reduce_dtype=torch.float32)
+    if plan.cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for block in transformer_blocks(model):
+        fully_shard(block, **kwargs)
+    # The root keeps its parameters (embeddings, norm, lm-head) gathered from forward to backward
+    # (FSDP's default for a root), so the lm-head chunks recomputed in backward find them whole.
+    fully_shard(model, **{**kwargs, "reshard_after_forward": None if plan.reshard_after_forward else False})
+    # Each process divides its loss by the token count of the *global* batch, so the gradients must be
+    # summed over processes, not averaged (FSDP's default).
+    for unit in model.modules():
+        if is_sharded(unit):
+            unit.set_gradient_divide_factor(1.0)
+            unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
+    model._unisd_plan = plan
+    model._unisd_forward = types.MethodType(_run_as_forward, model)
+    register_fsdp_forward_method(model, "_unisd_forward")
+    return model
+
+
+def forward_call(model: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` as a forward of ``model``'s root unit when sharded (plain call otherwise).
+
+    Return tensors (or tuples of them) that the backward pass goes through: the unit's gradient
+    reduction hooks attach to them.
+    """
+    if model is not None and hasattr(model, "_unisd_forward"):
+        return model._unisd_forward(fn, *args, **kwargs)
+    return fn(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def gathered(model: Any, keep_blocks: bool = False) -> Iterator[None]:
+    """The root unit's parameters (embeddings, final norm, lm-head) whole, for no-grad work.
+
+    ``keep_blocks``: also keep each block whole once its first forward has gathered it, until the
+    context ends: generation then all-gathers every block once, not once per generated token (the
+    memory of one whole model; the blocks are resharded on exit).
+    """
+    if model is None or not is_sharded(model):
+        yield
+        return
+    units = [m for m in model.modules() if is_sharded(m) and m is not model]
+    plan: ShardPlan = getattr(model, "_unisd_plan", ShardPlan())
+    forward_call(model, _nothing)  # the root's pre-forward: first-use setup, then its parameters gathered
+    try:
+        if keep_blocks:
+            for unit in units:
+                unit.set_reshard_after_forward(False, recurse=False)
+        yield
+    finally:
+        if keep_blocks:
+            for unit in units:
+                unit.set_reshard_after_forward(plan.reshard_after_forward, recurse=False)
+                unit.reshard()
+        model.reshard()
+
+
+def generation_kwargs(model: Any) -> dict[str, Any]:
+    """Extra ``generate`` arguments: under sharding over several processes, keep every process stepping
+    until all are done (each step's all-gathers are collectives)."""
+    from . import distributed
+
+    if model is not None and is_sharded(model) and distributed.current().active:
+        return {"synced_gpus": True}
+    return {}
+
+
+def whole(value: Any) -> Any:
+    """A sharded tensor as one ordinary tensor (collective); anything else unchanged."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def whole_tree(value: Any) -> Any:
+    """``whole`` over the tensors of nested dicts/lists (e.g. a component's state_dict). Collective."""
+    if isinstance(value, dict):
+        return {k: whole_tree(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(whole_tree(v) for v in value)
+    return whole(value)
+
+
+@torch.no_grad()
+def copy_whole_into(target: torch.Tensor, source: torch.Tensor) -> None:
+    """Copy an ordinary tensor into ``target``, which may be a shard of a sharded tensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(target, DTensor):
+        source = distribute_tensor(source.to(target.device, target.dtype), target.device_mesh, target.placements)
+    target.copy_(source.to(target.device, target.dtype) if not isinstance(source, DTensor) else source)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole state dicts for checkpoints (collective: every process must call these)
+
+
+def full_model_state(model: Any, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """Unsharded weights, on the CPU of the main process (empty elsewhere)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    return get_model_state_dict(model, options=options)
+
+
+def full_optimizer_state(model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state keyed by parameter name (portable across process counts and sharding)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_model_state(model: Any, state: dict[str, torch.Tensor]) -> None:
+    """Load whole (unsharded) tensors by parameter name; each process keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def load_optimizer_state(model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -1,0 +1,163 @@
+"""Sharded training (FSDP2): where the settings come from, and a launched run that resumes exactly.
+
+The update itself (2 sharded processes == 1 process) is checked in test_distributed.py.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from unisd.errors import ConfigError
+from unisd.sharding import ShardPlan, choose_plan, plan_from_accelerate, plan_from_deepspeed
+from unisd.testing import make_tiny_model_dir, toy_records, write_jsonl
+
+
+def _ds(tmp_path, config):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Plans
+
+
+def test_accelerate_fsdp2_settings_pass_through():
+    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "false",
+           "FSDP_OFFLOAD_PARAMS": "true", "FSDP_ACTIVATION_CHECKPOINTING": "true", "ACCELERATE_MIXED_PRECISION": "bf16"}
+    plan = plan_from_accelerate(env)
+    assert plan == ShardPlan(reshard_after_forward=False, cpu_offload=True, param_dtype="bfloat16",
+                             activation_checkpointing=True, source="accelerate FSDP config")
+
+
+@pytest.mark.parametrize(("strategy", "reshard"), [("FULL_SHARD", True), ("1", True), ("SHARD_GRAD_OP", False)])
+def test_accelerate_fsdp1_strategies_map_to_fsdp2(strategy, reshard):
+    plan = plan_from_accelerate({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": strategy})
+    assert plan is not None and plan.reshard_after_forward is reshard and not plan.cpu_offload
+
+
+def test_accelerate_no_shard_is_plain_data_parallelism_and_hybrid_is_refused():
+    assert plan_from_accelerate({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "NO_SHARD"}) is None
+    assert plan_from_accelerate({"ACCELERATE_MIXED_PRECISION": "no"}) is None  # a plain multi-GPU launch
+    with pytest.raises(ConfigError, match="HYBRID_SHARD is not supported"):
+        plan_from_accelerate({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "HYBRID_SHARD"})
+
+
+def test_fp16_is_refused_with_the_fix():
+    with pytest.raises(ConfigError, match="use bf16"):
+        plan_from_accelerate({"ACCELERATE_USE_FSDP": "true", "ACCELERATE_MIXED_PRECISION": "fp16"})
+
+
+@pytest.mark.parametrize(("stage", "reshard"), [(1, False), (2, False), (3, True)])
+def test_deepspeed_zero_stages_map_to_fsdp2(tmp_path, stage, reshard):
+    path = _ds(tmp_path, {"zero_optimization": {"stage": stage, "offload_optimizer": {"device": "cpu"}},
+                          "bf16": {"enabled": True}, "optimizer": {"type": "AdamW"}, "train_batch_size": "auto"})
+    plan = plan_from_deepspeed(path)
+    assert plan.reshard_after_forward is reshard
+    assert plan.cpu_offload and plan.param_dtype == "bfloat16"
+    assert plan.ignored == ("optimizer",)  # reported to the user; "auto" values are not
+    assert f"ZeRO-{stage}" in plan.source
+
+
+def test_deepspeed_stage_0_and_bad_configs(tmp_path):
+    assert plan_from_deepspeed(_ds(tmp_path, {"zero_optimization": {"stage": 0}})) is None
+    with pytest.raises(ConfigError, match="no such file"):
+        plan_from_deepspeed(tmp_path / "missing.json")
+    with pytest.raises(ConfigError, match="stage must be 0, 1, 2 or 3"):
+        plan_from_deepspeed(_ds(tmp_path, {"zero_optimization": {"stage": 4}}))
+    with pytest.raises(ConfigError, match="NVMe"):
+        plan_from_deepspeed(_ds(tmp_path, {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}))
+    with pytest.raises(ConfigError, match="fp16"):
+        plan_from_deepspeed(_ds(tmp_path, {"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="invalid JSON"):
+        plan_from_deepspeed(tmp_path / "bad.json")
+
+
+def test_accelerate_deepspeed_launch_reads_its_config_file(tmp_path):
+    path = _ds(tmp_path, {"zero_optimization": {"stage": 3}})
+    plan = plan_from_accelerate({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(path)})
+    assert plan.reshard_after_forward and str(path) in plan.source
+    plan = plan_from_accelerate({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+                                 "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"})
+    assert not plan.reshard_after_forward and plan.cpu_offload
+
+
+def test_choose_plan_precedence(tmp_path):
+    fsdp_env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    assert choose_plan("auto", None, 2, fsdp_env) is not None
+    assert choose_plan("none", None, 2, fsdp_env) is None  # explicit beats the launcher
+    assert choose_plan("fsdp", None, 2, {}) == ShardPlan()
+    assert choose_plan("fsdp", None, 1, {}) is None  # one process: nothing to shard over
+    path = _ds(tmp_path, {"zero_optimization": {"stage": 2}})
+    assert choose_plan("auto", str(path), 2, {}).reshard_after_forward is False
+    with pytest.raises(ConfigError, match="drop one of them"):
+        choose_plan("none", str(path), 2, {})
+    with pytest.raises(ConfigError, match="--shard must be one of"):
+        choose_plan("zero3", None, 2, {})
+
+
+def test_cli_reports_a_bad_deepspeed_config_with_exit_2(tmp_path):
+    model_dir = make_tiny_model_dir(tmp_path / "model")
+    data = write_jsonl(tmp_path / "data.jsonl", toy_records(4))
+    result = subprocess.run(
+        [sys.executable, "-m", "unisd", "train", "--model", str(model_dir), "--data", str(data), "--steps", "1",
+         "--output", str(tmp_path / "run"), "--deepspeed", str(tmp_path / "nope.json")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "nope.json: no such file" in result.stdout + result.stderr
+    assert not (tmp_path / "run").exists()  # nothing written half-way
+
+
+# ----------------------------------------------------------------------------------------------
+# A launched run
+
+
+def _train(args, env):
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_accelerate_fsdp_launch_trains_checkpoints_and_resumes_exactly(tmp_path):
+    """`accelerate launch` with an FSDP config shards the run; a resume from a mid-run checkpoint of
+    the sharded run reproduces its final weights (weights, optimizer, EMA and RNG all round-trip)."""
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    model_dir = make_tiny_model_dir(tmp_path / "model")
+    data = write_jsonl(tmp_path / "data.jsonl", toy_records(8))
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    train_args = ["-m", "unisd", "train", "--model", str(model_dir), "--data", str(data), "--steps", "3",
+                  "--batch-size", "2", "--grad-accum", "1", "--max-new-tokens", "5", "--lr", "1e-2",
+                  "--save-every", "1", "--with", "ema", "-o", "ema.sync_steps=1", "--output", str(out)]
+    first = _train([accelerate, "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                    "--dynamo_backend", "no", "--use_fsdp", "--fsdp_version", "2", *train_args], env)
+    assert "Sharding: FSDP2 full shard" in first.stdout + first.stderr
+    assert first.stdout.count("Done in") == 1  # the summary comes from the main process only
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert len(torch.load(out / "checkpoints" / "step-3" / "rng.pt", weights_only=False)) == 2
+    ema_state = torch.load(out / "checkpoints" / "step-3" / "components.pt", weights_only=False)["ema"]
+    adapter = load_file(str(out / "final" / "adapter_model.safetensors"))
+    # whole tensors were saved, not one process's shard
+    for name, tensor in ema_state["shadow"].items():
+        saved = adapter[name.replace(".default.", ".")]
+        assert tensor.shape == saved.shape and not tensor.equal(saved)  # the teacher lags the student
+    from peft import PeftConfig
+
+    assert PeftConfig.from_pretrained(out / "final").r > 0
+
+    expected = {k: v.clone() for k, v in adapter.items()}
+    _train([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "unisd",
+            "train", "--resume", str(out / "checkpoints" / "step-2"), "--shard", "fsdp"], env)
+    resumed = load_file(str(out / "final" / "adapter_model.safetensors"))
+    for name, tensor in expected.items():
+        assert torch.allclose(resumed[name], tensor, rtol=0, atol=1e-6), name
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
