@@ -76,7 +76,7 @@ def test_resume_refuses_changed_settings_and_missing_checkpoints(tiny_llama, toy
     assert result.exit_code == 2 and "nothing to resume" in result.output
     out = train(config(tiny_llama, toy_data, tmp_path / "run"), pm)
     result = CliRunner().invoke(app, ["train", "--resume", str(out), "--lr", "0.1"])
-    assert result.exit_code == 2 and "only --steps, --save-every and --eval-every may change" in result.output
+    assert result.exit_code == 2 and "--shard and --deepspeed may change (got lr)" in result.output
     with pytest.raises(CheckpointError):
         cfg = config(tiny_llama, toy_data, out)
         cfg.lora = False

@@ -1,0 +1,34 @@
+"""The benchmarks run end to end at toy shapes (so `bench/gpu.sh` does not first fail on a GPU machine
+for a reason a CPU could have caught). Their numbers are not checked here: see bench/RESULTS.md."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, tmp_path):
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result.stdout
+
+
+def test_divergence_benchmark_prints_ratios_and_writes_json(tmp_path):
+    out = _run(["bench/divergence.py", "--tokens", "64", "--hidden", "32", "48", "--vocab", "512", "--dtype",
+                "bfloat16", "--repeats", "1", "--warmup", "0", "--oracle-tokens", "32", "--json",
+                str(tmp_path / "d.json")], tmp_path)
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"memory_ratio=[\d.]+ time_ratio=[\d.]+ max_rel_err=[\d.e+-]+", last), last
+    data = json.loads((tmp_path / "d.json").read_text())
+    assert {"machine", "torch", "results"} <= set(data) and len(data["results"]) == 2  # one per hidden size
+
+
+def test_step_benchmark_splits_phases_and_measures_context_memory(tmp_path):
+    out = _run(["bench/step.py", "--preset", "tiny", "--steps", "1", "--warmup", "0", "--batch-size", "2",
+                "--max-new-tokens", "4", "--json", str(tmp_path / "s.json")], tmp_path)
+    assert re.search(r"context_memory_increase_mib=[\d.-]+ two_contexts_hidden_mib=[\d.]+", out), out[-500:]
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert {"speed", "memory", "args"} <= set(data)
