@@ -114,15 +114,23 @@ def make_inputs(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, device
     )
 
 
+# How the loss uses the outputs and which weights train: set once from the command line.
+LOSS = {"frozen_head": False, "divergence_only": False}
+
+
 def step(fn, inputs: dict, alpha: float, temperature: float, **kw):
     """One forward + backward of ``sum(div·w)/N − 0.1·sum(student_logp)/N`` — both outputs carry
-    gradient, as in the loop with a log-prob based extra term. Returns (loss, grad_h, grad_w)."""
+    gradient, as in the loop with a log-prob based extra term (``--divergence-only``: the first term,
+    as in plain distillation). ``--frozen-head``: the head gets no gradient (LoRA, the default run).
+    Returns (loss, grad_h, grad_w or None)."""
     h_s = inputs["h_s"].detach().requires_grad_()
-    w_s = inputs["w_s"].detach().requires_grad_()
+    w_s = inputs["w_s"].detach().requires_grad_(not LOSS["frozen_head"])
     out = fn(h_s, w_s, inputs["h_t"], inputs["w_t"], inputs["targets"], inputs["mask"],
              alpha=alpha, temperature=temperature, **kw)
     n = inputs["mask"].sum()
-    loss = (out.divergence * inputs["weights"]).sum() / n - 0.1 * out.student_logp.sum() / n
+    loss = (out.divergence * inputs["weights"]).sum() / n
+    if not LOSS["divergence_only"]:
+        loss = loss - 0.1 * out.student_logp.sum() / n
     loss.backward()
     return loss.detach(), h_s.grad, w_s.grad
 
@@ -162,7 +170,7 @@ def run_shape(args, hidden: int, device: torch.device, dtype: torch.dtype) -> di
         "chunked": (chunked_token_outputs, {"chunk_size": args.chunk_size}),
     }
     result: dict = {"tokens": args.tokens, "hidden": hidden, "vocab": args.vocab, "dtype": str(dtype).split(".")[-1],
-                    "alpha": args.alpha, "temperature": args.temperature, "chunk_size": args.chunk_size}
+                    "alpha": args.alpha, "temperature": args.temperature, "chunk_size": args.chunk_size, **LOSS}
     meter = PeakMemory(device)
     for name, (fn, kw) in variants.items():
         for _ in range(args.warmup):
@@ -188,7 +196,8 @@ def run_shape(args, hidden: int, device: torch.device, dtype: torch.dtype) -> di
     oracle = step(token_outputs, subset(inputs, k, torch.float64), args.alpha, args.temperature)
     for name, (fn, kw) in variants.items():
         got = step(fn, small, args.alpha, args.temperature, **kw)
-        errs = {k: rel(g, o) for k, g, o in zip(("loss", "grad_hidden", "grad_head"), got, oracle, strict=True)}
+        errs = {k: rel(g, o) for k, g, o in zip(("loss", "grad_hidden", "grad_head"), got, oracle, strict=True)
+                if g is not None}
         result[name]["rel_err"] = errs
         result[name]["max_rel_err"] = max(errs.values())
     result["oracle_tokens"] = int(small["mask"].numel())
@@ -203,14 +212,15 @@ def table(r: dict) -> str:
     mib = 2**20
     lines = [
         f"B·T={r['tokens']} H={r['hidden']} V={r['vocab']} {r['dtype']} alpha={r['alpha']} T={r['temperature']} "
-        f"chunk={r['chunk_size']} (errors on {r['oracle_tokens']} tokens vs fp64)",
+        f"chunk={r['chunk_size']} head={'frozen' if r['frozen_head'] else 'trained'} "
+        f"loss={'div' if r['divergence_only'] else 'div+logp'} (errors on {r['oracle_tokens']} tokens vs fp64)",
         f"{'':10}{'peak MiB':>12}{'fwd+bwd s':>12}{'err loss':>11}{'err dh':>11}{'err dW':>11}",
     ]
     for name in ("naive", "chunked"):
         v = r[name]
         e = v["rel_err"]
         lines.append(f"{name:10}{v['peak_bytes'] / mib:12.1f}{v['time_s']:12.4f}"
-                     f"{e['loss']:11.2e}{e['grad_hidden']:11.2e}{e['grad_head']:11.2e}")
+                     f"{e['loss']:11.2e}{e['grad_hidden']:11.2e}{e.get('grad_head', float('nan')):11.2e}")
     lines.append(f"{'ratio':10}{r['memory_ratio']:12.3f}{r['time_ratio']:12.2f}   (chunked/naive memory, naive/chunked time)")
     return "\n".join(lines)
 
@@ -231,8 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gpu-target", action="store_true",
                    help="B·T=8192, H=896 and 3584, V=151936, bf16, --device cuda")
+    p.add_argument("--frozen-head", action="store_true", help="the head gets no gradient (LoRA runs)")
+    p.add_argument("--divergence-only", action="store_true", help="loss on the divergence alone (no log-prob term)")
     p.add_argument("--json", type=Path, help="write all results here")
     args = p.parse_args(argv)
+    LOSS.update(frozen_head=args.frozen_head, divergence_only=args.divergence_only)
     if args.gpu_target:
         args.tokens, args.hidden, args.vocab, args.dtype = 8192, [896, 3584], 151936, "bfloat16"
         args.device = "cuda" if args.device == "cpu" else args.device

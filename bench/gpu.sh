@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one prepared command (well under 8 minutes on one H100/H200), for the device tool:
 #   bash bench/gpu.sh            # writes JSON under $OUT (or ./bench-out) and prints the ratio lines
-# 1. divergence: naive vs chunked at B·T=8192, H=896 and 3584, V=151,936, bf16
+# 1. divergence: naive vs chunked at B·T=8192, H=896 and 3584, V=151,936, bf16 (head trained; head frozen)
 # 2. a random-init Qwen2.5-0.5B-shaped training step: phase split, tokens/s, training MFU
 # The GPU machine has torch/transformers/peft preinstalled but no network: carry missing pure-Python
 # wheels (see /work/.library/device/README.md) and install the repo with --no-deps.
@@ -12,6 +12,9 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python -m pip install -q --no-deps --no-build-isolation -e packages/unisd-core -e packages/unisd-components 2>&1 | tail -2 || true
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-timeout 240 python bench/divergence.py --gpu-target --json "$OUT/divergence.json" 2>&1 | tee "$OUT/divergence.log"
+timeout 150 python bench/divergence.py --gpu-target --json "$OUT/divergence.json" 2>&1 | tee "$OUT/divergence.log"
+# the default (LoRA) run: frozen head, loss on the divergence only
+timeout 120 python bench/divergence.py --gpu-target --frozen-head --divergence-only \
+    --json "$OUT/divergence-lora.json" 2>&1 | tee "$OUT/divergence-lora.log"
 timeout 200 python bench/step.py --device cuda --preset qwen2.5-0.5b --batch-size 16 --max-new-tokens 256 \
     --steps 3 --json "$OUT/step.json" 2>&1 | tee "$OUT/step.log"

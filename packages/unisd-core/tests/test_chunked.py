@@ -31,12 +31,13 @@ def make_case(dtype: torch.dtype, seed: int = 0, same_head: bool = False):
                 targets=targets, mask=mask, w_div=w_div, w_lp=w_lp)
 
 
-def run(fn, case, alpha, temperature, dtype=None, loss_fn=None, **kw):
+def run(fn, case, alpha, temperature, dtype=None, loss_fn=None, frozen_head=False, **kw):
     """Forward + backward of a loss built from the per-token outputs; returns outputs, loss and grads.
-    ``dtype`` casts every float input first (float64 for the oracle)."""
+    ``dtype`` casts every float input first (float64 for the oracle). ``frozen_head``: the student's
+    head gets no gradient (LoRA), which the chunked path handles by projecting in forward."""
     cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
     h_s = cast(case["h_s"]).detach().requires_grad_()
-    w_s = cast(case["w_s"]).detach().requires_grad_()
+    w_s = cast(case["w_s"]).detach().requires_grad_(not frozen_head)
     h_t, w_t = cast(case["h_t"]), (w_s if case["w_t"] is case["w_s"] else cast(case["w_t"]))
     out = fn(h_s, w_s, h_t, w_t, case["targets"], case["mask"], alpha=alpha, temperature=temperature, **kw)
     if loss_fn is None:  # the loop's shape: weighted divergence plus a term linear in student_logp
@@ -55,17 +56,22 @@ def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
 GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
+@pytest.mark.parametrize("frozen_head", [False, True], ids=["head-trained", "head-frozen"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 0.2])
-def test_matches_fp64_oracle(alpha, temperature, dtype):
+def test_matches_fp64_oracle(alpha, temperature, dtype, frozen_head):
     case = make_case(dtype)
-    out, loss, gh, gw = run(chunked_token_outputs, case, alpha, temperature, chunk_size=7)  # 7 ∤ 20
+    out, loss, gh, gw = run(chunked_token_outputs, case, alpha, temperature, chunk_size=7,  # 7 ∤ 20
+                            frozen_head=frozen_head)
     ref, ref_loss, ref_gh, ref_gw = run(token_outputs, case, alpha, temperature, dtype=torch.float64)
     assert rel(loss, ref_loss) <= 1e-4
-    assert gh.dtype == dtype and gw.dtype == dtype
+    assert gh.dtype == dtype
     assert rel(gh, ref_gh) <= GRAD_TOL[dtype]
-    assert rel(gw, ref_gw) <= GRAD_TOL[dtype]
+    if frozen_head:
+        assert gw is None
+    else:
+        assert gw.dtype == dtype and rel(gw, ref_gw) <= GRAD_TOL[dtype]
     for name in ("divergence", "student_logp", "entropy", "teacher_logp"):
         got, want = getattr(out, name), getattr(ref, name)
         assert got.shape == (B, C) and got.dtype == torch.float32
@@ -92,23 +98,29 @@ def test_float64_inputs_agree_to_rounding():
         assert rel(loss, ref_loss) < 1e-12 and rel(gh, ref_gh) < 1e-12 and rel(gw, ref_gw) < 1e-12
 
 
+@pytest.mark.parametrize("frozen_head", [False, True], ids=["head-trained", "head-frozen"])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
-def test_nonlinear_loss_on_student_logp_only(alpha):
+def test_nonlinear_loss_on_student_logp_only(alpha, frozen_head):
     """A hinge on the student log-prob alone (no divergence term: its upstream gradient is None)."""
     case = make_case(torch.float32, seed=3)
     hinge = lambda o: torch.relu(-2.0 - o.student_logp).mul(case["mask"]).sum()  # noqa: E731
-    _, loss, gh, gw = run(chunked_token_outputs, case, alpha, 1.0, loss_fn=hinge, chunk_size=6)
+    _, loss, gh, gw = run(chunked_token_outputs, case, alpha, 1.0, loss_fn=hinge, chunk_size=6, frozen_head=frozen_head)
     _, ref_loss, ref_gh, ref_gw = run(token_outputs, case, alpha, 1.0, dtype=torch.float64, loss_fn=hinge)
     assert ref_gh.abs().sum() > 0  # the hinge is active somewhere, so the check means something
-    assert rel(loss, ref_loss) <= 1e-5 and rel(gh, ref_gh) <= 1e-5 and rel(gw, ref_gw) <= 1e-5
+    assert rel(loss, ref_loss) <= 1e-5 and rel(gh, ref_gh) <= 1e-5
+    assert gw is None if frozen_head else rel(gw, ref_gw) <= 1e-5
 
 
-def test_divergence_only_and_squared_combination():
+@pytest.mark.parametrize("frozen_head", [False, True], ids=["head-trained", "head-frozen"])
+def test_divergence_only_and_squared_combination(frozen_head):
     case = make_case(torch.float32, seed=4)
-    for loss_fn in (lambda o: o.divergence.sum(), lambda o: (o.divergence * o.student_logp).sum()):
-        _, loss, gh, gw = run(chunked_token_outputs, case, 0.5, 1.3, loss_fn=loss_fn, chunk_size=8)
-        _, ref_loss, ref_gh, ref_gw = run(token_outputs, case, 0.5, 1.3, dtype=torch.float64, loss_fn=loss_fn)
-        assert rel(loss, ref_loss) <= 1e-5 and rel(gh, ref_gh) <= 1e-5 and rel(gw, ref_gw) <= 1e-5
+    for alpha in (0.0, 0.5, 1.0):
+        for loss_fn in (lambda o: o.divergence.sum(), lambda o: (o.divergence * o.student_logp).sum()):
+            _, loss, gh, gw = run(chunked_token_outputs, case, alpha, 1.3, loss_fn=loss_fn, chunk_size=8,
+                                  frozen_head=frozen_head)
+            _, ref_loss, ref_gh, ref_gw = run(token_outputs, case, alpha, 1.3, dtype=torch.float64, loss_fn=loss_fn)
+            assert rel(loss, ref_loss) <= 1e-5 and rel(gh, ref_gh) <= 1e-5
+            assert gw is None if frozen_head else rel(gw, ref_gw) <= 1e-5
 
 
 def test_gradcheck_float64():
@@ -123,6 +135,8 @@ def test_gradcheck_float64():
             o = chunked_token_outputs(a, b, h_t, w_t, y, mask, alpha=alpha, temperature=0.9, chunk_size=2)
             return o.divergence, o.student_logp
         assert torch.autograd.gradcheck(f, (h_s, w_s), fast_mode=True)
+        # a frozen head (LoRA): the divergence's gradient is projected in forward
+        assert torch.autograd.gradcheck(lambda a, alpha=alpha: f(a, w_s.detach(), alpha), (h_s,), fast_mode=True)
 
 
 def test_shared_head_and_teacher_gets_no_gradient():
@@ -297,3 +311,41 @@ def test_mixed_dtypes_keep_float32_precision(monkeypatch):
     _, ref_loss, ref_gh, ref_gw = run(token_outputs, case, 0.5, 1.0, dtype=torch.float64)
     assert gw.dtype == torch.bfloat16
     assert rel(loss, ref_loss) <= 1e-5 and rel(gh, ref_gh) <= 1e-5 and rel(gw, ref_gw) <= 1e-2
+
+
+class VocabMatmuls(TorchDispatchMode):
+    """Counts matrix products with a vocabulary-sized operand or result (the cost that dominates)."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.count = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)] + [tuple(out.shape)]
+            self.count += any(self.vocab in s for s in shapes)
+        return out
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_frozen_head_needs_three_vocabulary_products_per_chunk(alpha):
+    """LoRA's frozen head: student logits, teacher logits and one projection of the divergence's
+    gradient per chunk (the naive path's count), instead of 2 forward + 3 recomputed in backward.
+    A loss on the student log-prob as well brings the recompute back for that term only."""
+    case = make_case(torch.float32, seed=8)
+    chunks = 3  # N = 20 masked tokens in chunks of 7
+
+    def count(frozen: bool, with_logp: bool) -> int:
+        h_s = case["h_s"].clone().requires_grad_()
+        w_s = case["w_s"].clone().requires_grad_(not frozen)
+        with VocabMatmuls(V) as mode:
+            out = chunked_token_outputs(h_s, w_s, case["h_t"], case["w_t"], case["targets"], case["mask"],
+                                        alpha=alpha, chunk_size=7)
+            loss = out.divergence.sum() + (out.student_logp.sum() if with_logp else 0)
+            loss.backward()
+        return mode.count
+
+    assert count(frozen=True, with_logp=False) == 3 * chunks
+    assert count(frozen=True, with_logp=True) == 5 * chunks
+    assert count(frozen=False, with_logp=False) == 6 * chunks  # + the head's own gradient

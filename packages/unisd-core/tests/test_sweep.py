@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from unisd.cli import report_cmd, sweep_cmd
 from unisd.components import Preset, option
-from unisd.errors import ConfigError, OptionError, UnknownNameError
+from unisd.errors import ConfigError, OptionError, UnknownNameError, UsageError
 from unisd.hookspecs import hookimpl
 from unisd.ops.scheduler import SweepRunner, parse_devices
 from unisd.ops.sweep import load_sweep, plan
@@ -202,8 +202,25 @@ def test_bad_sweep_files_fail_with_clear_errors(tmp_path, text, error, match):
 def test_parse_devices():
     assert parse_devices("cpu") == ["cpu"]
     assert parse_devices("0, 1,3") == ["0", "1", "3"]
-    with pytest.raises(Exception, match="GPU indices"):
+    assert parse_devices("0+1,2+3") == ["0+1", "2+3"]
+    with pytest.raises(UsageError, match="GPU indices"):
         parse_devices("gpu0")
+    with pytest.raises(UsageError, match="GPU indices"):
+        parse_devices("0+x")
+
+
+def test_multi_gpu_slot_trains_one_process_per_gpu(tmp_path):
+    from unisd.ops.scheduler import shell_command, slot_env
+    from unisd.ops.sweep import Job
+
+    train = Job("train:x", "train", ["-m", "unisd", "train", "--config", "c.toml"], tmp_path / "final", "x", [])
+    evaluate = Job("eval:x", "eval", ["-m", "unisd", "eval", "demo"], tmp_path / "r.json", "x", [])
+    assert slot_env("2+3", 0)["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert slot_env("cpu", 1)["CUDA_VISIBLE_DEVICES"] == ""
+    line = shell_command(["python"], train, "2+3")
+    assert line.startswith("CUDA_VISIBLE_DEVICES=2,3 ") and line.endswith("--num-processes 2")
+    assert "--num-processes" not in shell_command(["python"], train, "1")
+    assert "--num-processes" not in shell_command(["python"], evaluate, "2+3")  # evaluation: one process
 
 
 # ----------------------------------------------------------------------------------------------

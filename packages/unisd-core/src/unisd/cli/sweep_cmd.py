@@ -38,8 +38,8 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
     @app.command("sweep")
     def sweep_command(
         sweep_file: Path = typer.Argument(..., help="The sweep TOML (format: see `python -m pydoc unisd.ops.sweep`)."),
-        devices: str = typer.Option(None, "--devices", help="'cpu' or GPU indices 0,1,...: one job per entry at a time "
-                                    "(default: every visible GPU, else cpu)."),
+        devices: str = typer.Option(None, "--devices", help="'cpu' or GPU indices 0,1,...: one job per entry at a time; "
+                                    "0+1,2+3: slots of two GPUs, training on both (default: every visible GPU, else cpu)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print every job and its command; run nothing."),
         output_root: Path = typer.Option(None, "--output-root", help="Where runs go (overrides output_root in the file)."),
         cleanup: bool = typer.Option(False, "--cleanup", help="Delete each run's checkpoints/ once its evaluations are "

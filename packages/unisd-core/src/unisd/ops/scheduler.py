@@ -43,7 +43,8 @@ TERMINATE_GRACE_S = 30.0  # time for `unisd train` to save a checkpoint on SIGTE
 
 
 def parse_devices(text: str | None) -> list[str]:
-    """``cpu`` or ``0,1,...`` (``cpu,cpu`` gives two CPU slots). None: every visible GPU, else one CPU slot."""
+    """``cpu`` or ``0,1,...`` (``cpu,cpu`` gives two CPU slots; ``0+1,2+3`` two slots of two GPUs, whose
+    training jobs run one process per GPU). None: every visible GPU, else one CPU slot."""
     if text is None:
         try:
             import torch
@@ -54,18 +55,24 @@ def parse_devices(text: str | None) -> list[str]:
         return [str(i) for i in range(count)] or ["cpu"]
     slots = [part.strip() for part in text.split(",") if part.strip()]
     for slot in slots:
-        if slot != "cpu" and not slot.isdigit():
-            raise UsageError(f"--devices {text}: expected 'cpu' or GPU indices like 0,1,2")
+        if slot != "cpu" and not all(part.isdigit() for part in slot.split("+")):
+            raise UsageError(f"--devices {text}: expected 'cpu' or GPU indices like 0,1,2 (0+1: one job on two GPUs)")
     if not slots:
         raise UsageError("--devices is empty; give 'cpu' or GPU indices like 0,1")
     return slots
 
 
+def slot_gpus(slot: str) -> list[str]:
+    """The GPU indices of a slot ('0+1' → ['0', '1']; 'cpu' → [])."""
+    return [] if slot == "cpu" else slot.split("+")
+
+
 def slot_env(slot: str, index: int, base_port: int = 29500) -> dict[str, str]:
-    """The environment of a job on one slot: only its GPU visible (none for 'cpu'), its own port."""
+    """The environment of a job on one slot: only its GPUs visible (none for 'cpu'), its own port."""
     env = dict(os.environ)
-    env["CUDA_VISIBLE_DEVICES"] = "" if slot == "cpu" else slot
-    env["MASTER_PORT"] = str(base_port + (int(slot) if slot.isdigit() else index))
+    gpus = slot_gpus(slot)
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    env["MASTER_PORT"] = str(base_port + (int(gpus[0]) if gpus else index))
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -74,8 +81,16 @@ def shell_command(python: list[str], job: Job, slot: str | None = None) -> str:
     """The job as one copy-pasteable shell line."""
     import shlex
 
-    prefix = f"CUDA_VISIBLE_DEVICES={'' if slot == 'cpu' else slot} " if slot is not None else ""
-    return prefix + " ".join(shlex.quote(p) for p in [*python, *job.argv])
+    prefix = f"CUDA_VISIBLE_DEVICES={','.join(slot_gpus(slot))} " if slot is not None else ""
+    return prefix + " ".join(shlex.quote(p) for p in [*python, *slot_argv(job, slot)])
+
+
+def slot_argv(job: Job, slot: str | None) -> list[str]:
+    """The job's arguments on a slot: a training job on a slot of several GPUs runs one process per GPU."""
+    gpus = slot_gpus(slot) if slot is not None else []
+    if job.phase == "train" and len(gpus) > 1:
+        return [*job.argv, "--num-processes", str(len(gpus))]
+    return list(job.argv)
 
 
 @dataclass
@@ -201,7 +216,7 @@ class SweepRunner:
         handle.write(f"# {command}\n")
         handle.flush()
         # A new session: Ctrl-C in the terminal reaches only us, and we stop each job's whole group.
-        proc = subprocess.Popen([*self.python, *job.argv], stdout=handle, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([*self.python, *slot_argv(job, slot)], stdout=handle, stderr=subprocess.STDOUT,
                                 env=slot_env(slot, index), start_new_session=True)
         self._set(job, "running", log=str(log))
         self.echo(f"[start] {job.phase} {job.label} on {slot} (log: {log})")
