@@ -140,9 +140,14 @@ def test_memory_estimate_formula():
     v, h, layers, kv_dim = len(tok), 32, 2, 2 * (32 // 4)
     assert est.optimizer == n * 4 * 3 + n * 4
     assert est.activations == 3 * 16 * layers * h * 4 * 17
-    assert est.logits == 8 * 3 * 6 * v * 4
+    assert est.logits == 5 * 18 * v * 4 + 2 * 18 * h * 4  # 18 completion tokens fit one chunk
     assert est.kv_cache == 2 * layers * kv_dim * 16 * 6 * 4
     assert est.peak == est.optimizer + max(est.kv_cache, est.activations + est.logits)
+    # the divergence's buffers are bounded by the chunk, not the tokens; sharding splits the optimizer
+    small = estimate_step_memory(model, batch_size=3, grad_accum=2, prompt_tokens=10, new_tokens=6, lora=False,
+                                 chunk_size=4, processes=2)
+    assert small.logits == 5 * 4 * v * 4 + 2 * 18 * h * 4
+    assert small.optimizer == est.optimizer // 2
 
 
 @pytest.mark.parametrize("flag", ["--batch-size", "--max-new-tokens"])

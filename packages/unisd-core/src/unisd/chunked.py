@@ -149,13 +149,14 @@ class _ChunkedDivergence(torch.autograd.Function):
             lse_s[lo:hi] = _log_softmax(head_s.logits(h_s[lo:hi], temperature, q), log_q)
             s_lp[lo:hi] = log_q.gather(1, yc).squeeze(1)
             ent[lo:hi] = -_rowdot(q, log_q)
-            # At α = 0 nothing else needs q (unless projecting): the teacher's probabilities take its buffer.
-            log_p, p = buf.get("t", c), buf.get("q" if alpha == 0.0 and not project else "p", c)
+            # At α = 0 nothing else needs q: the teacher's probabilities take its buffer.
+            log_p, p = buf.get("t", c), buf.get("q" if alpha == 0.0 else "p", c)
             lse_t[lo:hi] = _log_softmax(head_t.logits(h_t[lo:hi].to(device), temperature, p), log_p)
             t_lp[lo:hi] = log_p.gather(1, yc).squeeze(1)
             if alpha == 0.0:  # KL(p‖q) = Σ p (log p − log q)
                 div[lo:hi] = _rowdot(p, log_p.sub_(log_q))
-                grad = torch.sub(q, p, out=p) if project else None  # ∂D/∂z = q − p
+                # ∂D/∂z = q − p, with q re-formed from log q (its buffer now holds p)
+                grad = torch.exp(log_q, out=log_q).sub_(p) if project else None
             elif alpha == 1.0:  # KL(q‖p) = Σ q (log q − log p); backward needs its value
                 stat[lo:hi] = div[lo:hi] = _rowdot(q, log_q.sub_(log_p))
                 # ∂D/∂z = q ⊙ (log q − log p − D)

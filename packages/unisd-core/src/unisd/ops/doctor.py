@@ -285,7 +285,8 @@ def check_memory(ctx: Context) -> Check:
     # The student forward (with gradients) is what stores activations; the teacher's runs without.
     longest = max(len(encode(tok, render_chat(tok, ex.prompt))) for ex in ctx.examples[:BUDGET_SAMPLE])
     prompt_tokens = min(longest, cfg.max_prompt_tokens)
-    est = estimate_step_memory(ctx.model, cfg.batch_size, cfg.grad_accum, prompt_tokens, ctx.max_new_tokens, cfg.lora)
+    est = estimate_step_memory(ctx.model, cfg.batch_size, cfg.grad_accum, prompt_tokens, ctx.max_new_tokens, cfg.lora,
+                               chunk_size=cfg.divergence_chunk_size)
     details = {"free": free.free, "total": free.total, "where": free.where, "estimate": est.peak,
                "breakdown": asdict(est)}
     msg = (f"{free.free / GIB:.1f} GiB free on {free.where}; a step at batch size {cfg.batch_size} needs about "

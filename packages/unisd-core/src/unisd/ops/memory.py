@@ -54,7 +54,7 @@ class MemoryEstimate:
 
     optimizer: int  # gradients + AdamW moments of the trainable parameters (+ a frozen teacher copy)
     activations: int  # student forward with gradients
-    logits: int  # float32 [tokens, vocab] tensors of the divergence (student, teacher, log-softmaxes)
+    logits: int  # float32 [chunk, vocab] buffers of the chunked divergence, plus [tokens, H] projections
     kv_cache: int  # generation of the step's completions
 
     @property
@@ -68,9 +68,15 @@ class MemoryEstimate:
         return ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items()) + " GiB"
 
 
+CHUNK_BUFFERS = 5  # [chunk, V] float32 buffers the chunked divergence may hold at once (chunked._Buffers)
+
+
 def estimate_step_memory(model: Any, batch_size: int, grad_accum: int, prompt_tokens: int, new_tokens: int,
-                         lora: bool) -> MemoryEstimate:
-    """Estimate for micro-batches of ``batch_size`` sequences of ``prompt_tokens + new_tokens`` tokens."""
+                         lora: bool, chunk_size: int = 1024, processes: int = 1) -> MemoryEstimate:
+    """Estimate for micro-batches of ``batch_size`` sequences of ``prompt_tokens + new_tokens`` tokens.
+
+    ``processes``: the weights' gradients, optimizer state and teacher copy split over this many
+    processes (sharded training, ``--shard fsdp``)."""
     cfg = getattr(model, "config", None)
     params = list(model.parameters())
     elem = params[0].element_size() if params else 4
@@ -79,6 +85,7 @@ def estimate_step_memory(model: Any, batch_size: int, grad_accum: int, prompt_to
     optimizer = trainable * elem * 3  # grad + two AdamW moments, in the parameters' dtype
     if not lora:
         optimizer += n_params * elem  # full fine-tuning keeps a frozen copy as the teacher
+    optimizer //= max(processes, 1)
     layers = int(getattr(cfg, "num_hidden_layers", 1) or 1)
     hidden = int(getattr(cfg, "hidden_size", 0) or 0)
     vocab = int(getattr(cfg, "vocab_size", 0) or 0)
@@ -87,7 +94,8 @@ def estimate_step_memory(model: Any, batch_size: int, grad_accum: int, prompt_to
     head_dim = int(getattr(cfg, "head_dim", 0) or (hidden // heads if heads else 0))
     seq = prompt_tokens + new_tokens
     activations = batch_size * seq * layers * hidden * elem * ACTIVATION_FACTOR
-    logits = 8 * batch_size * new_tokens * vocab * 4
+    tokens = batch_size * new_tokens
+    logits = CHUNK_BUFFERS * min(chunk_size, tokens) * vocab * 4 + 2 * tokens * hidden * 4
     gen_batch = min(GENERATION_BATCH, batch_size * grad_accum)
     kv_cache = 2 * layers * kv_heads * head_dim * seq * gen_batch * elem
     return MemoryEstimate(int(optimizer), int(activations), int(logits), int(kv_cache))
