@@ -275,17 +275,36 @@ def distill_step(run: Run, examples: list[Example], completions: list[Completion
     # The denominator is the loss-token count of the whole optimiser step, over every process.
     num_tokens = distributed.sum_scalar(float(sum(t["mask"].sum() for t in teacher_out)))
 
-    distill_weight = math.prod(float(getattr(c, "distill_weight", 1.0)) for c in run.components)
-    totals = {"loss": 0.0, "divergence": 0.0, "weight": 0.0}
-    extra_totals: dict[str, float] = {}
+    totals = _StepTotals(num_tokens)
     # A teacher that keeps its own (sharded) copy needs its lm-head gathered for the student's micro-batches.
     separate_teacher = teacher_model(run) if teacher_model(run) is not run.model else None
     with sharding.gathered(separate_teacher):
         for m, idx in enumerate(micro):
-            _micro_step(run, examples, comp_ids, idx, m, teacher_out, num_tokens, distill_weight, totals, extra_totals)
-    stats = {**totals, "loss_tokens": num_tokens}
-    stats.update({f"loss/{k}": v for k, v in extra_totals.items()})
+            batch = StepBatch(
+                [examples[i] for i in idx], [comp_ids[i] for i in idx], run.step + 1, num_tokens, m,
+                step_teacher_logp=[o["logp"] for o in teacher_out], step_masks=[o["mask"] for o in teacher_out],
+            )
+            _micro_step(run, batch, teacher_out[m], totals)
+    stats = {**totals.sums, "loss_tokens": num_tokens}
+    stats.update({f"loss/{k}": v for k, v in totals.extras.items()})
     return stats
+
+
+@dataclass
+class _StepTotals:
+    """Per-token sums of one optimiser step, each already divided by the step's loss-token count."""
+
+    num_tokens: float
+    sums: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "divergence": 0.0, "weight": 0.0})
+    extras: dict[str, float] = field(default_factory=dict)  # components' extra loss terms, by name
+
+    @property
+    def denominator(self) -> float:
+        return max(self.num_tokens, 1.0)
+
+    def add(self, name: str, value: torch.Tensor, extra: bool = False) -> None:
+        into = self.extras if extra else self.sums
+        into[name] = into.get(name, 0.0) + float(value.detach()) / self.denominator
 
 
 def _student_outputs(run: Run, packed: Any, teacher_hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -303,17 +322,9 @@ def _student_outputs(run: Run, packed: Any, teacher_hidden: torch.Tensor, mask: 
     return student_hidden, outputs.divergence, outputs.student_logp, outputs.entropy
 
 
-def _micro_step(
-    run: Run, examples: list[Example], comp_ids: list[list[int]], idx: range, m: int,
-    teacher_out: list[dict[str, Any]], num_tokens: float, distill_weight: float,
-    totals: dict[str, float], extra_totals: dict[str, float],
-) -> None:
-    """Forward and backward of one micro-batch; adds its share of the step's statistics to the totals."""
-    denominator = max(num_tokens, 1.0)
-    ex = [examples[i] for i in idx]
-    ids = [comp_ids[i] for i in idx]
-    t = teacher_out[m]
-    packed = pack([run.student_ids(e) for e in ex], ids, run.pad_id)
+def _micro_step(run: Run, batch: StepBatch, t: dict[str, Any], totals: _StepTotals) -> None:
+    """Forward and backward of one micro-batch (``t``: its teacher pass); adds to the step's totals."""
+    packed = pack([run.student_ids(e) for e in batch.examples], batch.completions, run.pad_id)
     mask = t["mask"].to(t["hidden"]["main"].device)  # [B, C]
     student_hidden, divergence, student_logp, entropy = sharding.forward_call(
         run.model, _student_outputs, run, packed, t["hidden"]["main"], mask
@@ -325,10 +336,6 @@ def _micro_step(
         student_hidden=student_hidden if needs_hidden else None,
         teacher_hidden=t["hidden"] if needs_hidden else {},
     )
-    batch = StepBatch(
-        ex, ids, run.step + 1, num_tokens, m,
-        step_teacher_logp=[o["logp"] for o in teacher_out], step_masks=[o["mask"] for o in teacher_out],
-    )
     div = scores.divergence  # [B, C]
     for comp in run.components:  # each transform sees the previous one's output
         if hasattr(comp, "transform_divergence"):
@@ -336,16 +343,17 @@ def _micro_step(
     weights = torch.ones_like(div)
     for w in _call_all(run.components, "token_weights", scores, batch):
         weights = weights * w.to(div.device)
+    distill_weight = math.prod(float(getattr(c, "distill_weight", 1.0)) for c in run.components)
     loss_sum = distill_weight * (div * weights * mask).sum()
     for extras in _call_all(run.components, "extra_losses", scores, batch):
         for name, per_token in extras.items():
             term = (per_token * mask).sum()
             loss_sum = loss_sum + term
-            extra_totals[name] = extra_totals.get(name, 0.0) + float(term.detach()) / denominator
-    (loss_sum / denominator).backward()
-    totals["loss"] += float(loss_sum.detach()) / denominator
-    totals["divergence"] += float((scores.divergence.detach() * mask).sum()) / denominator
-    totals["weight"] += float((weights.detach() * mask).sum()) / denominator
+            totals.add(name, term, extra=True)
+    (loss_sum / totals.denominator).backward()
+    totals.add("loss", loss_sum)
+    totals.add("divergence", (scores.divergence * mask).sum())
+    totals.add("weight", (weights * mask).sum())
 
 
 # ----------------------------------------------------------------------------------------------
