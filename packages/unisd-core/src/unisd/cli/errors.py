@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 
 import typer
 
 from ..errors import UnisdError, UsageError
+
+
+def _say(message: str) -> None:
+    # Under a multi-process launch every process meets the same bad input: one copy of the message
+    # (from the first process) is enough. Unexpected errors keep their traceback on every process.
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(message, err=True)
 
 
 @contextlib.contextmanager
@@ -18,13 +26,13 @@ def cli_errors() -> Iterator[None]:
     try:
         yield
     except TrainingInterrupted as exc:
-        typer.echo(f"{exc}", err=True)
+        _say(f"{exc}")
         raise typer.Exit(130) from None
     except UsageError as exc:
-        typer.echo(f"Error: {exc}", err=True)
+        _say(f"Error: {exc}")
         raise typer.Exit(2) from None
     except UnisdError as exc:
-        typer.echo(f"Error: {exc}", err=True)
+        _say(f"Error: {exc}")
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo("Interrupted.", err=True)

@@ -135,9 +135,20 @@ def relaunch(num_processes: int) -> int:
         if arg.startswith("--num-processes="):
             del args[i]
             break
-    # --standalone: a local rendezvous on a port the launcher picks itself
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={num_processes}",
-           "-m", "unisd", *args]
+    # --standalone: a local rendezvous on a port the launcher picks itself. The launcher runs in a child
+    # process of its own, whose error report is shortened to the workers' exit code: their own messages
+    # (e.g. "Error: ..." and exit code 2 for bad input) are what the user needs.
+    launcher = (
+        "import sys\n"
+        "from torch.distributed.elastic.multiprocessing.errors import ChildFailedError\n"
+        "from torch.distributed.run import parse_args, run\n"
+        "try:\n"
+        "    run(parse_args(sys.argv[1:]))\n"
+        "except ChildFailedError as exc:\n"
+        "    codes = [f.exitcode for f in exc.failures.values()]\n"
+        "    sys.exit(max(codes, key=lambda c: (c > 0, c)) if codes else 1)\n"
+    )
+    cmd = [sys.executable, "-c", launcher, "--standalone", f"--nproc-per-node={num_processes}", "-m", "unisd", *args]
     return subprocess.call(cmd)
 
 
