@@ -167,10 +167,11 @@ def run_shape(args, hidden: int, device: torch.device, dtype: torch.dtype) -> di
     inputs = make_inputs(args.tokens, hidden, args.vocab, dtype, device, args.seed)
     variants = {
         "naive": (token_outputs, {}),
-        "chunked": (chunked_token_outputs, {"chunk_size": args.chunk_size}),
+        "chunked": (chunked_token_outputs, {"chunk_size": args.chunk_size, "compile": args.compile}),
     }
     result: dict = {"tokens": args.tokens, "hidden": hidden, "vocab": args.vocab, "dtype": str(dtype).split(".")[-1],
-                    "alpha": args.alpha, "temperature": args.temperature, "chunk_size": args.chunk_size, **LOSS}
+                    "alpha": args.alpha, "temperature": args.temperature, "chunk_size": args.chunk_size,
+                    "compile": args.compile, **LOSS}
     meter = PeakMemory(device)
     for name, (fn, kw) in variants.items():
         for _ in range(args.warmup):
@@ -212,7 +213,7 @@ def table(r: dict) -> str:
     mib = 2**20
     lines = [
         f"B·T={r['tokens']} H={r['hidden']} V={r['vocab']} {r['dtype']} alpha={r['alpha']} T={r['temperature']} "
-        f"chunk={r['chunk_size']} head={'frozen' if r['frozen_head'] else 'trained'} "
+        f"chunk={r['chunk_size']} compile={r['compile']} head={'frozen' if r['frozen_head'] else 'trained'} "
         f"loss={'div' if r['divergence_only'] else 'div+logp'} (errors on {r['oracle_tokens']} tokens vs fp64)",
         f"{'':10}{'peak MiB':>12}{'fwd+bwd s':>12}{'err loss':>11}{'err dh':>11}{'err dW':>11}",
     ]
@@ -241,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gpu-target", action="store_true",
                    help="B·T=8192, H=896 and 3584, V=151936, bf16, --device cuda")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="fuse the chunk math with torch.compile (auto: on CUDA only); warm-up runs absorb the compile")
     p.add_argument("--frozen-head", action="store_true", help="the head gets no gradient (LoRA runs)")
     p.add_argument("--divergence-only", action="store_true", help="loss on the divergence alone (no log-prob term)")
     p.add_argument("--json", type=Path, help="write all results here")

@@ -12,9 +12,11 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python -m pip install -q --no-deps --no-build-isolation -e packages/unisd-core -e packages/unisd-components 2>&1 | tail -2 || true
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-timeout 150 python bench/divergence.py --gpu-target --json "$OUT/divergence.json" 2>&1 | tee "$OUT/divergence.log"
-# the default (LoRA) run: frozen head, loss on the divergence only
-timeout 120 python bench/divergence.py --gpu-target --frozen-head --divergence-only \
+timeout 120 python bench/divergence.py --gpu-target --warmup 2 --json "$OUT/divergence.json" 2>&1 | tee "$OUT/divergence.log"
+# the default (LoRA) run: frozen head, loss on the divergence only; with and without the compiled chunk math
+timeout 100 python bench/divergence.py --gpu-target --warmup 2 --frozen-head --divergence-only \
     --json "$OUT/divergence-lora.json" 2>&1 | tee "$OUT/divergence-lora.log"
+timeout 100 python bench/divergence.py --gpu-target --frozen-head --divergence-only --compile off \
+    --json "$OUT/divergence-lora-eager.json" 2>&1 | tee "$OUT/divergence-lora-eager.log"
 timeout 200 python bench/step.py --device cuda --preset qwen2.5-0.5b --batch-size 16 --max-new-tokens 256 \
     --steps 3 --json "$OUT/step.json" 2>&1 | tee "$OUT/step.log"

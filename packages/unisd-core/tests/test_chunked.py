@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from unisd import chunk_math
 from unisd.chunked import chunked_target_logprobs, chunked_token_outputs
 from unisd.errors import UsageError
 from unisd.losses import token_outputs
@@ -349,3 +350,56 @@ def test_frozen_head_needs_three_vocabulary_products_per_chunk(alpha):
     assert count(frozen=True, with_logp=False) == 3 * chunks
     assert count(frozen=True, with_logp=True) == 5 * chunks
     assert count(frozen=False, with_logp=False) == 6 * chunks  # + the head's own gradient
+
+
+# ----------------------------------------------------------------------------------------------
+# The compiled chunk math (torch.compile, on CPU here) and its fallback
+
+
+@pytest.fixture(autouse=True)
+def fresh_compile_state(monkeypatch):
+    monkeypatch.setattr(chunk_math, "_BROKEN", [])
+    monkeypatch.delenv("UNISD_CHUNKED_COMPILE", raising=False)
+
+
+@pytest.mark.parametrize(("alpha", "frozen_head"), [(0.0, False), (0.5, False), (1.0, False), (0.5, True)])
+def test_compiled_matches_fp64_oracle(alpha, frozen_head):
+    case = make_case(torch.float32, seed=11)
+    out, loss, gh, gw = run(chunked_token_outputs, case, alpha, 0.7, chunk_size=7, frozen_head=frozen_head,
+                            compile="on")
+    ref, ref_loss, ref_gh, ref_gw = run(token_outputs, case, alpha, 0.7, dtype=torch.float64)
+    assert not chunk_math._BROKEN, chunk_math._BROKEN  # it really ran compiled
+    assert rel(loss, ref_loss) <= 1e-5 and rel(gh, ref_gh) <= 1e-5
+    assert gw is None if frozen_head else rel(gw, ref_gw) <= 1e-5
+    for name in ("divergence", "student_logp", "entropy", "teacher_logp"):
+        assert rel(getattr(out, name), getattr(ref, name)) <= 1e-5, name
+    logp = chunked_target_logprobs(case["h_t"], case["w_t"], case["targets"], case["mask"], 0.7, 7, compile="on")
+    assert rel(logp, ref.teacher_logp) <= 1e-5
+
+
+def test_a_failing_compile_falls_back_to_the_eager_path_once(monkeypatch):
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(chunk_math, "_COMPILED", {"forward": broken, "backward": broken, "target": broken})
+    case = make_case(torch.float32, seed=12)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        out, loss, gh, gw = run(chunked_token_outputs, case, 0.5, 1.0, chunk_size=7, compile="on")
+    _, ref_loss, ref_gh, ref_gw = run(token_outputs, case, 0.5, 1.0, dtype=torch.float64)
+    assert rel(loss, ref_loss) <= 1e-5 and rel(gh, ref_gh) <= 1e-5 and rel(gw, ref_gw) <= 1e-5
+    assert len(calls) == 1  # tried once; the rest of the process runs eagerly
+    assert not chunk_math.compile_wanted(torch.device("cpu"), "on")
+
+
+def test_when_compilation_is_wanted(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not chunk_math.compile_wanted(cpu, "auto") and chunk_math.compile_wanted(cuda, "auto")
+    assert chunk_math.compile_wanted(cpu, "on") and not chunk_math.compile_wanted(cuda, "off")
+    monkeypatch.setenv("UNISD_CHUNKED_COMPILE", "off")
+    assert not chunk_math.compile_wanted(cuda, "on")
+    monkeypatch.setenv("UNISD_CHUNKED_COMPILE", "sometimes")
+    with pytest.raises(ValueError, match="auto, on, off"):
+        chunk_math.compile_wanted(cpu)

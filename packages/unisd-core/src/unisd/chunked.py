@@ -37,6 +37,7 @@ from collections.abc import Mapping
 
 import torch
 
+from . import chunk_math
 from .errors import UsageError
 from .losses import TokenOutputs
 
@@ -65,6 +66,7 @@ def chunked_token_outputs(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     teacher_contexts: Mapping[str, ContextSpec] | None = None,
+    compile: str = "auto",
 ) -> ChunkedTokenOutputs:
     """Divergence, log-probs and entropy from final hidden states ``[B, C, H]`` and lm-heads ``[V, H]``.
 
@@ -75,6 +77,9 @@ def chunked_token_outputs(
 
     ``teacher_contexts`` maps a context name to ``(hidden [B, C, H], head [V, H], temperature)``; the
     teacher log-prob of each target under every context is returned in ``.context_logp[name]``.
+
+    ``compile``: fuse each chunk's vocabulary math with ``torch.compile`` — ``auto`` (on CUDA), ``on``,
+    ``off`` (see :mod:`unisd.chunk_math`); the results are the same up to float rounding.
     """
     _check(alpha, temperature, chunk_size)
     select = mask.reshape(-1) > 0  # [B*C]
@@ -83,11 +88,12 @@ def chunked_token_outputs(
     h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])[select.to(teacher_hidden.device)]
     y = targets.reshape(-1).to(select.device)[select].to(device)
     div, s_lp, ent, t_lp = _ChunkedDivergence.apply(
-        h_s, student_head, h_t, teacher_head.detach(), y, float(alpha), float(temperature), int(chunk_size)
+        h_s, student_head, h_t, teacher_head.detach(), y, float(alpha), float(temperature), int(chunk_size),
+        chunk_math.compile_wanted(device, compile),
     )
     contexts = {}
     for name, (hidden, head, ctx_temperature) in (teacher_contexts or {}).items():
-        contexts[name] = chunked_target_logprobs(hidden, head, targets, mask, ctx_temperature, chunk_size)
+        contexts[name] = chunked_target_logprobs(hidden, head, targets, mask, ctx_temperature, chunk_size, compile)
     return ChunkedTokenOutputs(
         _scatter(div, select, mask), _scatter(s_lp, select, mask), _scatter(ent, select, mask),
         _scatter(t_lp, select, mask), contexts,
@@ -102,6 +108,7 @@ def chunked_target_logprobs(
     mask: torch.Tensor,
     temperature: float = 1.0,
     chunk_size: int = 1024,
+    compile: str = "auto",
 ) -> torch.Tensor:
     """log softmax(h·Wᵀ / T)[target] for every masked position, ``[B, C]`` (zero on padding), no grad.
 
@@ -115,8 +122,15 @@ def chunked_target_logprobs(
     w = _Head(head, compute, h.device)
     out = torch.empty(h.shape[0], dtype=compute, device=h.device)
     buf = _Buffers(min(chunk_size, max(h.shape[0], 1)), w.vocab, compute, h.device)
+    fused = chunk_math.compile_wanted(h.device, compile)
     for lo, hi in _chunks(h.shape[0], chunk_size):
         x = w.logits(h[lo:hi], temperature, buf.get("x", hi - lo))
+        if fused:
+            picked = chunk_math.run("target", x, y[lo:hi])
+            if picked is not None:
+                out[lo:hi] = picked
+                continue
+            fused = False
         picked = x.gather(1, y[lo:hi, None]).squeeze(1)
         top = x.amax(1, keepdim=True)
         lse = x.sub_(top).exp_().sum(1).log_().add_(top.squeeze(1))
@@ -129,7 +143,7 @@ class _ChunkedDivergence(torch.autograd.Function):
     all ``[N]``. Saves only ``[N]``-sized statistics (and references to its inputs) for backward."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, y, alpha, temperature, chunk_size):
+    def forward(ctx, h_s, w_s, h_t, w_t, y, alpha, temperature, chunk_size, fused):
         n, device = h_s.shape[0], h_s.device
         compute = _compute_dtype(h_s)
         head_s, head_t = _Head(w_s, compute, device), _Head(w_t, compute, device)
@@ -143,6 +157,16 @@ class _ChunkedDivergence(torch.autograd.Function):
         buf = _Buffers(min(chunk_size, max(n, 1)), head_s.vocab, compute, device)
         for lo, hi in _chunks(n, chunk_size):
             c = hi - lo
+            if fused:  # the compiled math (chunk_math), from both chunks of logits
+                x_s = head_s.logits(h_s[lo:hi], temperature, buf.get("q", c))
+                x_t = head_t.logits(h_t[lo:hi].to(device), temperature, buf.get("p", c))
+                out = chunk_math.run("forward", x_s, x_t, y[lo:hi], alpha, project)
+                if out is not None:
+                    div[lo:hi], s_lp[lo:hi], ent[lo:hi], t_lp[lo:hi], lse_s[lo:hi], lse_t[lo:hi], stat[lo:hi] = out[:7]
+                    if project:
+                        head_s.backprop(out[7], h_s[lo:hi], div_grad_h[lo:hi], None)
+                    continue
+                fused = False  # compilation failed: this chunk and the rest run eagerly
             yc = y[lo:hi, None]
             # Logits go to the probability buffer first; log_softmax moves them to the log buffer.
             log_q, q = buf.get("s", c), buf.get("q", c)
@@ -172,7 +196,7 @@ class _ChunkedDivergence(torch.autograd.Function):
             if project:
                 head_s.backprop(grad, h_s[lo:hi], div_grad_h[lo:hi], None)
         ctx.save_for_backward(h_s, w_s, h_t, w_t, y, lse_s, lse_t, stat, div_grad_h)
-        ctx.alpha, ctx.temperature, ctx.chunk_size = alpha, temperature, chunk_size
+        ctx.alpha, ctx.temperature, ctx.chunk_size, ctx.fused = alpha, temperature, chunk_size, fused
         ctx.mark_non_differentiable(ent, t_lp)
         ctx.set_materialize_grads(False)  # an output the loss does not use gets None: no work for it
         return div, s_lp, ent, t_lp
@@ -183,7 +207,7 @@ class _ChunkedDivergence(torch.autograd.Function):
         alpha, temperature, chunk_size = ctx.alpha, ctx.temperature, ctx.chunk_size
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if (g_div is None and g_lp is None) or not (need_h or need_w):
-            return None, None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None, None
         n, compute, device = h_s.shape[0], lse_s.dtype, h_s.device
         grad_h = None
         if need_h:  # written chunk by chunk, or added to the forward's projection
@@ -193,7 +217,7 @@ class _ChunkedDivergence(torch.autograd.Function):
                 grad_h.addcmul_(div_grad_h, g_div.to(compute)[:, None], value=1.0 / temperature)
             g_div = None
             if g_lp is None:
-                return grad_h.to(h_s.dtype), None, None, None, None, None, None, None
+                return grad_h.to(h_s.dtype), None, None, None, None, None, None, None, None
         # Fold 1/T into the per-token coefficients: they then give ∂L/∂(h·Wᵀ) directly.
         teacher_needed = g_div is not None
         g_div = (g_div if g_div is not None else torch.zeros_like(lse_s)).to(compute) / temperature
@@ -201,8 +225,21 @@ class _ChunkedDivergence(torch.autograd.Function):
         head_s, head_t = _Head(w_s, compute, device), _Head(w_t, compute, device)
         grad_w = torch.zeros(w_s.shape, dtype=compute, device=device) if need_w else None
         buf = _Buffers(min(chunk_size, max(n, 1)), head_s.vocab, compute, device)
+        fused = ctx.fused
         for lo, hi in _chunks(n, chunk_size):
             c = hi - lo
+            if fused:
+                x_s = head_s.logits(h_s[lo:hi], temperature, buf.get("s", c))
+                x_t = head_t.logits(h_t[lo:hi].to(device), temperature, buf.get("t", c)) if teacher_needed else None
+                grad = chunk_math.run("backward", x_s, x_t, lse_s[lo:hi], lse_t[lo:hi], stat[lo:hi],
+                                      g_div[lo:hi], g_lp[lo:hi], y[lo:hi], alpha)
+                if grad is not None:
+                    if div_grad_h is None:
+                        head_s.backprop(grad, h_s[lo:hi], grad_h[lo:hi] if need_h else None, grad_w)
+                    else:  # a frozen head: the divergence's part is already in grad_h
+                        head_s.backprop(grad, h_s[lo:hi], None, None, accumulate_h=grad_h[lo:hi])
+                    continue
+                fused = False
             gd, gl = g_div[lo:hi, None], g_lp[lo:hi, None]
             log_q = head_s.logits(h_s[lo:hi], temperature, buf.get("s", c)).sub_(lse_s[lo:hi, None])
             if not teacher_needed:  # only the student log-prob's gradient: G = gl·(onehot − q)
@@ -230,7 +267,7 @@ class _ChunkedDivergence(torch.autograd.Function):
         return (
             grad_h.to(h_s.dtype) if need_h else None,
             grad_w.to(w_s.dtype) if need_w else None,
-            None, None, None, None, None, None,
+            None, None, None, None, None, None, None,
         )
 
 

@@ -64,6 +64,7 @@ class RunConfig:
     alpha: float = 0.0
     loss_temperature: float | None = None  # None: the sampling temperature, as in the method
     divergence_chunk_size: int = 1024  # tokens per chunk of the vocabulary projection (memory vs speed)
+    compile_divergence: str = "auto"  # fuse each chunk's vocabulary math (torch.compile): auto = on CUDA
     # bookkeeping
     save_every: int = 0  # 0: only at the end of the run
     eval_task: str | None = None
@@ -88,6 +89,8 @@ class RunConfig:
             (self.save_every >= 0, "--save-every must be ≥ 0"),
             (self.eval_every >= 0, "--eval-every must be ≥ 0"),
             (self.shard in ("auto", "none", "fsdp"), f"--shard must be auto, none or fsdp, got '{self.shard}'"),
+            (self.compile_divergence in ("auto", "on", "off"),
+             f"compile_divergence must be auto, on or off, got '{self.compile_divergence}'"),
         ]
         for ok, message in checks:
             if not ok:

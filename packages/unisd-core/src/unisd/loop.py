@@ -235,7 +235,8 @@ def _teacher_pass(run: Run, examples: list[Example], completions: list[list[int]
     for i, (name, ctx_temperature, keep, _) in enumerate(rows):
         hidden = hidden_all[i * b : (i + 1) * b]  # [B, C, H]
         logp[name] = chunked_target_logprobs(
-            hidden, weight, targets, token_mask, ctx_temperature, chunk_size=cfg.divergence_chunk_size
+            hidden, weight, targets, token_mask, ctx_temperature, chunk_size=cfg.divergence_chunk_size,
+            compile=cfg.compile_divergence,
         ).cpu()  # [B, C], 0 on padding
         if keep:
             hidden_by_ctx[name] = hidden
@@ -317,7 +318,7 @@ def _student_outputs(run: Run, packed: Any, teacher_hidden: torch.Tensor, mask: 
     outputs = chunked_token_outputs(
         student_hidden, lm_head_weight(run.model), teacher_hidden, run.teacher.head_weight(),
         packed.targets.to(mask.device), mask, alpha=cfg.alpha, temperature=cfg.divergence_temperature,
-        chunk_size=cfg.divergence_chunk_size,
+        chunk_size=cfg.divergence_chunk_size, compile=cfg.compile_divergence,
     )
     return student_hidden, outputs.divergence, outputs.student_logp, outputs.entropy
 
