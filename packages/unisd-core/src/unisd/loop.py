@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import math
 import random
-import signal
-import threading
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -41,6 +39,7 @@ from .reporting import Reporter
 from .rollout import Completion, SamplingParams
 from .runlog import MetricsLog
 from .scoring import Scores, completion_hidden, lm_head_weight, pack
+from .signals import StopRequest
 from .tasks import Example, Task, load_jsonl_examples, teacher_text_with
 from .teacher import default_teacher
 
@@ -367,33 +366,6 @@ class TrainingInterrupted(UnisdError):
 
 class TrainingDiverged(UnisdError):
     """Too many optimiser steps in a row had a non-finite loss or gradient."""
-
-
-class StopRequest:
-    """Turns SIGINT/SIGTERM into a request to stop after the current step (with a checkpoint).
-
-    A second signal of the same kind acts immediately, as the default handler would.
-    """
-
-    def __init__(self) -> None:
-        self.signal: str | None = None
-        self._previous: dict[int, Any] = {}
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be installed from the main thread
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal is not None:  # asked twice: stop now
-            self.restore()
-            signal.raise_signal(signum)
-            return
-        self.signal = signal.Signals(signum).name
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
 
 
 def seed_everything(seed: int) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 from .. import atomic
 from ..config import dump_config
 from ..errors import UsageError
+from ..signals import StopRequest
 from .sweep import PHASES, Job, train_argv
 
 OOM_PATTERN = re.compile(r"out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED", re.IGNORECASE)
@@ -144,10 +145,12 @@ class SweepRunner:
             self.echo("Note: the `unisd eval` command is not available; eval jobs are skipped.")
         running: dict[str, _Running] = {}
         free = list(enumerate(self.slots))
-        previous = _install_sigterm()
+        stop = StopRequest()  # Ctrl-C/SIGTERM set a flag; the loop stops at its next check
         self._write_state("running")
         try:
             while True:
+                if stop.signal:
+                    raise KeyboardInterrupt
                 self._block_orphans()
                 while free and (job := self._next_ready()) is not None:
                     index, slot = free.pop(0)
@@ -169,7 +172,7 @@ class SweepRunner:
             self.echo(f"Interrupted. State written to {self.root / STATE_FILE}; rerun the same command to resume.")
             raise
         finally:
-            _restore_sigterm(previous)
+            stop.restore()
         if self.cleanup:
             self._cleanup()
         failed = any(s.status in ("failed", "blocked") for s in self.statuses.values())
@@ -361,19 +364,3 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)  # the job's own process group (start_new_session=True)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def _install_sigterm() -> Any:
-    try:
-        return signal.signal(signal.SIGTERM, _raise_interrupt)
-    except ValueError:  # not the main thread: Ctrl-C handling only
-        return None
-
-
-def _restore_sigterm(previous: Any) -> None:
-    if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
