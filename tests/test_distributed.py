@@ -26,7 +26,7 @@ WORKER = textwrap.dedent('''
     cfg = RunConfig(model=model_dir, data=data, batch_size=2, grad_accum=8 // (2 * env.world_size),
                     lora_dropout=0.0, max_new_tokens=8, components=components, lr=1e-2, shard=shard, lora=lora)
     run = build_run(cfg, get_plugin_manager(), Reporter(), None)
-    assert sharding.is_sharded(run.model) == (shard == "fsdp" and env.active)
+    assert sharding.is_sharded(run.model) == (shard in ("fsdp", "auto") and env.active)
     with torch.no_grad():
         for name, p in run.model.named_parameters():
             if "lora_B" in name:
@@ -61,10 +61,14 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-def _run(nproc, model_dir, data, components, out, tmp_path, shard="none", mode="lora"):
+# An accelerate FSDP launch's environment with SHARD_GRAD_OP (ZeRO-2: blocks stay whole until backward)
+ZERO2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"}
+
+
+def _run(nproc, model_dir, data, components, out, tmp_path, shard="none", mode="lora", extra_env=None):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "UNISD_CACHE_DIR": str(tmp_path / "cache")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "UNISD_CACHE_DIR": str(tmp_path / "cache"), **(extra_env or {})}
     args = [str(model_dir), str(data), json.dumps(components), str(out), shard, mode]
     if nproc == 1:
         cmd = [sys.executable, str(script), *args]
@@ -90,8 +94,14 @@ def test_two_processes_match_one(tmp_path, components, mode):
     data = write_jsonl(tmp_path / "data.jsonl", toy_records(8))
     one = _run(1, model_dir, data, components, tmp_path / "one.pt", tmp_path, "none", mode)
     assert one["losses"][0] != one["losses"][1]
-    for shard in ("none", "fsdp"):
-        two = _run(2, model_dir, data, components, tmp_path / f"two-{shard}.pt", tmp_path, shard, mode)
+    # ZeRO-2 keeps blocks whole after forward: the adapter-off teacher (plain) and the EMA swap (ema)
+    # must still reach the shards
+    shardings = ["none", "fsdp"] + (["zero2"] if mode == "lora" and "agreement" not in components else [])
+    for shard in shardings:
+        if shard == "zero2":  # passed through from the launcher's environment (shard = "auto")
+            two = _run(2, model_dir, data, components, tmp_path / "two-zero2.pt", tmp_path, "auto", mode, ZERO2_ENV)
+        else:
+            two = _run(2, model_dir, data, components, tmp_path / f"two-{shard}.pt", tmp_path, shard, mode)
         # abs: a near-zero divergence (full fine-tuning, one step from the teacher) carries fp32 round-off
         # of ~1e-8 from its O(1) log-prob terms, which a relative tolerance alone would call a mismatch.
         assert one["losses"] == pytest.approx(two["losses"], rel=1e-5, abs=1e-7), shard

@@ -48,6 +48,7 @@ class EmaAdapterTeacher:
         is gathered from its own storage, so only values written into that storage reach the forward.
         """
         saved: dict[str, torch.Tensor] = {}
+        sharding.reshard_all(self.model, blocks_only=True)  # whole (gathered) blocks would not see the values written below
         with torch.no_grad():
             try:
                 for name, p in self.params.items():
@@ -57,6 +58,7 @@ class EmaAdapterTeacher:
             finally:
                 for name, data in saved.items():
                     self.params[name].detach().copy_(data)
+                sharding.reshard_all(self.model, blocks_only=True)  # and none may keep the teacher's values
 
     @torch.no_grad()
     def hidden(self, packed: Packed) -> torch.Tensor:

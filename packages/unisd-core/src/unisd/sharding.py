@@ -278,8 +278,19 @@ def gathered(model: Any, keep_blocks: bool = False) -> Iterator[None]:
         if keep_blocks:
             for unit in units:
                 unit.set_reshard_after_forward(plan.reshard_after_forward, recurse=False)
-                unit.reshard()
-        model.reshard()
+        reshard_all(model)
+
+
+def reshard_all(model: Any, blocks_only: bool = False) -> None:
+    """Every unit (``blocks_only``: every unit but the root) back to its shard. No-grad work must end
+    here: a block left whole after it (ZeRO-2 keeps blocks whole after forward) would serve the next
+    forward parameters gathered without autograd, and would miss values written into the shards
+    meanwhile (the EMA teacher's swap)."""
+    if model is None or not is_sharded(model):
+        return
+    for unit in model.modules():
+        if is_sharded(unit) and not (blocks_only and unit is model):
+            unit.reshard()
 
 
 def generation_kwargs(model: Any) -> dict[str, Any]:

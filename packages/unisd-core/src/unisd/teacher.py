@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
+from . import sharding
 from .scoring import Packed, completion_hidden, lm_head_weight
 
 
@@ -39,6 +40,24 @@ def eval_mode(model: Any):
         model.train(was)
 
 
+@contextlib.contextmanager
+def adapter_disabled(model: Any):
+    """PEFT's ``disable_adapter()``, safe under sharding.
+
+    PEFT switches the adapters' ``requires_grad`` off on entry and on again on exit, on whatever tensors
+    the modules hold at that moment. A sharded block kept whole after a forward (ZeRO-2) holds its
+    gathered copy, so the flag would come back on that copy and stay off on the shard, and the next
+    student forward would have no gradient. Resharding the blocks first makes both toggles reach the
+    shards.
+    """
+    sharding.reshard_all(model, blocks_only=True)
+    with model.disable_adapter():
+        try:
+            yield
+        finally:
+            sharding.reshard_all(model, blocks_only=True)
+
+
 class AdapterDisabledTeacher:
     """The student's base weights: the LoRA adapter switched off for the teacher's forwards."""
 
@@ -47,7 +66,7 @@ class AdapterDisabledTeacher:
 
     @torch.no_grad()
     def hidden(self, packed: Packed) -> torch.Tensor:
-        with eval_mode(self.model), self.model.disable_adapter():
+        with eval_mode(self.model), adapter_disabled(self.model):
             return completion_hidden(self.model, packed)
 
     def head_weight(self) -> torch.Tensor:
@@ -56,7 +75,7 @@ class AdapterDisabledTeacher:
     @contextlib.contextmanager
     def as_model(self):
         """The model acting as the teacher (for generation, e.g. the privileged-gap evaluation)."""
-        with eval_mode(self.model), self.model.disable_adapter():
+        with eval_mode(self.model), adapter_disabled(self.model):
             yield self.model
 
 
