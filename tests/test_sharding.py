@@ -61,7 +61,7 @@ def test_deepspeed_zero_stages_map_to_fsdp2(tmp_path, stage, reshard):
     plan = plan_from_deepspeed(path)
     assert plan.reshard_after_forward is reshard
     assert plan.cpu_offload and plan.param_dtype == "bfloat16"
-    assert plan.ignored == ("optimizer",)  # reported to the user; "auto" values are not
+    assert len(plan.ignored) == 1 and plan.ignored[0].startswith("optimizer (")  # "auto" values are not reported
     assert f"ZeRO-{stage}" in plan.source
 
 
@@ -87,6 +87,14 @@ def test_accelerate_deepspeed_launch_reads_its_config_file(tmp_path):
     plan = plan_from_accelerate({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
                                  "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"})
     assert not plan.reshard_after_forward and plan.cpu_offload
+
+
+def test_cpu_offload_is_dropped_with_a_note_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    plan = choose_plan("auto", None, 2, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
+                                         "FSDP_OFFLOAD_PARAMS": "true"})
+    assert plan is not None and not plan.cpu_offload
+    assert any("CPU offload" in note for note in plan.ignored)
 
 
 def test_choose_plan_precedence(tmp_path):

@@ -416,8 +416,7 @@ def build_run(config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, out
     if plan is not None:  # after the teacher's copy is taken, before components capture parameters
         reporter.info(f"Sharding: {plan.describe()}")
         if plan.ignored:
-            reporter.info(f"[yellow]Not applied from {plan.source}: {', '.join(plan.ignored)} "
-                          f"(unisd sets these itself: see `unisd train --help`).[/]")
+            reporter.info(f"[yellow]Not applied from {plan.source}: {'; '.join(plan.ignored)}.[/]")
         sharding.shard_model(model, plan)
         if teacher_model(run) is not None and teacher_model(run) is not model:
             sharding.shard_model(teacher_model(run), plan)

@@ -23,6 +23,7 @@ is not used, and settings that have no equivalent are reported, never silently d
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import types
@@ -110,7 +111,8 @@ def plan_from_accelerate(env: Mapping[str, str]) -> ShardPlan | None:
         reshard = _FSDP_STRATEGIES[strategy]
         if reshard is None:
             return None  # NO_SHARD is plain data parallelism
-    ignored = tuple(k for k in ("FSDP_FORWARD_PREFETCH", "FSDP_BACKWARD_PREFETCH") if _flag(env, k))
+    ignored = tuple(f"{k} (FSDP2 prefetches by itself)" for k in ("FSDP_FORWARD_PREFETCH", "FSDP_BACKWARD_PREFETCH")
+                    if _flag(env, k))
     return ShardPlan(
         reshard_after_forward=reshard, cpu_offload=_flag(env, "FSDP_OFFLOAD_PARAMS"),
         param_dtype=_mixed_precision(env.get("ACCELERATE_MIXED_PRECISION"), where),
@@ -145,7 +147,8 @@ def plan_from_deepspeed(path: str | Path) -> ShardPlan | None:
     if (cfg.get("fp16") or {}).get("enabled") is True:
         raise ConfigError(f"{where}: fp16 needs a loss scaler, which unisd does not run; use \"bf16\": {{\"enabled\": true}}")
     mp = "bfloat16" if (cfg.get("bf16") or {}).get("enabled") is True else None
-    ignored = tuple(k for k in _DEEPSPEED_OWN_SETTINGS if k in cfg and cfg[k] != "auto")
+    own = [k for k in _DEEPSPEED_OWN_SETTINGS if k in cfg and cfg[k] != "auto"]
+    ignored = (f"{', '.join(own)} (unisd sets these: --lr, --batch-size, --grad-accum, max_grad_norm)",) if own else ()
     return _zero_plan(int(stage), offload, mp, where, ignored)
 
 
@@ -176,6 +179,9 @@ def choose_plan(shard: str, deepspeed_config: str | None, world_size: int,
         plan = None
     if plan is not None and world_size <= 1:
         return None  # one process: nothing to shard over (the settings still validate above)
+    if plan is not None and plan.cpu_offload and not torch.cuda.is_available():
+        plan = dataclasses.replace(plan, cpu_offload=False,
+                                   ignored=(*plan.ignored, "CPU offload (no GPU: the weights are on the CPU already)"))
     return plan
 
 
