@@ -37,7 +37,9 @@ def init_from_env() -> DistEnv:
     if world <= 1:
         return DistEnv()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # On GPUs: NCCL for CUDA tensors (gradients, FSDP) and gloo for the small CPU tensors the loop
+        # reduces (token counts, losses, RNG states); NCCL alone rejects CPU tensors.
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
