@@ -133,6 +133,10 @@ def test_dry_run_skips_eval_jobs_without_eval_command(tmp_path):
     result = CliRunner().invoke(app_with(make_pm()), ["sweep", str(sweep), "--dry-run", "--devices", "cpu"])
     assert result.exit_code == 0, result.output
     assert "skip: `unisd eval` is not installed" in result.output
+    assert "--num-processes" not in result.output
+    wide = CliRunner().invoke(app_with(make_pm()), ["sweep", str(sweep), "--dry-run", "--devices", "0+1,2+3"])
+    assert wide.exit_code == 0, wide.output
+    assert "jobs run 2 at a time" in wide.output and "slot of 2 GPUs run with --num-processes" in wide.output
 
 
 def test_grid_axes_and_layout(tmp_path):

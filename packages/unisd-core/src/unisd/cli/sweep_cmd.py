@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ..ops.scheduler import SweepRunner, parse_devices, shell_command
+from ..ops.scheduler import SweepRunner, parse_devices, shell_command, slot_gpus
 from ..ops.sweep import PHASES, Job, load_sweep, plan
 from ..plugins import UnisdPluginManager
 from .errors import cli_errors
@@ -93,3 +93,7 @@ def _print_plan(jobs: list[Job], slots: list[str], eval_ok: bool, root: Path) ->
             typer.echo(f"    {shell_command(python, job)}")
     typer.echo(f"\nDry run: nothing was started. Each training job's full config is written to {root / 'jobs'} "
                f"when it starts; jobs run {len(slots)} at a time.")
+    widths = sorted({len(slot_gpus(s)) for s in slots if len(slot_gpus(s)) > 1})
+    if widths:
+        typer.echo(f"Training jobs on a slot of {' or '.join(map(str, widths))} GPUs run with --num-processes "
+                   f"equal to the slot's GPU count (one process per GPU); evaluations use one process.")
