@@ -377,21 +377,66 @@ def test_compiled_matches_fp64_oracle(alpha, frozen_head):
     assert rel(logp, ref.teacher_logp) <= 1e-5
 
 
+class EveryName(dict):
+    """Stands in for chunk_math's table of compiled functions: the same function under every name."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def __contains__(self, name):
+        return True
+
+    def __getitem__(self, name):
+        return self.fn
+
+
 def test_a_failing_compile_falls_back_to_the_eager_path_once(monkeypatch):
+    import subprocess
+
     calls = []
 
     def broken(*args):
         calls.append(1)
-        raise RuntimeError("no C++ compiler")
+        raise subprocess.CalledProcessError(1, ["g++"], "no C++ compiler")
 
-    monkeypatch.setattr(chunk_math, "_COMPILED", {"forward": broken, "backward": broken, "target": broken})
+    monkeypatch.setattr(chunk_math, "_COMPILED", EveryName(broken))
     case = make_case(torch.float32, seed=12)
-    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+    with pytest.warns(RuntimeWarning, match="CalledProcessError"):
         out, loss, gh, gw = run(chunked_token_outputs, case, 0.5, 1.0, chunk_size=7, compile="on")
     _, ref_loss, ref_gh, ref_gw = run(token_outputs, case, 0.5, 1.0, dtype=torch.float64)
     assert rel(loss, ref_loss) <= 1e-5 and rel(gh, ref_gh) <= 1e-5 and rel(gw, ref_gw) <= 1e-5
     assert len(calls) == 1  # tried once; the rest of the process runs eagerly
     assert not chunk_math.compile_wanted(torch.device("cpu"), "on")
+
+
+def test_an_error_that_is_not_about_compiling_propagates_and_keeps_compiling(monkeypatch):
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(chunk_math, "_COMPILED", EveryName(out_of_memory))
+    case = make_case(torch.float32, seed=13)
+    with pytest.raises(torch.OutOfMemoryError):
+        run(chunked_token_outputs, case, 0.5, 1.0, chunk_size=7, compile="on")
+    assert not chunk_math._BROKEN and chunk_math.compile_wanted(torch.device("cpu"), "on")
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_compiled_keeps_tiny_divergences_exact(alpha):
+    """A student a hair from its teacher, logits around ±30: the divergence is ~1e-6, and a log-softmax
+    that skips subtracting the row maximum would be off by tens of percent."""
+    g = torch.Generator().manual_seed(14)
+    h_s = torch.randn(2, 16, 32, generator=g)
+    w = torch.randn(500, 32, generator=g) * 2.5
+    h_t = h_s + 1e-3 * torch.randn(2, 16, 32, generator=g)
+    mask, targets = torch.ones(2, 16), torch.randint(0, 500, (2, 16), generator=g)
+    args = (h_s, w, h_t, w, targets, mask)
+    ref = token_outputs(*(a.double() if a.is_floating_point() else a for a in args), alpha=alpha)
+    eager = chunked_token_outputs(*args, alpha=alpha, chunk_size=8, compile="off")
+    fused = chunked_token_outputs(*args, alpha=alpha, chunk_size=8, compile="on")
+    assert not chunk_math._BROKEN
+    assert float(ref.divergence.mean()) < 1e-4  # the regime in question
+    assert rel(fused.divergence, ref.divergence) <= 2 * rel(eager.divergence, ref.divergence) + 1e-6
 
 
 def test_when_compilation_is_wanted(monkeypatch):

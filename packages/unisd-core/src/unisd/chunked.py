@@ -126,7 +126,7 @@ def chunked_target_logprobs(
     for lo, hi in _chunks(h.shape[0], chunk_size):
         x = w.logits(h[lo:hi], temperature, buf.get("x", hi - lo))
         if fused:
-            picked = chunk_math.run("target", x, y[lo:hi])
+            picked = chunk_math.run("target_logprob_math", x, y[lo:hi])
             if picked is not None:
                 out[lo:hi] = picked
                 continue
@@ -160,7 +160,7 @@ class _ChunkedDivergence(torch.autograd.Function):
             if fused:  # the compiled math (chunk_math), from both chunks of logits
                 x_s = head_s.logits(h_s[lo:hi], temperature, buf.get("q", c))
                 x_t = head_t.logits(h_t[lo:hi].to(device), temperature, buf.get("p", c))
-                out = chunk_math.run("forward", x_s, x_t, y[lo:hi], alpha, project)
+                out = chunk_math.forward(x_s, x_t, y[lo:hi], alpha, project)
                 if out is not None:
                     div[lo:hi], s_lp[lo:hi], ent[lo:hi], t_lp[lo:hi], lse_s[lo:hi], lse_t[lo:hi], stat[lo:hi] = out[:7]
                     if project:
@@ -202,6 +202,7 @@ class _ChunkedDivergence(torch.autograd.Function):
         return div, s_lp, ent, t_lp
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a clear error for double backward (create_graph=True)
     def backward(ctx, g_div, g_lp, _g_ent, _g_tlp):
         h_s, w_s, h_t, w_t, y, lse_s, lse_t, stat, div_grad_h = ctx.saved_tensors
         alpha, temperature, chunk_size = ctx.alpha, ctx.temperature, ctx.chunk_size
@@ -231,8 +232,8 @@ class _ChunkedDivergence(torch.autograd.Function):
             if fused:
                 x_s = head_s.logits(h_s[lo:hi], temperature, buf.get("s", c))
                 x_t = head_t.logits(h_t[lo:hi].to(device), temperature, buf.get("t", c)) if teacher_needed else None
-                grad = chunk_math.run("backward", x_s, x_t, lse_s[lo:hi], lse_t[lo:hi], stat[lo:hi],
-                                      g_div[lo:hi], g_lp[lo:hi], y[lo:hi], alpha)
+                grad = chunk_math.backward(x_s, x_t, lse_s[lo:hi], lse_t[lo:hi], stat[lo:hi],
+                                           g_div[lo:hi], g_lp[lo:hi], y[lo:hi], alpha)
                 if grad is not None:
                     if div_grad_h is None:
                         head_s.backprop(grad, h_s[lo:hi], grad_h[lo:hi] if need_h else None, grad_w)
