@@ -62,7 +62,9 @@ WORKER = textwrap.dedent('''
 
 
 # An accelerate FSDP launch's environment with SHARD_GRAD_OP (ZeRO-2: blocks stay whole until backward)
-ZERO2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"}
+# (as `accelerate launch --use_fsdp --fsdp_sharding_strategy SHARD_GRAD_OP` sets it: the reshard flag is always there)
+ZERO2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP",
+             "FSDP_RESHARD_AFTER_FORWARD": "true"}
 
 
 def _run(nproc, model_dir, data, components, out, tmp_path, shard="none", mode="lora", extra_env=None):

@@ -36,17 +36,30 @@ def test_accelerate_fsdp2_settings_pass_through():
                              activation_checkpointing=True, source="accelerate FSDP config")
 
 
-@pytest.mark.parametrize(("strategy", "reshard"), [("FULL_SHARD", True), ("1", True), ("SHARD_GRAD_OP", False)])
-def test_accelerate_fsdp1_strategies_map_to_fsdp2(strategy, reshard):
-    plan = plan_from_accelerate({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": strategy})
+def _fsdp1(strategy="FULL_SHARD", reshard="true"):
+    """The environment `accelerate launch --use_fsdp` sets for FSDP version 1: both keys, always."""
+    return {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": strategy,
+            "FSDP_RESHARD_AFTER_FORWARD": reshard}
+
+
+@pytest.mark.parametrize(("env", "reshard"), [
+    (_fsdp1("FULL_SHARD"), True), (_fsdp1("1"), True), (_fsdp1("SHARD_GRAD_OP"), False),
+    # a config file's fsdp_reshard_after_forward names the FSDP1 strategy (the launcher lowercases it)
+    (_fsdp1("FULL_SHARD", "shard_grad_op"), False), (_fsdp1("FULL_SHARD", "no_reshard"), False),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"}, False),
+])
+def test_accelerate_fsdp1_strategies_map_to_fsdp2(env, reshard):
+    plan = plan_from_accelerate(env)
     assert plan is not None and plan.reshard_after_forward is reshard and not plan.cpu_offload
 
 
 def test_accelerate_no_shard_is_plain_data_parallelism_and_hybrid_is_refused():
-    assert plan_from_accelerate({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "NO_SHARD"}) is None
+    assert plan_from_accelerate(_fsdp1("NO_SHARD")) is None
+    assert plan_from_accelerate(_fsdp1("FULL_SHARD", "no_shard")) is None
     assert plan_from_accelerate({"ACCELERATE_MIXED_PRECISION": "no"}) is None  # a plain multi-GPU launch
-    with pytest.raises(ConfigError, match="HYBRID_SHARD is not supported"):
-        plan_from_accelerate({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "HYBRID_SHARD"})
+    for env in (_fsdp1("HYBRID_SHARD"), _fsdp1("FULL_SHARD", "hybrid_shard_zero2")):
+        with pytest.raises(ConfigError, match="HYBRID_SHARD.* is not supported"):
+            plan_from_accelerate(env)
 
 
 def test_fp16_is_refused_with_the_fix():
@@ -61,7 +74,8 @@ def test_deepspeed_zero_stages_map_to_fsdp2(tmp_path, stage, reshard):
     plan = plan_from_deepspeed(path)
     assert plan.reshard_after_forward is reshard
     assert plan.cpu_offload and plan.param_dtype == "bfloat16"
-    assert len(plan.ignored) == 1 and plan.ignored[0].startswith("optimizer (")  # "auto" values are not reported
+    assert plan.ignored[0].startswith("optimizer (")  # named; "auto" values are not reported
+    assert not any("train_batch_size" in note for note in plan.ignored)
     assert f"ZeRO-{stage}" in plan.source
 
 
@@ -78,6 +92,21 @@ def test_deepspeed_stage_0_and_bad_configs(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match="invalid JSON"):
         plan_from_deepspeed(tmp_path / "bad.json")
+
+
+def test_deepspeed_auto_precision_follows_the_launcher_and_partial_offload_is_noted(tmp_path):
+    path = _ds(tmp_path, {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+                          "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}})
+    assert plan_from_deepspeed(path).param_dtype is None
+    plan = plan_from_deepspeed(path, "bf16")
+    assert plan.param_dtype == "bfloat16" and plan.cpu_offload
+    assert any("offload_optimizer without offload_param" in note for note in plan.ignored)
+    with pytest.raises(ConfigError, match="fp16"):
+        plan_from_deepspeed(path, "fp16")
+    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+           "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "nvme"}
+    with pytest.raises(ConfigError, match="NVMe"):
+        plan_from_accelerate(env)
 
 
 def test_accelerate_deepspeed_launch_reads_its_config_file(tmp_path):
@@ -107,6 +136,11 @@ def test_choose_plan_precedence(tmp_path):
     assert choose_plan("auto", str(path), 2, {}).reshard_after_forward is False
     with pytest.raises(ConfigError, match="drop one of them"):
         choose_plan("none", str(path), 2, {})
+    stage0 = tmp_path / "stage0.json"
+    stage0.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
+    assert choose_plan("auto", str(stage0), 2, {}) is None
+    with pytest.raises(ConfigError, match="stage 0"):
+        choose_plan("fsdp", str(stage0), 2, {})
     with pytest.raises(ConfigError, match="--shard must be one of"):
         choose_plan("zero3", None, 2, {})
 
@@ -184,3 +218,63 @@ def test_bad_input_under_num_processes_is_one_message_and_exit_2(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert (result.stdout + result.stderr).count("none of the 8 examples has a negative demonstration") == 1
     assert "ChildFailedError" not in result.stderr
+
+
+def test_sharded_full_fine_tuning_resumes_exactly(tmp_path):
+    """--full under FSDP: the tied lm-head is saved under both names and loads back; a resume from
+    step 1 reproduces the final weights."""
+    model_dir = make_tiny_model_dir(tmp_path / "model")
+    data = write_jsonl(tmp_path / "data.jsonl", toy_records(8))
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "unisd", "train"]
+    _train([*launch, "--model", str(model_dir), "--data", str(data), "--steps", "2", "--batch-size", "2",
+            "--grad-accum", "1", "--max-new-tokens", "5", "--lr", "1e-3", "--save-every", "1", "--full",
+            "--shard", "fsdp", "--output", str(out)], env)
+    expected = load_file(str(out / "final" / "model.safetensors"))
+    _train([*launch, "--resume", str(out / "checkpoints" / "step-1")], env)
+    resumed = load_file(str(out / "final" / "model.safetensors"))
+    assert expected.keys() == resumed.keys()
+    for name, tensor in expected.items():
+        assert torch.allclose(resumed[name], tensor, rtol=0, atol=1e-6), name
+
+
+def test_positional_optimizer_state_of_older_checkpoints_resumes_exactly(tmp_path):
+    """Checkpoints written before the optimizer state was keyed by name still resume to the same weights."""
+    from unisd.config import RunConfig
+    from unisd.loop import train
+    from unisd.plugins import get_plugin_manager
+    from unisd.reporting import Reporter
+
+    model_dir = make_tiny_model_dir(tmp_path / "model")
+    data = write_jsonl(tmp_path / "data.jsonl", toy_records(8))
+    cfg = RunConfig(model=str(model_dir), data=str(data), steps=2, save_every=1, batch_size=2, grad_accum=1,
+                    max_new_tokens=4, lr=1e-2, output=str(tmp_path / "run"))
+    out = train(cfg, get_plugin_manager(), Reporter())
+    expected = load_file(str(out / "final" / "adapter_model.safetensors"))
+    ckpt = out / "checkpoints" / "step-1"
+    named = torch.load(ckpt / "optimizer.pt", weights_only=False)
+    order = [n for g in named["param_groups"] for n in g["params"]]
+    assert named["state"] and all(isinstance(k, str) for k in named["state"])
+    positional = {"state": {order.index(k): v for k, v in named["state"].items()},
+                  "param_groups": [{**g, "params": [order.index(n) for n in g["params"]]} for g in named["param_groups"]]}
+    torch.save(positional, ckpt / "optimizer.pt")
+    train(RunConfig(**{**cfg.__dict__}), get_plugin_manager(), Reporter(), resume=ckpt)
+    resumed = load_file(str(out / "final" / "adapter_model.safetensors"))
+    for name, tensor in expected.items():
+        assert torch.allclose(resumed[name], tensor, rtol=0, atol=1e-6), name
+
+
+def test_bf16_mixed_precision_from_the_launcher_trains(tmp_path):
+    model_dir = make_tiny_model_dir(tmp_path / "model")
+    data = write_jsonl(tmp_path / "data.jsonl", toy_records(8))
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
+           "ACCELERATE_MIXED_PRECISION": "bf16"}
+    result = _train([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "unisd",
+                     "train", "--model", str(model_dir), "--data", str(data), "--steps", "2", "--batch-size", "2",
+                     "--grad-accum", "1", "--max-new-tokens", "5", "--with", "ema", "--output", str(out)], env)
+    assert "bfloat16 compute" in result.stdout + result.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(r["nonfinite_skipped"] == 0 for r in records)
+    assert load_file(str(out / "final" / "adapter_model.safetensors"))  # whole float32 adapter tensors

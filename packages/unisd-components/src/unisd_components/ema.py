@@ -29,6 +29,13 @@ def ema_update_(shadow: torch.Tensor, current: torch.Tensor, beta: float) -> Non
     shadow.copy_(mixed.to(shadow.dtype))
 
 
+def _settle(model: Any) -> None:
+    """Wait for pending GPU copies: sharded weights offloaded to (pinned) CPU memory are copied to the GPU
+    asynchronously, and overwriting them in place before such a copy ran would change what it reads."""
+    if torch.cuda.is_available() and sharding.is_sharded(model):
+        torch.cuda.synchronize()
+
+
 class EmaAdapterTeacher:
     """The student's frozen base with EMA copies swapped in for its trainable (adapter) tensors.
 
@@ -51,11 +58,13 @@ class EmaAdapterTeacher:
         sharding.reshard_all(self.model, blocks_only=True)  # whole (gathered) blocks would not see the values written below
         with torch.no_grad():
             try:
+                _settle(self.model)
                 for name, p in self.params.items():
                     saved[name] = p.detach().clone()
                     p.detach().copy_(self.shadow[name].to(dtype=p.dtype))
                 yield
             finally:
+                _settle(self.model)
                 for name, data in saved.items():
                     self.params[name].detach().copy_(data)
                 sharding.reshard_all(self.model, blocks_only=True)  # and none may keep the teacher's values

@@ -79,10 +79,14 @@ def load_weights(model: Any, directory: Path, lora: bool) -> None:
     for f in files:
         state.update(load_file(str(f)))
     if sharding.is_sharded(model):
-        names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+        # every name of a tied weight counts (a sharded save lists the tied lm-head under both names)
+        params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        names = params | {n for n, _ in model.named_buffers(remove_duplicate=False)}
         unknown = [k for k in state if k not in names]
-        if unknown:
-            raise CheckpointError(f"{directory}: weights do not match the model (unexpected {unknown[:3]})")
+        missing = [n for n in params if n not in state and not n.endswith("lm_head.weight")]
+        if unknown or missing:
+            raise CheckpointError(f"{directory}: weights do not match the model (missing {missing[:3]}, "
+                                  f"unexpected {unknown[:3]})")
         sharding.load_model_state(model, state)
         return
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -127,6 +131,17 @@ def save_checkpoint(
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, "cursor": cursor, "lora": lora}, indent=2))
 
 
+def _named_optimizer_state(model: Any, state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """An optimizer state saved by position (before checkpoints named their parameters) keyed by
+    parameter name: the optimizer held the trainable parameters in ``named_parameters`` order."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    count = sum(len(g["params"]) for g in state["param_groups"])
+    if count != len(names):
+        raise CheckpointError(f"{path}: the optimizer state holds {count} parameters, the model trains {len(names)}")
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
+    return {"state": {names[i]: v for i, v in state["state"].items()}, "param_groups": groups}
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete ``checkpoints/step-N`` of a run directory (temporary ones are ignored)."""
     found = []
@@ -158,14 +173,13 @@ def load_checkpoint(
     if state.get("lora", lora) != lora:
         raise CheckpointError(f"{path}: saved with lora={state['lora']}, resumed with lora={lora}")
     load_weights(model, path, lora)
+    from . import sharding
+
     optim_state = torch.load(path / "optimizer.pt", weights_only=False)
     groups = optim_state.get("param_groups") or [{}]
     if groups[0].get("params") and isinstance(groups[0]["params"][0], int):  # positional (older checkpoints)
-        optimizer.load_state_dict(optim_state)
-    else:
-        from . import sharding
-
-        sharding.load_optimizer_state(model, optimizer, optim_state)
+        optim_state = _named_optimizer_state(model, optim_state, path)
+    sharding.load_optimizer_state(model, optimizer, optim_state)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     saved = torch.load(path / "components.pt", weights_only=False)
     for comp in components:

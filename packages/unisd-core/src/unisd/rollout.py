@@ -79,7 +79,7 @@ class HFBackend:
         eos = eos_ids_of(self.tokenizer, self.model)
         was_training = self.model.training
         self.model.eval()  # no dropout while sampling the policy
-        device = next(self.model.parameters()).device
+        device = sharding.compute_device(self.model)
         out: list[Completion] = []
         try:
             for start in range(0, len(prompts), self.batch_size):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import types
@@ -81,8 +82,10 @@ def _mixed_precision(value: str | None, where: str) -> str | None:
 
 
 # accelerate's FSDP1 sharding strategies, by name and by the number its config files may use
-_FSDP_STRATEGIES = {"FULL_SHARD": True, "1": True, "SHARD_GRAD_OP": False, "2": False,
+# (NO_RESHARD: accelerate's name for SHARD_GRAD_OP in `fsdp_reshard_after_forward`)
+_FSDP_STRATEGIES = {"FULL_SHARD": True, "1": True, "SHARD_GRAD_OP": False, "2": False, "NO_RESHARD": False,
                     "NO_SHARD": None, "3": None}
+_FSDP_HYBRID = {"HYBRID_SHARD", "4", "HYBRID_SHARD_ZERO2", "5"}
 
 
 def plan_from_accelerate(env: Mapping[str, str]) -> ShardPlan | None:
@@ -90,19 +93,25 @@ def plan_from_accelerate(env: Mapping[str, str]) -> ShardPlan | None:
     if _flag(env, "ACCELERATE_USE_DEEPSPEED"):
         path = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
         if path and path != "none":
-            return plan_from_deepspeed(path)
+            return plan_from_deepspeed(path, env.get("ACCELERATE_MIXED_PRECISION"))
+        where = "accelerate DeepSpeed config"
         stage = int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
-        offload = any(env.get(k, "none").lower() == "cpu" for k in (
-            "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"))
-        mp = _mixed_precision(env.get("ACCELERATE_MIXED_PRECISION"), "accelerate config")
-        return _zero_plan(stage, offload, mp, "accelerate DeepSpeed config", ())
+        devices = {k: env.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{k}_DEVICE", "none").lower() for k in ("OPTIMIZER", "PARAM")}
+        if "nvme" in devices.values():
+            raise ConfigError(f"{where}: NVMe offload has no FSDP2 equivalent; use cpu")
+        mp = _mixed_precision(env.get("ACCELERATE_MIXED_PRECISION"), where)
+        return _zero_plan(stage, devices["OPTIMIZER"] == "cpu", devices["PARAM"] == "cpu", mp, where, ())
     if not _flag(env, "ACCELERATE_USE_FSDP"):
         return None
     where = "accelerate FSDP config"
-    if env.get("FSDP_VERSION", "1") == "2" or "FSDP_RESHARD_AFTER_FORWARD" in env:
+    if env.get("FSDP_VERSION", "1") == "2":
         reshard = _flag(env, "FSDP_RESHARD_AFTER_FORWARD", default=True)
     else:
-        strategy = env.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").strip().upper()
+        # FSDP1: the strategy is FSDP_SHARDING_STRATEGY (the launcher always sets it, FULL_SHARD by
+        # default), unless the config's reshard_after_forward names one (its FSDP1 spelling).
+        named = env.get("FSDP_RESHARD_AFTER_FORWARD", "").strip().upper()
+        strategy = named if named in _FSDP_STRATEGIES or named in _FSDP_HYBRID else \
+            env.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").strip().upper()
         if strategy not in _FSDP_STRATEGIES:
             raise ConfigError(
                 f"{where}: sharding strategy {strategy} is not supported (hybrid sharding needs several machines); "
@@ -125,8 +134,10 @@ _DEEPSPEED_OWN_SETTINGS = ("optimizer", "scheduler", "gradient_clipping", "gradi
                            "train_batch_size", "train_micro_batch_size_per_gpu", "steps_per_print")
 
 
-def plan_from_deepspeed(path: str | Path) -> ShardPlan | None:
-    """The FSDP2 equivalent of a DeepSpeed JSON config's ZeRO section (None for stage 0)."""
+def plan_from_deepspeed(path: str | Path, launcher_precision: str | None = None) -> ShardPlan | None:
+    """The FSDP2 equivalent of a DeepSpeed JSON config's ZeRO section (None for stage 0).
+
+    ``launcher_precision``: accelerate's mixed-precision setting, which ``"enabled": "auto"`` follows."""
     path = Path(path)
     where = f"DeepSpeed config {path}"
     if not path.is_file():
@@ -141,24 +152,31 @@ def plan_from_deepspeed(path: str | Path) -> ShardPlan | None:
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-    offload = any((zero.get(k) or {}).get("device", "none") in ("cpu", "nvme") for k in ("offload_optimizer", "offload_param"))
-    if any((zero.get(k) or {}).get("device") == "nvme" for k in ("offload_optimizer", "offload_param")):
+    devices = {k: (zero.get(k) or {}).get("device", "none") for k in ("offload_optimizer", "offload_param")}
+    if "nvme" in devices.values():
         raise ConfigError(f"{where}: NVMe offload has no FSDP2 equivalent; use \"device\": \"cpu\"")
-    if (cfg.get("fp16") or {}).get("enabled") is True:
+    launcher = (launcher_precision or "no").strip().lower()
+    fp16, bf16 = ((cfg.get(k) or {}).get("enabled") for k in ("fp16", "bf16"))
+    if fp16 is True or (fp16 == "auto" and launcher == "fp16"):
         raise ConfigError(f"{where}: fp16 needs a loss scaler, which unisd does not run; use \"bf16\": {{\"enabled\": true}}")
-    mp = "bfloat16" if (cfg.get("bf16") or {}).get("enabled") is True else None
+    mp = "bfloat16" if bf16 is True or (bf16 == "auto" and launcher == "bf16") else None
     own = [k for k in _DEEPSPEED_OWN_SETTINGS if k in cfg and cfg[k] != "auto"]
     ignored = (f"{', '.join(own)} (unisd sets these: --lr, --batch-size, --grad-accum, max_grad_norm)",) if own else ()
-    return _zero_plan(int(stage), offload, mp, where, ignored)
+    return _zero_plan(int(stage), devices["offload_optimizer"] == "cpu", devices["offload_param"] == "cpu", mp,
+                      where, ignored)
 
 
-def _zero_plan(stage: int, offload: bool, param_dtype: str | None, where: str, ignored: tuple[str, ...]) -> ShardPlan | None:
+def _zero_plan(stage: int, offload_optimizer: bool, offload_param: bool, param_dtype: str | None, where: str,
+               ignored: tuple[str, ...]) -> ShardPlan | None:
     if stage == 0:
         return None
+    if offload_optimizer and not offload_param:
+        # FSDP2's offload moves weights, gradients and the optimizer step together
+        ignored = (*ignored, "offload_optimizer without offload_param (FSDP2 offloads the weights with it)")
     # ZeRO-1/2 keep parameters whole for compute (only gradients and optimizer state are split):
     # FSDP2 without resharding after forward. ZeRO-3 splits parameters too: reshard after forward.
-    return ShardPlan(reshard_after_forward=stage == 3, cpu_offload=offload, param_dtype=param_dtype,
-                     source=f"{where} (ZeRO-{stage})", ignored=ignored)
+    return ShardPlan(reshard_after_forward=stage == 3, cpu_offload=offload_optimizer or offload_param,
+                     param_dtype=param_dtype, source=f"{where} (ZeRO-{stage})", ignored=ignored)
 
 
 def choose_plan(shard: str, deepspeed_config: str | None, world_size: int,
@@ -170,7 +188,10 @@ def choose_plan(shard: str, deepspeed_config: str | None, world_size: int,
     if deepspeed_config:
         if shard == "none":
             raise ConfigError("--deepspeed asks for ZeRO sharding, --shard none for none: drop one of them")
-        plan = plan_from_deepspeed(deepspeed_config)
+        plan = plan_from_deepspeed(deepspeed_config, env.get("ACCELERATE_MIXED_PRECISION"))
+        if plan is None and shard == "fsdp":
+            raise ConfigError(f"--deepspeed {deepspeed_config} is ZeRO stage 0 (no sharding) but --shard fsdp asks "
+                              f"for sharding: drop one of them")
     elif shard == "fsdp":
         plan = ShardPlan()
     elif shard == "auto":
@@ -211,8 +232,8 @@ def _nothing() -> None:
     return None
 
 
-def _run_as_forward(self: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    out = fn(*args, **kwargs)
+def _run_as_forward(self: Any, fn: Callable[[], Any]) -> Any:
+    out = fn()
     # FSDP hooks the outputs for its backward pass; an in-place op on a view output would lose the hook.
     if isinstance(out, tuple):
         return tuple(t.clone() if isinstance(t, torch.Tensor) and t._is_view() else t for t in out)
@@ -237,7 +258,11 @@ def shard_model(model: torch.nn.Module, plan: ShardPlan) -> torch.nn.Module:
         fully_shard(block, **kwargs)
     # The root keeps its parameters (embeddings, norm, lm-head) gathered from forward to backward
     # (FSDP's default for a root), so the lm-head chunks recomputed in backward find them whole.
-    fully_shard(model, **{**kwargs, "reshard_after_forward": None if plan.reshard_after_forward else False})
+    root_kwargs = {**kwargs, "reshard_after_forward": None if plan.reshard_after_forward else False}
+    if plan.param_dtype:  # the root's "inputs" are the loop's own arguments (masks, hidden states): keep their dtype
+        root_kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=getattr(torch, plan.param_dtype),
+                                                        reduce_dtype=torch.float32, cast_forward_inputs=False)
+    fully_shard(model, **root_kwargs)
     # Each process divides its loss by the token count of the *global* batch, so the gradients must be
     # summed over processes, not averaged (FSDP's default).
     for unit in model.modules():
@@ -257,7 +282,9 @@ def forward_call(model: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) 
     reduction hooks attach to them.
     """
     if model is not None and hasattr(model, "_unisd_forward"):
-        return model._unisd_forward(fn, *args, **kwargs)
+        # One opaque callable: FSDP's input handling (device moves, dtype casts) rebuilds the containers
+        # and dataclasses it is given, which for a Run would copy every example on every call.
+        return model._unisd_forward(functools.partial(fn, *args, **kwargs))
     return fn(*args, **kwargs)
 
 
@@ -297,6 +324,14 @@ def reshard_all(model: Any, blocks_only: bool = False) -> None:
     for unit in model.modules():
         if is_sharded(unit) and not (blocks_only and unit is model):
             unit.reshard()
+
+
+def compute_device(model: Any) -> torch.device:
+    """Where the model computes: its parameters' device, except that sharded weights offloaded to the
+    CPU still compute on the current GPU."""
+    if model is not None and is_sharded(model) and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return next(model.parameters()).device
 
 
 def generation_kwargs(model: Any) -> dict[str, Any]:
