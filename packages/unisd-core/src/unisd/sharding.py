@@ -254,7 +254,7 @@ def shard_model(model: torch.nn.Module, plan: ShardPlan) -> torch.nn.Module:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=getattr(torch, plan.param_dtype), reduce_dtype=torch.float32)
     if plan.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    for block in transformer_blocks(model):
+    for block in reversed(transformer_blocks(model)):  # innermost first: FSDP units nest bottom-up
         fully_shard(block, **kwargs)
     # The root keeps its parameters (embeddings, norm, lm-head) gathered from forward to backward
     # (FSDP's default for a root), so the lm-head chunks recomputed in backward find them whole.
