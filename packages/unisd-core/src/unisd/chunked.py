@@ -226,6 +226,14 @@ class _ChunkedDivergence(torch.autograd.Function):
         head_s, head_t = _Head(w_s, compute, device), _Head(w_t, compute, device)
         grad_w = torch.zeros(w_s.shape, dtype=compute, device=device) if need_w else None
         buf = _Buffers(min(chunk_size, max(n, 1)), head_s.vocab, compute, device)
+
+        def project(grad: torch.Tensor, lo: int, hi: int) -> None:
+            """One chunk's logit gradient into ∂h (written, or added to a frozen head's projection) and ∂W."""
+            if div_grad_h is None:
+                head_s.backprop(grad, h_s[lo:hi], grad_h[lo:hi] if need_h else None, grad_w)
+            else:  # a frozen head: the divergence's part is already in grad_h
+                head_s.backprop(grad, h_s[lo:hi], None, None, accumulate_h=grad_h[lo:hi])
+
         fused = ctx.fused
         for lo, hi in _chunks(n, chunk_size):
             c = hi - lo
@@ -235,10 +243,7 @@ class _ChunkedDivergence(torch.autograd.Function):
                 grad = chunk_math.backward(x_s, x_t, lse_s[lo:hi], lse_t[lo:hi], stat[lo:hi],
                                            g_div[lo:hi], g_lp[lo:hi], y[lo:hi], alpha)
                 if grad is not None:
-                    if div_grad_h is None:
-                        head_s.backprop(grad, h_s[lo:hi], grad_h[lo:hi] if need_h else None, grad_w)
-                    else:  # a frozen head: the divergence's part is already in grad_h
-                        head_s.backprop(grad, h_s[lo:hi], None, None, accumulate_h=grad_h[lo:hi])
+                    project(grad, lo, hi)
                     continue
                 fused = False
             gd, gl = g_div[lo:hi, None], g_lp[lo:hi, None]
@@ -246,10 +251,7 @@ class _ChunkedDivergence(torch.autograd.Function):
             if not teacher_needed:  # only the student log-prob's gradient: G = gl·(onehot − q)
                 grad = log_q.exp_().mul_(-gl)
                 grad.scatter_add_(1, y[lo:hi, None], gl)
-                if div_grad_h is None:
-                    head_s.backprop(grad, h_s[lo:hi], grad_h[lo:hi] if need_h else None, grad_w)
-                else:  # a frozen head: the divergence's part is already in grad_h
-                    head_s.backprop(grad, h_s[lo:hi], None, None, accumulate_h=grad_h[lo:hi])
+                project(grad, lo, hi)
                 continue
             log_p = head_t.logits(h_t[lo:hi].to(device), temperature, buf.get("t", c)).sub_(lse_t[lo:hi, None])
             if alpha == 0.0:  # G = gd·(q − p) + gl·(onehot − q)
@@ -264,7 +266,7 @@ class _ChunkedDivergence(torch.autograd.Function):
                 r = torch.sub(log_q, log_m, out=log_m)
                 grad = _affine_rows(r, gd / alpha, -(stat[lo:hi, None] * gd / alpha + gl)).mul_(q)
             grad.scatter_add_(1, y[lo:hi, None], gl)
-            head_s.backprop(grad, h_s[lo:hi], grad_h[lo:hi] if need_h else None, grad_w)
+            project(grad, lo, hi)
         return (
             grad_h.to(h_s.dtype) if need_h else None,
             grad_w.to(w_s.dtype) if need_w else None,
