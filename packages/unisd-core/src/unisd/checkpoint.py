@@ -126,7 +126,7 @@ def save_checkpoint(
         # One RNG state per process, so a resumed run samples exactly what the original would have.
         torch.save(rng_states or [rng_state()], tmp / "rng.pt")
         if component_states is None:
-            component_states = {c.name: c.state_dict() for c in components if hasattr(c, "state_dict")}
+            component_states = gather_component_states(components)
         torch.save(component_states, tmp / "components.pt")
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, "cursor": cursor, "lora": lora}, indent=2))
 
@@ -140,6 +140,14 @@ def _named_optimizer_state(model: Any, state: dict[str, Any], path: Path) -> dic
         raise CheckpointError(f"{path}: the optimizer state holds {count} parameters, the model trains {len(names)}")
     groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
     return {"state": {names[i]: v for i, v in state["state"].items()}, "param_groups": groups}
+
+
+def gather_component_states(components: list[Any]) -> dict[str, Any]:
+    """Every stateful component's state, with sharded tensors made whole (collective under sharding:
+    every process calls it)."""
+    from . import sharding
+
+    return sharding.whole_tree({c.name: c.state_dict() for c in components if hasattr(c, "state_dict")})
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-COMPILE_CHOICES = ("auto", "on", "off")
+from .config import COMPILE_CHOICES
 
 
 def _log_probs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,9 @@ from typing import Any
 from .components import convert_value
 from .errors import ConfigError, OptionError
 
+SHARD_CHOICES = ("auto", "none", "fsdp")  # see unisd.sharding
+COMPILE_CHOICES = ("auto", "on", "off")  # see unisd.chunk_math
+
 
 @dataclass
 class RunConfig:
@@ -88,9 +91,9 @@ class RunConfig:
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (self.save_every >= 0, "--save-every must be ≥ 0"),
             (self.eval_every >= 0, "--eval-every must be ≥ 0"),
-            (self.shard in ("auto", "none", "fsdp"), f"--shard must be auto, none or fsdp, got '{self.shard}'"),
-            (self.compile_divergence in ("auto", "on", "off"),
-             f"compile_divergence must be auto, on or off, got '{self.compile_divergence}'"),
+            (self.shard in SHARD_CHOICES, f"--shard must be one of {', '.join(SHARD_CHOICES)}, got '{self.shard}'"),
+            (self.compile_divergence in COMPILE_CHOICES,
+             f"compile_divergence must be one of {', '.join(COMPILE_CHOICES)}, got '{self.compile_divergence}'"),
         ]
         for ok, message in checks:
             if not ok:

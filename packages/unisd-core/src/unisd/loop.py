@@ -26,7 +26,14 @@ import numpy as np
 import torch
 
 from . import atomic, distributed, sharding
-from .checkpoint import find_resume_point, load_checkpoint, rng_state, save_checkpoint, save_weights
+from .checkpoint import (
+    find_resume_point,
+    gather_component_states,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    save_weights,
+)
 from .chunked import chunked_target_logprobs, chunked_token_outputs
 from .components import instantiate
 from .config import RunConfig, dump_config
@@ -502,7 +509,8 @@ def train(
 
     gap_task = run.task if cfg.eval_before_after and run.task is not None else None
     # Evaluation generates on the main process; a sharded model needs every process for its all-gathers.
-    if gap_task is not None and start == 0 and (env.is_main or sharded):
+    evaluates = env.is_main or sharded
+    if gap_task is not None and start == 0 and evaluates:
         before = privileged_gap(run, gap_task, cfg.eval_limit)
         if env.is_main:
             _write_json(out / "eval" / "before.json", before)
@@ -568,7 +576,7 @@ def train(
             for comp in run.components:
                 if hasattr(comp, "metrics"):
                     record.update({f"{comp.name}/{k}": float(v) for k, v in comp.metrics().items()})
-            if cfg.eval_task and cfg.eval_every and step % cfg.eval_every == 0 and (env.is_main or sharded):
+            if cfg.eval_task and cfg.eval_every and step % cfg.eval_every == 0 and evaluates:
                 record.update(_periodic_eval(run, pm, cfg.eval_task, cfg.eval_limit))
             if env.is_main:
                 metrics_log.write(record)
@@ -579,9 +587,9 @@ def train(
             if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0) or stopping or diverged:
                 # Gathered by every process (collectives), written by the main one.
                 rng_states = distributed.gather_objects(rng_state())
-                model_state = sharding.full_model_state(model, cfg.lora) if sharded else None
+                model_state = sharding.full_model_state(model, cfg.lora)
                 optimizer_state = sharding.full_optimizer_state(model, optimizer)
-                component_states = _component_states(run)
+                component_states = gather_component_states(run.components)
                 if env.is_main:
                     save_checkpoint(out / "checkpoints" / f"step-{step}", model=model, tokenizer=run.tokenizer,
                                     lora=cfg.lora, optimizer=optimizer, scheduler=scheduler, step=step,
@@ -603,23 +611,17 @@ def train(
         stop.restore()
         reporter.stop()
 
-    model_state = sharding.full_model_state(model, cfg.lora) if sharded else None
+    model_state = sharding.full_model_state(model, cfg.lora)
     if env.is_main:
         with atomic.directory(out / "final") as tmp:
             save_weights(model, run.tokenizer, tmp, cfg.lora, state=model_state)
-    if gap_task is not None and (env.is_main or sharded):
+    if gap_task is not None and evaluates:
         after = privileged_gap(run, gap_task, cfg.eval_limit)
         if env.is_main:
             _write_json(out / "eval" / "after.json", after)
             reporter.info(_gap_line("after training", after))
     distributed.barrier()
     return out
-
-
-def _component_states(run: Run) -> dict[str, Any]:
-    """Every stateful component's state, with sharded tensors made whole (collective)."""
-    states = {c.name: c.state_dict() for c in run.components if hasattr(c, "state_dict")}
-    return sharding.whole_tree(states)
 
 
 def _periodic_eval(run: Run, pm: UnisdPluginManager, task_name: str, limit: int | None) -> dict[str, float]:

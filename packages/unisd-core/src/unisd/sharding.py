@@ -11,7 +11,7 @@ same weights, and generates. So the loop brackets that work explicitly:
 - ``forward_call(model, fn, ...)``: runs ``fn`` as a forward of the root unit, so the embedding, the
   final norm and the lm-head are gathered for it and their gradients are reduced after backward;
 - ``gathered(model)``: the root unit's parameters gathered for no-grad work (teacher, generation);
-- ``synced_generation(model)``: generate keeps every process stepping until all are done (the
+- ``generation_kwargs(model)``: generate keeps every process stepping until all are done (the
   blocks' all-gathers are collectives: one process stopping early would hang the others).
 
 The settings come from ``--shard fsdp`` or are passed through from the launcher: an accelerate config
@@ -35,9 +35,8 @@ from typing import Any
 
 import torch
 
+from .config import SHARD_CHOICES
 from .errors import ConfigError
-
-SHARD_CHOICES = ("auto", "none", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -374,10 +373,13 @@ def copy_whole_into(target: torch.Tensor, source: torch.Tensor) -> None:
 # Whole state dicts for checkpoints (collective: every process must call these)
 
 
-def full_model_state(model: Any, trainable_only: bool) -> dict[str, torch.Tensor]:
-    """Unsharded weights, on the CPU of the main process (empty elsewhere)."""
+def full_model_state(model: Any, trainable_only: bool) -> dict[str, torch.Tensor] | None:
+    """Unsharded weights of a sharded model, on the CPU of the main process (empty elsewhere); None for
+    a model that is not sharded (it saves its own weights)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    if not is_sharded(model):
+        return None
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
     return get_model_state_dict(model, options=options)
 
