@@ -9,6 +9,7 @@ a single process would compute on the whole batch. Optimiser steps are then iden
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,10 @@ def shutdown(clean: bool = True) -> None:
     connections down while a peer still uses them. After an error the peers may be gone: no barrier.
     """
     if dist.is_available() and dist.is_initialized():
+        # A sharded model's units hold the process group, and their reference cycles would keep it
+        # alive until interpreter teardown, where destroying it can abort the process ("terminate
+        # called without an active exception"). Collect them first so it goes down here.
+        gc.collect()
         if clean:
             dist.barrier()
         dist.destroy_process_group()
