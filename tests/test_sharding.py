@@ -205,18 +205,23 @@ def test_accelerate_fsdp_launch_trains_checkpoints_and_resumes_exactly(tmp_path)
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
-def test_bad_input_under_num_processes_is_one_message_and_exit_2(tmp_path):
+@pytest.mark.parametrize("flags, message", [
+    (["--with", "contrastive", "--shard", "fsdp"], "none of the 8 examples has a negative demonstration"),
+    (["--backend", "vllm"], "--backend vllm runs in one process only"),  # refused before vLLM is imported
+])
+def test_bad_input_under_num_processes_is_one_message_and_exit_2(tmp_path, flags, message):
     """Every process meets the same bad input: the user sees its message once, and exit code 2
     (not the launcher's traceback and exit 1)."""
     model_dir = make_tiny_model_dir(tmp_path / "model")
     data = write_jsonl(tmp_path / "data.jsonl", toy_records(8))  # no negative demonstrations
     result = subprocess.run(
         [sys.executable, "-m", "unisd", "train", "--model", str(model_dir), "--data", str(data), "--steps", "1",
-         "--output", str(tmp_path / "run"), "--with", "contrastive", "--num-processes", "2", "--shard", "fsdp"],
+         "--output", str(tmp_path / "run"), "--num-processes", "2", *flags],
         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2, result.stderr[-2000:]
-    assert (result.stdout + result.stderr).count("none of the 8 examples has a negative demonstration") == 1
+    assert (result.stdout + result.stderr).count(message) == 1
+    assert not (tmp_path / "run").exists()
     assert "ChildFailedError" not in result.stderr
 
 

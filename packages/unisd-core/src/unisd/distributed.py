@@ -17,6 +17,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+# Whether this module started the process group. Only then is it ours to destroy: an in-process vLLM
+# engine starts a one-process group of its own and tears it down at exit.
+_started_group = False
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -34,6 +38,7 @@ class DistEnv:
 
 def init_from_env() -> DistEnv:
     """Join the process group the launcher described in the environment (a no-op for one process)."""
+    global _started_group
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistEnv()
@@ -44,6 +49,7 @@ def init_from_env() -> DistEnv:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
+        _started_group = True
     return DistEnv(dist.get_rank(), dist.get_world_size())
 
 
@@ -53,7 +59,9 @@ def shutdown(clean: bool = True) -> None:
     ``clean``: all processes got here normally; meet at a barrier first, so no process tears its
     connections down while a peer still uses them. After an error the peers may be gone: no barrier.
     """
-    if dist.is_available() and dist.is_initialized():
+    global _started_group
+    if _started_group and dist.is_available() and dist.is_initialized():
+        _started_group = False
         # A sharded model's units hold the process group, and their reference cycles would keep it
         # alive until interpreter teardown, where destroying it can abort the process ("terminate
         # called without an active exception"). Collect them first so it goes down here.

@@ -395,13 +395,17 @@ def build_run(config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, out
     """Load everything a run needs, in an order that fails fast on bad input (names before models)."""
     config.validate()
     regs = pm.registries
-    regs.backends.get(config.backend)
+    backend_cls = regs.backends.get(config.backend)
     components = instantiate(config.components, regs.components)
     task, examples = load_examples(config, pm)
     if config.eval_task:
         regs.tasks.get(config.eval_task)
 
-    plan = sharding.choose_plan(config.shard, config.deepspeed, distributed.current().world_size)
+    world = distributed.current().world_size
+    if world > 1 and getattr(backend_cls, "one_process_only", False):
+        raise UsageError(f"--backend {config.backend} runs in one process only; use --backend hf for "
+                         f"{world} processes, or --backend vllm-server with a separate vLLM server")
+    plan = sharding.choose_plan(config.shard, config.deepspeed, world)
     if plan is not None and config.backend != "hf":
         raise UsageError(f"--backend {config.backend} cannot generate from a sharded model yet; use --backend hf "
                          f"with sharding ({plan.source}), or plain data parallelism (--shard none)")
@@ -610,6 +614,8 @@ def train(
     finally:
         stop.restore()
         reporter.stop()
+        if hasattr(backend, "close"):
+            backend.close()  # e.g. vLLM's engine and its memory, before the final save and evaluation
 
     model_state = sharding.full_model_state(model, cfg.lora)
     if env.is_main:

@@ -36,6 +36,7 @@ class Backend(Protocol):
 
     # Optional: ``sync_weights(step)`` is called after every optimiser step, for backends that hold
     # their own copy of the weights (vLLM); the HF backend generates with the training model itself.
+    # Optional: ``close()`` is called once when training ends (or fails), to free an engine's memory.
 
 
 def split_completion(row: list[int], eos_ids: set[int], pad_id: int | None) -> Completion:

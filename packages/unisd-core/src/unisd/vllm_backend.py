@@ -13,13 +13,18 @@ sample per prompt, completions cut after the first EOS (kept), truncation flagge
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import secrets
 import shutil
 import tempfile
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, ClassVar
 
+from . import distributed
 from .errors import UsageError
 from .rollout import Completion, SamplingParams, eos_ids_of, split_completion
 
@@ -35,11 +40,63 @@ def _require_vllm() -> Any:
     return vllm
 
 
+def _dtype_name(model: Any) -> str:
+    """vLLM's name for the dtype the student's weights are in ("auto" would read the checkpoint's)."""
+    dtype = next(iter(model.parameters())).dtype
+    return str(dtype).removeprefix("torch.")
+
+
+def _refresh_tied_head(model: Any) -> None:
+    """Redo the output head's post-load step when it shares the embedding's weight.
+
+    A reload skips a tied ``lm_head`` (the checkpoint has no such tensor), so whatever the head derived
+    from the weight at load time — on CPU, a prepacked GEMM copy — would keep the old embedding.
+    """
+    head, body = getattr(model, "lm_head", None), getattr(model, "model", None)
+    embed = getattr(body, "embed_tokens", None)
+    method = getattr(head, "quant_method", None)
+    if method is not None and embed is not None and getattr(head, "weight", None) is getattr(embed, "weight", 0):
+        method.process_weights_after_loading(head)
+
+
+@contextlib.contextmanager
+def _engine_in_this_process(wanted: bool):
+    """Build the engine in this process when full weights must be pushed into it.
+
+    vLLM's default engine runs in a child process, and handing it a function that closes over the
+    student's tensors needs pickling (refused unless insecure serialisation is switched on) and a copy
+    of every weight per step. In this process, ``apply_model`` reaches the engine's model directly.
+    vLLM seeds the global random generators when it starts in-process; the trainer's are put back.
+    """
+    if not wanted:
+        yield
+        return
+    import random
+
+    import torch
+
+    saved_env = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    saved_rng = random.getstate(), torch.random.get_rng_state()
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        yield
+    finally:
+        if saved_env is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved_env
+        random.setstate(saved_rng[0])
+        torch.random.set_rng_state(saved_rng[1])
+
+
 class VLLMBackend:
     """A colocated vLLM engine whose weights follow the student after every optimiser step."""
 
     name: ClassVar[str] = "vllm"
     description: ClassVar[str] = "vLLM engine in the training process (optional extra unisd-core[vllm])"
+    # Each training process would start an engine on the same (first visible) GPU, and an engine built
+    # in-process (full weights) takes over the process group; several processes need a vLLM server.
+    one_process_only: ClassVar[bool] = True
 
     def __init__(self, model: Any, tokenizer: Any, source: str | None = None, config: Any = None, **_: Any):
         vllm = _require_vllm()
@@ -54,14 +111,15 @@ class VLLMBackend:
             gpu_memory_utilization=float(getattr(config, "vllm_gpu_memory_utilization", 0.3)),
             enable_sleep_mode=self.sleep_mode,
             seed=int(getattr(config, "seed", 0)),
-            dtype="auto",
+            dtype=_dtype_name(model),  # generate in the student's precision, as the HF backend does
         )
         max_len = getattr(config, "max_prompt_tokens", None)
         if max_len and getattr(config, "max_new_tokens", None):
             engine_args["max_model_len"] = int(max_len) + int(config.max_new_tokens)
         if self.lora:
             engine_args.update(enable_lora=True, max_lora_rank=int(getattr(config, "lora_r", 64)), max_loras=1)
-        self.llm = vllm.LLM(**engine_args)
+        with _engine_in_this_process(not self.lora):
+            self.llm = vllm.LLM(**engine_args)
         self._vllm = vllm
         self._adapter_dir = Path(tempfile.mkdtemp(prefix="unisd-vllm-"))
         self._version = 0  # bumps whenever the student's weights changed
@@ -92,16 +150,22 @@ class VLLMBackend:
 
     def _load_full_weights(self) -> None:
         weights = [(name, p.detach()) for name, p in self.model.named_parameters()]
-
-        def load(model: Any) -> None:
-            model.load_weights(weights=weights)
-
-        if hasattr(self.llm, "apply_model"):
-            self.llm.apply_model(load)
-        else:  # older engines: reach the single in-process worker
-            self.llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(weights)
+        try:
+            # vLLM ≥ 0.12: an in-place reload that understands layers repacked after the first load
+            # (fused projections, CPU kernel layouts), whose weight loaders are gone by then.
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        except AttributeError:  # older engines: the model's own loader still works after loading
+            self.llm.apply_model(lambda model: model.load_weights(weights=weights))
+        self.llm.apply_model(_refresh_tied_head)
         if hasattr(self.llm, "reset_prefix_cache"):
             self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
+
+    def close(self) -> None:
+        """Stop the engine now (its memory, its worker process) rather than at interpreter exit."""
+        engine = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if hasattr(engine, "shutdown"):
+            engine.shutdown()
+        shutil.rmtree(self._adapter_dir, ignore_errors=True)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         if self.sleep_mode:
@@ -126,8 +190,10 @@ class VLLMBackend:
 class VLLMServerBackend:
     """A separate ``vllm serve`` process (e.g. on another GPU) reached over its OpenAI-compatible API.
 
-    Start the server with ``--enable-lora`` for LoRA runs; after each optimiser step the adapter is saved
-    to a directory the server can read (``vllm_adapter_dir``) and loaded with ``/v1/load_lora_adapter``.
+    Start the server with ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``. After each
+    optimiser step the main process saves the adapter where the server can read it
+    (``vllm_adapter_dir``), loads it under a name unique to this run and step, and unloads the previous
+    one; every process then sends its prompts as one batched completion request.
     """
 
     name: ClassVar[str] = "vllm-server"
@@ -136,12 +202,15 @@ class VLLMServerBackend:
     def __init__(self, model: Any, tokenizer: Any, source: str | None = None, config: Any = None, **_: Any):
         self.model, self.tokenizer = model, tokenizer
         self.url = str(getattr(config, "vllm_server_url", None) or "http://127.0.0.1:8000").rstrip("/")
-        self.served_model = source
         self.lora = bool(getattr(config, "lora", True))
-        self.adapter_root = Path(getattr(config, "vllm_adapter_dir", None) or tempfile.mkdtemp(prefix="unisd-vllm-"))
-        self._version, self._loaded = 0, -1
         if not self.lora:
             raise UsageError("--backend vllm-server supports LoRA runs only (full weights cannot be pushed over HTTP)")
+        chosen = getattr(config, "vllm_adapter_dir", None)
+        self._own_root = chosen is None
+        self.adapter_root = Path(chosen or tempfile.mkdtemp(prefix="unisd-vllm-"))
+        # A server outlives runs: names must not collide with another run's (or a resumed run's) adapters.
+        self.tag = distributed.gather_objects(f"unisd-{secrets.token_hex(4)}")[0]
+        self._version, self._loaded = 0, None
 
     def sync_weights(self, step: int) -> None:
         self._version = step
@@ -153,27 +222,53 @@ class VLLMServerBackend:
         try:
             with urllib.request.urlopen(request, timeout=600) as response:
                 body = response.read().decode()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")[:500]
+            raise UsageError(f"vLLM server at {self.url} refused {path} (HTTP {exc.code}): {detail}") from None
         except OSError as exc:
             raise UsageError(f"vLLM server at {self.url} did not answer {path}: {exc}") from None
         return json.loads(body) if body.strip().startswith("{") else {}
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        name = f"student-v{self._version}"
-        if self._loaded != self._version:
+    def _serve_current_adapter(self) -> str:
+        """Make the server hold the student's current adapter; returns the name to generate with."""
+        name = f"{self.tag}-v{self._version}"
+        if self._loaded == name:
+            return name
+        if distributed.current().is_main:
             target = self.adapter_root / name
             self.model.save_pretrained(target)
             self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(target)})
-            self._loaded = self._version
+            if self._loaded is not None:  # the server would keep every step's adapter otherwise
+                self._post("/v1/unload_lora_adapter", {"lora_name": self._loaded})
+                shutil.rmtree(self.adapter_root / self._loaded, ignore_errors=True)
+        distributed.barrier()  # no process asks for the new name before the server has it
+        self._loaded = name
+        return name
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        name = self._serve_current_adapter()
         eos = eos_ids_of(self.tokenizer, self.model)
+        reply = self._post("/v1/completions", {
+            "model": name, "prompt": [list(p) for p in prompts], "max_tokens": params.max_new_tokens,
+            "temperature": params.temperature, "top_p": params.top_p, "n": 1,
+            "stop_token_ids": sorted(eos), "return_tokens_as_token_ids": True, "logprobs": 0,
+            "skip_special_tokens": False, "include_stop_str_in_output": True,
+        })
+        choices = sorted(reply["choices"], key=lambda c: c["index"])
+        if len(choices) != len(prompts):
+            raise UsageError(f"vLLM server at {self.url} answered {len(choices)} completions for {len(prompts)} prompts")
         out = []
-        for prompt in prompts:
-            reply = self._post("/v1/completions", {
-                "model": name, "prompt": list(prompt), "max_tokens": params.max_new_tokens,
-                "temperature": params.temperature, "top_p": params.top_p, "n": 1,
-                "stop_token_ids": sorted(eos), "return_tokens_as_token_ids": True, "logprobs": 0,
-                "skip_special_tokens": False, "include_stop_str_in_output": True,
-            })
-            tokens = reply["choices"][0]["logprobs"]["tokens"]
-            ids = [int(t.split(":", 1)[1]) for t in tokens]  # "token_id:123"
+        for choice in choices:
+            ids = [int(t.split(":", 1)[1]) for t in choice["logprobs"]["tokens"]]  # "token_id:123"
             out.append(split_completion(ids, eos, self.tokenizer.pad_token_id))
         return out
+
+    def close(self) -> None:
+        """Unload this run's adapter from the server; remove the adapters if they were in a temporary folder."""
+        if self._loaded is not None and distributed.current().is_main:
+            try:
+                self._post("/v1/unload_lora_adapter", {"lora_name": self._loaded})
+            except UsageError:
+                pass  # the server may be gone already; nothing of ours is left to protect
+        if self._own_root:
+            shutil.rmtree(self.adapter_root, ignore_errors=True)
