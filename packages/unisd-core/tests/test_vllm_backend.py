@@ -81,6 +81,25 @@ def test_vllm_server_generation_follows_the_lora_adapter(tmp_path):
         log.close()
 
 
+@needs_vllm
+def test_vllm_settings_it_refuses_are_a_usage_error(tmp_path):
+    """vLLM's own settings checks (here: sleep mode, which needs CUDA) become one UsageError (exit 2)."""
+    import torch
+
+    from unisd.config import RunConfig
+    from unisd.errors import UsageError
+    from unisd.models import load_model, load_tokenizer
+    from unisd.vllm_backend import VLLMBackend
+
+    if torch.cuda.is_available():
+        pytest.skip("sleep mode is supported on CUDA")
+    model_dir = _vllm_model_dir(tmp_path)
+    cfg = RunConfig(model=str(model_dir), vllm_sleep=True, max_new_tokens=6, max_prompt_tokens=64)
+    with pytest.raises(UsageError, match="vLLM refused to start an engine .*[Ss]leep mode"):
+        VLLMBackend(load_model(str(model_dir), "float32"), load_tokenizer(str(model_dir)), source=str(model_dir),
+                    config=cfg)
+
+
 def _vllm_model_dir(path):
     from unisd.testing import make_tiny_model_dir
 

@@ -118,8 +118,15 @@ class VLLMBackend:
             engine_args["max_model_len"] = int(max_len) + int(config.max_new_tokens)
         if self.lora:
             engine_args.update(enable_lora=True, max_lora_rank=int(getattr(config, "lora_r", 64)), max_loras=1)
-        with _engine_in_this_process(not self.lora):
-            self.llm = vllm.LLM(**engine_args)
+        try:
+            with _engine_in_this_process(not self.lora):
+                self.llm = vllm.LLM(**engine_args)
+        except ValueError as exc:  # vLLM's settings checks (pydantic's ValidationError is a ValueError)
+            reason = " ".join(str(exc).split()).split(" [type=")[0][:600]  # without pydantic's echo of the input
+            raise UsageError(
+                f"vLLM refused to start an engine for {source}: {reason}. Adjust the vllm_* settings "
+                "(vllm_sleep needs a CUDA GPU) or use --backend hf"
+            ) from None
         self._vllm = vllm
         self._adapter_dir = Path(tempfile.mkdtemp(prefix="unisd-vllm-"))
         self._version = 0  # bumps whenever the student's weights changed
