@@ -5,18 +5,33 @@
 # 2. a random-init Qwen2.5-0.5B-shaped training step: phase split, tokens/s, training MFU
 # The GPU machine has torch/transformers/peft preinstalled but no network: carry missing pure-Python
 # wheels (see /work/.library/device/README.md) and install the repo with --no-deps.
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python -m pip install -q --no-deps --no-build-isolation -e packages/unisd-core -e packages/unisd-components 2>&1 | tail -2 || true
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-timeout 120 python bench/divergence.py --gpu-target --warmup 2 --json "$OUT/divergence.json" 2>&1 | tee "$OUT/divergence.log"
+failed=()
+check() {  # check NAME SECONDS COMMAND...: one check's output to $OUT/NAME.log; a failure or timeout does not stop the rest
+    local name=$1 seconds=$2
+    shift 2
+    echo "== $name"
+    if ! timeout "$seconds" "$@" 2>&1 | tee "$OUT/$name.log"; then
+        echo "!! $name failed or timed out (limit ${seconds}s)" | tee -a "$OUT/$name.log"
+        failed+=("$name")
+    fi
+}
+# the step first: it is the one no CPU run can stand in for
+check step 210 python bench/step.py --device cuda --preset qwen2.5-0.5b --batch-size 16 --max-new-tokens 256 \
+    --steps 3 --json "$OUT/step.json"
+check divergence 110 python bench/divergence.py --gpu-target --warmup 2 --json "$OUT/divergence.json"
 # the default (LoRA) run: frozen head, loss on the divergence only; with and without the compiled chunk math
-timeout 100 python bench/divergence.py --gpu-target --warmup 2 --frozen-head --divergence-only \
-    --json "$OUT/divergence-lora.json" 2>&1 | tee "$OUT/divergence-lora.log"
-timeout 100 python bench/divergence.py --gpu-target --frozen-head --divergence-only --compile off \
-    --json "$OUT/divergence-lora-eager.json" 2>&1 | tee "$OUT/divergence-lora-eager.log"
-timeout 200 python bench/step.py --device cuda --preset qwen2.5-0.5b --batch-size 16 --max-new-tokens 256 \
-    --steps 3 --json "$OUT/step.json" 2>&1 | tee "$OUT/step.log"
+check divergence-lora 80 python bench/divergence.py --gpu-target --warmup 2 --frozen-head --divergence-only \
+    --json "$OUT/divergence-lora.json"
+check divergence-lora-eager 60 python bench/divergence.py --gpu-target --frozen-head --divergence-only \
+    --compile off --json "$OUT/divergence-lora-eager.json"
+if ((${#failed[@]})); then
+    echo "failed: ${failed[*]}"
+    exit 1
+fi

@@ -8,9 +8,9 @@ of extra teacher contexts.
 
 Part 1 times the loop's own functions (``HFBackend.generate``, ``teacher_pass``, the rest of
 ``distill_step``, the optimizer) over a few steps after a warm-up and prints each phase's median and
-share, and tokens/s. With ``--device cuda`` it also reports MFU against a FLOP count of the training
-part (student fwd+bwd ≈ 6·N·tokens, each teacher forward ≈ 2·N·tokens, plus 2·tokens·H·V per lm-head
-projection).
+share, and tokens/s. With ``--device cuda`` it also reports MFU against a matmul FLOP count of the
+training part (``training_flops``: 2 FLOPs per weight and token per forward, 2 more in backward and 2
+for trained weights' gradients; the lm-head's vocabulary products counted apart).
 
 Part 2 measures the peak memory of one ``distill_step`` with 0 and with 2 agreement contexts and
 prints the increase next to the size of the extra contexts' final hidden states ([B, C, H] each):
@@ -93,6 +93,7 @@ def timed_steps(args, run: loop.Run) -> dict:
     loop.teacher_pass = timed_teacher_pass
     phases: dict[str, list[float]] = {"generate": [], "teacher": [], "student": [], "optimizer": []}
     tokens: list[int] = []
+    counted: dict[str, list[int]] = {"student": [], "teacher": [], "completion": []}
     sampling = SamplingParams(temperature=0.7, max_new_tokens=args.max_new_tokens)
     try:
         for i in range(args.warmup + args.steps):
@@ -118,6 +119,10 @@ def timed_steps(args, run: loop.Run) -> dict:
                 phases["student"].append(t2 - t1 - teacher_time[0])
                 phases["optimizer"].append(t3 - t2)
                 tokens.append(sum(len(run.student_ids(e)) + len(c.ids) for e, c in zip(examples, completions, strict=True)))
+                counted["student"].append(tokens[-1])
+                counted["teacher"].append(sum(len(run.teacher_ids(e)) + len(c.ids)
+                                              for e, c in zip(examples, completions, strict=True)))
+                counted["completion"].append(sum(len(c.ids) for c in completions))
     finally:
         loop.teacher_pass = real_teacher_pass
         if hasattr(backend, "close"):
@@ -125,16 +130,41 @@ def timed_steps(args, run: loop.Run) -> dict:
     med = {k: statistics.median(v) for k, v in phases.items()}
     total = sum(med.values())
     result = {"phases_s": med, "step_s": total, "tokens_per_step": statistics.median(tokens),
-              "tokens_per_s": statistics.median(tokens) / total}
+              "tokens_per_s": statistics.median(tokens) / total,
+              **{f"{k}_tokens": statistics.median(v) for k, v in counted.items()}}
     if args.device == "cuda":
-        n = sum(p.numel() for p in run.model.parameters())
-        cfg = run.model.config
-        t = result["tokens_per_step"]
-        flops = 6 * n * t + 2 * n * t + 2 * 2 * t * cfg.hidden_size * cfg.vocab_size
-        peak = float(args.peak_tflops) * 1e12
+        flops = training_flops(run, args.full, result["student_tokens"], result["teacher_tokens"],
+                               result["completion_tokens"])
         train_s = med["teacher"] + med["student"] + med["optimizer"]
-        result["training_mfu"] = flops / train_s / peak
+        result["training_flops"] = flops
+        result["training_mfu"] = flops / train_s / (float(args.peak_tflops) * 1e12)
     return result
+
+
+def training_flops(run: loop.Run, full: bool, student_tokens: float, teacher_tokens: float,
+                   completion_tokens: float) -> float:
+    """Matmul FLOPs of the training part of one step (teacher forward, student forward and backward).
+
+    Per token, a weight that multiplies costs 2 FLOPs per forward; backward costs 2 more for the
+    activations' gradient and, for trained weights only, 2 for the weight's gradient. Weights: all but
+    the embedding table (a lookup) and the lm-head (counted apart); under LoRA the adapter is trained
+    and the teacher runs without it. The student runs over prompt + completion, the teacher over its
+    longer prompt + completion. Head: 2·H·V per completion token per vocabulary product; the chunked
+    divergence does 3 under LoRA (student logits, teacher logits, the projection of ∂D/∂z) and 6 with a
+    trained head (see bench/RESULTS.md). Attention's score products are left out (small at short
+    contexts; ``test_bench_smoke.py`` checks the count against torch's FLOP counter).
+    """
+    model = run.model
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    kept_apart = {embed.data_ptr(), head.data_ptr()}
+    weights = [p for p in model.parameters() if p.data_ptr() not in kept_apart]
+    multiplying = sum(p.numel() for p in weights)
+    trained = sum(p.numel() for p in weights if p.requires_grad)
+    teacher = multiplying if full else multiplying - trained  # LoRA: the teacher is the adapter-off base
+    body = 2 * teacher * teacher_tokens + (4 * multiplying + 2 * trained) * student_tokens
+    products = 6 if full else 3
+    return body + products * 2 * completion_tokens * head.shape[1] * head.shape[0]
 
 
 def context_memory(args, root: Path) -> dict:

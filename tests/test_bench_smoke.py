@@ -32,3 +32,36 @@ def test_step_benchmark_splits_phases_and_measures_context_memory(tmp_path):
     assert re.search(r"context_memory_increase_mib=[\d.-]+ two_contexts_hidden_mib=[\d.]+", out), out[-500:]
     data = json.loads((tmp_path / "s.json").read_text())
     assert {"speed", "memory", "args"} <= set(data)
+
+
+def test_step_benchmark_flop_count_matches_a_measured_count(tmp_path):
+    """The MFU denominator: ``training_flops`` against torch's FLOP counter over one real distill_step
+    (LoRA and full fine-tuning; tiny model, short sequences, so attention's score products stay small)."""
+    import argparse
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import step as bench_step
+    finally:
+        sys.path.pop(0)
+    from unisd import loop
+    from unisd.rollout import HFBackend, SamplingParams
+
+    for full in (False, True):
+        args = argparse.Namespace(model=None, preset="tiny", batch_size=2, max_new_tokens=8, full=full, device="cpu")
+        run = bench_step.make_run(args, tmp_path / f"full{full}", {})
+        examples = run.examples[:2]
+        torch.manual_seed(0)
+        completions = HFBackend(run.model, run.tokenizer).generate(
+            [run.student_ids(e) for e in examples], SamplingParams(temperature=0.7, max_new_tokens=8))
+        with FlopCounterMode(display=False) as counter:
+            loop.distill_step(run, examples, completions)
+        measured = counter.get_total_flops()
+        student = sum(len(run.student_ids(e)) + len(c.ids) for e, c in zip(examples, completions, strict=True))
+        teacher = sum(len(run.teacher_ids(e)) + len(c.ids) for e, c in zip(examples, completions, strict=True))
+        completion = sum(len(c.ids) for c in completions)
+        counted = bench_step.training_flops(run, full, student, teacher, completion)
+        assert abs(counted - measured) / measured < 0.05, (full, counted, measured)

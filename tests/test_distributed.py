@@ -136,3 +136,19 @@ def test_num_processes_flag_trains_with_two_processes(tmp_path):
                            env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_more_processes_than_gpus_is_a_usage_error(monkeypatch):
+    """Emulated CUDA with one GPU and two local processes: refused before any process group is started."""
+    from unisd import distributed
+    from unisd.errors import UsageError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda _: pytest.fail("picked a GPU"))
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **_: pytest.fail("joined a group"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(UsageError, match="2 processes on this machine but 1 GPU"):
+        distributed.init_from_env()

@@ -176,3 +176,34 @@ def test_eval_during_training_logs_student_teacher_and_gap(tiny_llama, toy_data,
     assert last["eval/demo/privileged_gap"] == pytest.approx(
         last["eval/demo/teacher_accuracy"] - last["eval/demo/student_accuracy"])
     assert last["eval/demo/n"] == 6
+
+
+@pytest.mark.parametrize("lora, dtype, loaded", [(False, "auto", "float32"), (True, "auto", "auto"),
+                                                 (False, "bfloat16", "bfloat16")])
+def test_full_finetuning_keeps_float32_weights_unless_told_otherwise(monkeypatch, tiny_llama, toy_data, lora, dtype,
+                                                                     loaded):
+    """'auto' is bf16 on a GPU; trained bf16 weights would round most AdamW updates away, so --full loads fp32."""
+    import unisd.loop as loop
+    from unisd.config import RunConfig
+    from unisd.reporting import Reporter
+
+    seen = []
+    real_load = loop.load_model
+
+    def spy(source, dtype, *args, **kwargs):
+        seen.append(dtype)
+        return real_load(source, dtype, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "load_model", spy)
+    loop.build_run(RunConfig(model=str(tiny_llama), data=str(toy_data), lora=lora, dtype=dtype),
+                   get_plugin_manager(), Reporter(), None)
+    assert seen == [loaded]
+
+
+def test_full_finetuning_in_half_precision_warns_that_updates_are_lost(tiny_llama, toy_data, tmp_path):
+    result = invoke(make_app(get_plugin_manager()), [
+        "train", "--model", str(tiny_llama), "--data", str(toy_data), "--steps", "1", "--output", str(tmp_path / "o"),
+        "--batch-size", "2", "--max-new-tokens", "4", "--full", "--dtype", "bfloat16",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "rounded away" in result.output and "--dtype float32" in result.output

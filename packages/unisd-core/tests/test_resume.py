@@ -146,3 +146,24 @@ def test_nonfinite_steps_are_skipped_then_stop_with_a_checkpoint(tiny_llama, toy
     ckpt = tmp_path / "nan" / "checkpoints" / "step-4"
     weights = load_file(str(ckpt / "adapter_model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())  # the skipped updates never landed
+
+
+def test_cuda_rng_state_is_this_gpus_and_resumes_on_fewer_gpus(monkeypatch):
+    """Emulated CUDA: a checkpoint holds the process's own GPU generator; an older one that holds every
+    visible GPU's state still resumes where fewer GPUs are visible (set_rng_state_all would index past them)."""
+    from unisd.checkpoint import rng_state, set_rng_state
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("reads every GPU"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: restored.append(int(state[0])))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("writes every GPU"))
+
+    state = rng_state()
+    set_rng_state(state)
+    older = dict(state, cuda=[torch.tensor([3], dtype=torch.uint8), torch.tensor([4], dtype=torch.uint8)])
+    del older["cuda_device"]
+    set_rng_state(older)  # saved with two GPUs visible, resumed with one
+    assert restored == [7, 3]

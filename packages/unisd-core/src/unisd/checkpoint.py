@@ -24,7 +24,9 @@ STATE_FILE = "trainer_state.json"
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This process's GPU only: a resume may see fewer GPUs (another sweep slot), and reading every
+        # visible GPU's state would open a CUDA context on each of them from every process.
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -32,8 +34,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if not torch.cuda.is_available():
+        return
+    if "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"])
+    elif "cuda" in state:  # older checkpoints: one state per GPU that was visible then
+        index = torch.cuda.current_device()
+        if index < len(state["cuda"]):
+            torch.cuda.set_rng_state(state["cuda"][index])
 
 
 def save_weights(model: Any, tokenizer: Any, directory: Path, lora: bool, state: dict[str, Any] | None = None) -> None:

@@ -15,6 +15,7 @@ from .errors import ConfigError, OptionError
 
 SHARD_CHOICES = ("auto", "none", "fsdp")  # see unisd.sharding
 COMPILE_CHOICES = ("auto", "on", "off")  # see unisd.chunk_math
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # see unisd.models.training_dtype
 
 
 @dataclass
@@ -91,6 +92,7 @@ class RunConfig:
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (self.save_every >= 0, "--save-every must be ≥ 0"),
             (self.eval_every >= 0, "--eval-every must be ≥ 0"),
+            (self.dtype in DTYPE_CHOICES, f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got '{self.dtype}'"),
             (self.shard in SHARD_CHOICES, f"--shard must be one of {', '.join(SHARD_CHOICES)}, got '{self.shard}'"),
             (self.compile_divergence in COMPILE_CHOICES,
              f"compile_divergence must be one of {', '.join(COMPILE_CHOICES)}, got '{self.compile_divergence}'"),

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .errors import UsageError
+
 # Whether this module started the process group. Only then is it ours to destroy: an in-process vLLM
 # engine starts a one-process group of its own and tears it down at exit.
 _started_group = False
@@ -42,6 +44,12 @@ def init_from_env() -> DistEnv:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistEnv()
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        here = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+        if here > torch.cuda.device_count():  # NCCL needs one GPU per process
+            raise UsageError(f"{here} processes on this machine but {torch.cuda.device_count()} GPU(s) visible: "
+                             f"start at most {torch.cuda.device_count()} (one per GPU), or check CUDA_VISIBLE_DEVICES")
     if not dist.is_initialized():
         # On GPUs: NCCL for CUDA tensors (gradients, FSDP) and gloo for the small CPU tensors the loop
         # reduces (token counts, losses, RNG states); NCCL alone rejects CPU tensors.

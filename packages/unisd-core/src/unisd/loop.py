@@ -39,7 +39,7 @@ from .components import instantiate
 from .config import RunConfig, dump_config
 from .errors import ConfigError, DataError, UnisdError, UsageError
 from .evaluate import evaluate
-from .models import apply_lora, load_model, load_tokenizer, resolve_model
+from .models import apply_lora, load_model, load_tokenizer, resolve_model, training_dtype
 from .plugins import UnisdPluginManager
 from .prompts import budget_teacher_prompt, encode, fit_from_front, render_chat
 from .reporting import Reporter
@@ -413,7 +413,14 @@ def build_run(config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, out
     seed_everything(config.seed)
     source = resolve_model(config.model, progress=reporter.info)
     tokenizer = load_tokenizer(source)
-    model = load_model(source, config.dtype, config.attn_implementation)
+    # Under sharding each unit moves to its device as it is sharded: a model that only fits once sharded
+    # (or is offloaded to CPU) never lands on one GPU whole.
+    model = load_model(source, training_dtype(config.dtype, not config.lora), config.attn_implementation,
+                       to_gpu=plan is None)
+    if not config.lora and config.dtype in ("bfloat16", "float16"):
+        reporter.info(f"[yellow]--full with {config.dtype} weights: AdamW updates smaller than the weights' "
+                      "precision (most of them, at small learning rates) are rounded away. --dtype float32 (what "
+                      "'auto' loads under --full) keeps them; FSDP mixed precision then computes in bf16.[/]")
     if config.gradient_checkpointing or (plan is not None and plan.activation_checkpointing):
         # the method's memory setting: recompute activations in backward
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .config import DTYPE_CHOICES
 from .errors import UsageError
 
 # Names for the bundled copy. The hub id is deliberately not one: a user who asks for the hub model gets
@@ -110,20 +111,33 @@ def load_tokenizer(source: str) -> Any:
     return tok
 
 
-def load_model(source: str, dtype: str = "auto", attn_implementation: str | None = None) -> Any:
+TORCH_DTYPES = {name: None if name == "auto" else getattr(torch, name) for name in DTYPE_CHOICES}
+
+
+def training_dtype(dtype: str, full: bool) -> str:
+    """The dtype to load trained weights in: ``auto`` means float32 under full fine-tuning.
+
+    AdamW moves a weight by about the learning rate per step (2e-5 by default), below half of bf16's
+    spacing for most weights (|w| ≳ 0.01), so bf16 weights would round most updates away. Under LoRA the
+    trained adapter is float32 anyway and the frozen base can stay in bf16.
+    """
+    return "float32" if dtype == "auto" and full else dtype
+
+
+def load_model(source: str, dtype: str = "auto", attn_implementation: str | None = None, to_gpu: bool = True) -> Any:
+    """Load a causal LM. ``to_gpu=False`` leaves it on the CPU (FSDP moves each unit itself, one at a time)."""
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in torch_dtype:
-        raise UsageError(f"--dtype {dtype}: expected one of {', '.join(torch_dtype)}")
-    chosen = torch_dtype[dtype]
+    if dtype not in TORCH_DTYPES:
+        raise UsageError(f"--dtype {dtype}: expected one of {', '.join(TORCH_DTYPES)}")
+    chosen = TORCH_DTYPES[dtype]
     if chosen is None:  # bf16 on GPUs that have it, fp32 on CPU where bf16 matmuls are slow
         chosen = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     kwargs: dict[str, Any] = {"dtype": chosen}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    if torch.cuda.is_available():
+    if to_gpu and torch.cuda.is_available():
         model = model.to("cuda")
     return model
 

@@ -44,6 +44,7 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
         grad_accum: int = typer.Option(None, "--grad-accum", help="Micro-batches per optimiser step."),
         lr: float = typer.Option(None, "--lr", help="Peak learning rate (cosine schedule with warm-up)."),
         lora: bool = typer.Option(None, "--lora/--full", help="LoRA adapter (default; teacher = adapter off) or full fine-tuning (teacher = frozen copy)."),
+        dtype: str = typer.Option(None, "--dtype", help="Weights: auto (bf16 on GPUs under LoRA, else float32), float32, bfloat16 or float16."),
         backend: str = typer.Option(None, "--backend", help="Generation backend: hf (default), vllm, vllm-server, or a plugin's."),
         attn_implementation: str = typer.Option(None, "--attn-implementation", help="sdpa, eager or flash_attention_2 (needs flash-attn)."),
         eval_task: str = typer.Option(None, "--eval-task", help="Evaluate this task during training."),
@@ -68,7 +69,7 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
                 "model": model, "task": task, "data": str(data) if data else None,
                 "task_data": str(task_data) if task_data else None, "output": str(output) if output else None,
                 "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr, "lora": lora,
-                "backend": backend, "attn_implementation": attn_implementation, "eval_task": eval_task, "eval_every": eval_every, "eval_limit": eval_limit, "save_every": save_every,
+                "dtype": dtype, "backend": backend, "attn_implementation": attn_implementation, "eval_task": eval_task, "eval_every": eval_every, "eval_limit": eval_limit, "save_every": save_every,
                 "max_new_tokens": max_new_tokens, "temperature": temperature, "alpha": alpha, "seed": seed,
                 "preset": preset, "shard": shard, "deepspeed": str(deepspeed) if deepspeed else None,
             }

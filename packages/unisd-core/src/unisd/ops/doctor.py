@@ -329,7 +329,7 @@ def run_doctor(config: RunConfig, pm: UnisdPluginManager, loader: Callable[[RunC
     ``loader(config) -> (tokenizer, model)`` replaces loading from ``config.model`` (tests, notebooks).
     """
     from ..loop import load_examples
-    from ..models import load_model, load_tokenizer, resolve_model
+    from ..models import load_model, load_tokenizer, resolve_model, training_dtype
 
     say = progress or (lambda _msg: None)
     checks: list[Check] = []
@@ -351,7 +351,7 @@ def run_doctor(config: RunConfig, pm: UnisdPluginManager, loader: Callable[[RunC
         else:
             source = resolve_model(config.model, progress=say)
             ctx.tokenizer = load_tokenizer(source)
-            ctx.model = load_model(source, config.dtype, config.attn_implementation)
+            ctx.model = load_model(source, training_dtype(config.dtype, not config.lora), config.attn_implementation)
     except Exception as exc:
         checks.append(Check("model", "fail", f"cannot load {config.model}: {type(exc).__name__}: {exc}",
                             "check --model (a hub id, a local Hugging Face directory or a .gguf file)"))
