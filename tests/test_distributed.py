@@ -12,7 +12,7 @@ import torch
 from unisd.testing import make_tiny_model_dir, toy_records, write_jsonl
 
 WORKER = textwrap.dedent('''
-    import json, sys, torch
+    import dataclasses, json, sys, torch
     from unisd import distributed, sharding
     from unisd.config import RunConfig
     from unisd.loop import build_run, distill_step, _call_all
@@ -55,8 +55,20 @@ WORKER = textwrap.dedent('''
     from unisd.rollout import HFBackend, SamplingParams
     prompts = [run.student_ids(e) for e in run.examples[:3]]
     generated = [c.ids for c in HFBackend(run.model, run.tokenizer).generate(prompts, SamplingParams(0.0, 1.0, 6))]
+    # evaluation split over the processes (5 items: the second process's share is padded), gathered in order
+    from unisd.evaluate import evaluate_shared
+    from unisd.tasks import Score, Task
+
+    class ByIndex(Task):
+        def score(self, example, completion):
+            return Score(float(example.id in ("0", "3")), extracted=example.id)
+
+    items = [dataclasses.replace(e, id=str(i)) for i, e in enumerate(run.examples[:5])]
+    result = evaluate_shared(run.model, run.tokenizer, ByIndex(), items, 6)
+    evaluated = [result.metrics, [s.extracted for s in result.scores], result.completions]
     if env.is_main:
-        torch.save({"params": whole_params, "losses": losses, "grads": grads, "generated": generated}, out)
+        torch.save({"params": whole_params, "losses": losses, "grads": grads, "generated": generated,
+                    "evaluated": evaluated}, out)
     distributed.shutdown()
 ''')
 
@@ -113,6 +125,8 @@ def test_two_processes_match_one(tmp_path, components, mode):
         for a, b in zip(one["params"], two["params"], strict=True):
             assert ((a - b).norm() / b.norm().clamp_min(1e-12)).item() <= 1e-5, shard
         assert one["generated"] == two["generated"], shard
+        assert one["evaluated"] == two["evaluated"], shard
+        assert two["evaluated"][:2] == [{"accuracy": 0.4, "extraction_rate": 1.0}, ["0", "1", "2", "3", "4"]]
 
 
 def test_num_processes_flag_trains_with_two_processes(tmp_path):

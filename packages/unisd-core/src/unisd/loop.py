@@ -38,7 +38,7 @@ from .chunked import chunked_target_logprobs, chunked_token_outputs
 from .components import instantiate
 from .config import RunConfig, dump_config
 from .errors import ConfigError, DataError, UnisdError, UsageError
-from .evaluate import evaluate
+from .evaluate import evaluate_shared
 from .models import apply_lora, load_model, load_tokenizer, resolve_model, training_dtype
 from .plugins import UnisdPluginManager
 from .prompts import budget_teacher_prompt, encode, fit_from_front, render_chat
@@ -459,9 +459,10 @@ def privileged_gap(run: Run, task: Task, limit: int | None) -> dict[str, float]:
     """Student accuracy, teacher-with-reference accuracy, and their difference, on the eval split."""
     examples = task.load(task.eval_split, limit=limit)
     max_new = run.config.completion_budget(task)
-    student = evaluate(run.model, run.tokenizer, task, examples, max_new).metrics
+    # Every process evaluates its share of the items (a sharded model needs all of them to generate).
+    student = evaluate_shared(run.model, run.tokenizer, task, examples, max_new).metrics
     with run.teacher.as_model() as teacher_model:
-        teacher = evaluate(teacher_model, run.tokenizer, task, examples, max_new, with_reference=True).metrics
+        teacher = evaluate_shared(teacher_model, run.tokenizer, task, examples, max_new, with_reference=True).metrics
     return {
         "student_accuracy": student["accuracy"],
         "teacher_accuracy": teacher["accuracy"],
@@ -519,9 +520,7 @@ def train(
     run.step = start
 
     gap_task = run.task if cfg.eval_before_after and run.task is not None else None
-    # Evaluation generates on the main process; a sharded model needs every process for its all-gathers.
-    evaluates = env.is_main or sharded
-    if gap_task is not None and start == 0 and evaluates:
+    if gap_task is not None and start == 0:
         before = privileged_gap(run, gap_task, cfg.eval_limit)
         if env.is_main:
             _write_json(out / "eval" / "before.json", before)
@@ -587,7 +586,7 @@ def train(
             for comp in run.components:
                 if hasattr(comp, "metrics"):
                     record.update({f"{comp.name}/{k}": float(v) for k, v in comp.metrics().items()})
-            if cfg.eval_task and cfg.eval_every and step % cfg.eval_every == 0 and evaluates:
+            if cfg.eval_task and cfg.eval_every and step % cfg.eval_every == 0:
                 record.update(_periodic_eval(run, pm, cfg.eval_task, cfg.eval_limit))
             if env.is_main:
                 metrics_log.write(record)
@@ -628,7 +627,7 @@ def train(
     if env.is_main:
         with atomic.directory(out / "final") as tmp:
             save_weights(model, run.tokenizer, tmp, cfg.lora, state=model_state)
-    if gap_task is not None and evaluates:
+    if gap_task is not None:
         after = privileged_gap(run, gap_task, cfg.eval_limit)
         if env.is_main:
             _write_json(out / "eval" / "after.json", after)
