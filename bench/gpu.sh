@@ -11,14 +11,16 @@ OUT="${OUT:-bench-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python -m pip install -q --no-deps --no-build-isolation -e packages/unisd-core -e packages/unisd-components 2>&1 | tail -2 || true
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+# one log for all checks: the device tool brings back at most 8 files (this writes 5)
+LOG="$OUT/checks.log"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>&1 | tee "$LOG"
 failed=()
-check() {  # check NAME SECONDS COMMAND...: one check's output to $OUT/NAME.log; a failure or timeout does not stop the rest
+check() {  # check NAME SECONDS COMMAND...: a failure or timeout is logged and does not stop the rest
     local name=$1 seconds=$2
     shift 2
-    echo "== $name"
-    if ! timeout "$seconds" "$@" 2>&1 | tee "$OUT/$name.log"; then
-        echo "!! $name failed or timed out (limit ${seconds}s)" | tee -a "$OUT/$name.log"
+    echo "== $name" | tee -a "$LOG"
+    if ! timeout "$seconds" "$@" 2>&1 | tee -a "$LOG"; then
+        echo "!! $name failed or timed out (limit ${seconds}s)" | tee -a "$LOG"
         failed+=("$name")
     fi
 }

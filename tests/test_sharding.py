@@ -283,3 +283,16 @@ def test_bf16_mixed_precision_from_the_launcher_trains(tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(r["nonfinite_skipped"] == 0 for r in records)
     assert load_file(str(out / "final" / "adapter_model.safetensors"))  # whole float32 adapter tensors
+
+
+def test_a_torch_without_fsdp2_sum_reductions_is_refused_before_loading(monkeypatch):
+    """torch < 2.9 has no force-sum reductions; sharding would average (or, on gloo, fail) mid-run."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from unisd import sharding
+    from unisd.errors import UsageError
+
+    sharding.require_support()  # this torch has them
+    monkeypatch.delattr(FSDPModule, "set_force_sum_reduction_for_comms")
+    with pytest.raises(UsageError, match=r"torch >= 2\.9.*--shard none"):
+        sharding.require_support()

@@ -200,10 +200,13 @@ def test_full_finetuning_keeps_float32_weights_unless_told_otherwise(monkeypatch
     assert seen == [loaded]
 
 
-def test_full_finetuning_in_half_precision_warns_that_updates_are_lost(tiny_llama, toy_data, tmp_path):
+@pytest.mark.parametrize("flags, warning", [(["--full", "--dtype", "bfloat16"], "rounded away"),
+                                           (["--dtype", "float16"], "no loss scaler")])
+def test_half_precision_training_warns_what_it_loses(tiny_llama, toy_data, tmp_path, flags, warning):
     result = invoke(make_app(get_plugin_manager()), [
         "train", "--model", str(tiny_llama), "--data", str(toy_data), "--steps", "1", "--output", str(tmp_path / "o"),
-        "--batch-size", "2", "--max-new-tokens", "4", "--full", "--dtype", "bfloat16",
+        "--batch-size", "2", "--max-new-tokens", "4", *flags,
     ])
     assert result.exit_code == 0, result.output
-    assert "rounded away" in result.output and "--dtype float32" in result.output
+    assert warning in result.output
+    assert "rounded away" not in result.output or "--full" in flags

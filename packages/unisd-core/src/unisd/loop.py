@@ -406,6 +406,8 @@ def build_run(config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, out
         raise UsageError(f"--backend {config.backend} runs in one process only; use --backend hf for "
                          f"{world} processes, or --backend vllm-server with a separate vLLM server")
     plan = sharding.choose_plan(config.shard, config.deepspeed, world)
+    if plan is not None:
+        sharding.require_support()
     if plan is not None and config.backend != "hf":
         raise UsageError(f"--backend {config.backend} cannot generate from a sharded model yet; use --backend hf "
                          f"with sharding ({plan.source}), or plain data parallelism (--shard none)")
@@ -421,6 +423,9 @@ def build_run(config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, out
         reporter.info(f"[yellow]--full with {config.dtype} weights: AdamW updates smaller than the weights' "
                       "precision (most of them, at small learning rates) are rounded away. --dtype float32 (what "
                       "'auto' loads under --full) keeps them; FSDP mixed precision then computes in bf16.[/]")
+    if config.dtype == "float16":
+        reporter.info("[yellow]--dtype float16: unisd runs no loss scaler, so float16 activations and gradients can "
+                      "overflow or underflow; prefer bfloat16 (GPUs since Ampere) or float32.[/]")
     if config.gradient_checkpointing or (plan is not None and plan.activation_checkpointing):
         # the method's memory setting: recompute activations in backward
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from .config import SHARD_CHOICES
-from .errors import ConfigError
+from .errors import ConfigError, UsageError
 
 
 @dataclass(frozen=True)
@@ -207,6 +207,15 @@ def choose_plan(shard: str, deepspeed_config: str | None, world_size: int,
 
 # ----------------------------------------------------------------------------------------------
 # Applying it
+
+
+def require_support() -> None:
+    """Refuse, before anything is loaded, a torch whose FSDP2 cannot sum gradients over processes."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not hasattr(FSDPModule, "set_force_sum_reduction_for_comms"):
+        raise UsageError(f"sharding needs torch >= 2.9 (FSDP2 sum reductions); this is torch {torch.__version__}. "
+                         "Upgrade torch, or train replicated with --shard none")
 
 
 def is_sharded(model: Any) -> bool:
