@@ -65,3 +65,16 @@ def test_step_benchmark_flop_count_matches_a_measured_count(tmp_path):
         completion = sum(len(c.ids) for c in completions)
         counted = bench_step.training_flops(run, full, student, teacher, completion)
         assert abs(counted - measured) / measured < 0.05, (full, counted, measured)
+
+
+def test_gpu_script_runs_every_check_at_toy_shapes(tmp_path):
+    """bench/gpu.sh itself (the one command a GPU session gets to run), in its CPU smoke mode."""
+    import os
+
+    result = subprocess.run(["bash", "bench/gpu.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["checks.log", "divergence-lora-eager.json", "divergence-lora.json", "divergence.json", "step.json"]
+    log = (tmp_path / "checks.log").read_text()
+    assert log.count("memory_ratio=") == 3 and "context_memory_increase_mib=" in log and "!!" not in log
