@@ -25,8 +25,15 @@ WORKER = textwrap.dedent('''
     env = distributed.init_from_env()
     cfg = RunConfig(model=model_dir, data=data, batch_size=2, grad_accum=8 // (2 * env.world_size),
                     lora_dropout=0.0, max_new_tokens=8, components=components, lr=1e-2, shard=shard, lora=lora)
+    import unisd.loop
+    loads, real_load = [], unisd.loop.load_model
+    unisd.loop.load_model = lambda *a, **kw: loads.append(kw.get("on_meta", False)) or real_load(*a, **kw)
     run = build_run(cfg, get_plugin_manager(), Reporter(), None)
-    assert sharding.is_sharded(run.model) == (shard in ("fsdp", "auto") and env.active)
+    sharded = shard in ("fsdp", "auto") and env.active
+    assert sharding.is_sharded(run.model) == sharded
+    # under sharding only the main process reads the weights; the others build on the meta device
+    assert loads == [sharded and not env.is_main], loads
+    assert not any(t.is_meta for t in (*run.model.parameters(), *run.model.buffers()))
     with torch.no_grad():
         for name, p in run.model.named_parameters():
             if "lora_B" in name:

@@ -242,6 +242,13 @@ def test_sharded_full_fine_tuning_resumes_exactly(tmp_path):
     assert expected.keys() == resumed.keys()
     for name, tensor in expected.items():
         assert torch.allclose(resumed[name], tensor, rtol=0, atol=1e-6), name
+    # Only the main process reads a sharded checkpoint: what it cannot read stops every process at once
+    # (one message; torchrun reports its workers' exit 2 as 1), none waits for a broadcast.
+    (out / "checkpoints" / "step-1" / "optimizer.pt").write_bytes(b"not a torch file")
+    broken = subprocess.run([*launch, "--resume", str(out / "checkpoints" / "step-1")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert broken.returncode != 0 and "exitcode: 2" in broken.stderr, broken.stderr[-3000:]
+    assert (broken.stdout + broken.stderr).count("Error: UnpicklingError") == 1, broken.stdout + broken.stderr[-3000:]
 
 
 def test_positional_optimizer_state_of_older_checkpoints_resumes_exactly(tmp_path):

@@ -9,16 +9,18 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from . import atomic
+from . import atomic, distributed
 from .errors import CheckpointError
 
 STATE_FILE = "trainer_state.json"
+T = TypeVar("T")
 
 
 def rng_state() -> dict[str, Any]:
@@ -58,50 +60,98 @@ def save_weights(model: Any, tokenizer: Any, directory: Path, lora: bool, state:
 
 
 def load_weights(model: Any, directory: Path, lora: bool) -> None:
-    from safetensors.torch import load_file
+    """Load saved weights (adapter or full) into ``model``, sharded or not.
 
+    A model sharded over several processes is read by the main process alone, which broadcasts each
+    tensor while every process keeps its shard: no other process holds a whole copy.
+    """
     from . import sharding
 
-    if lora:
-        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    if not sharding.is_sharded(model):
+        _load_unsharded(model, directory, lora)
+        return
+    from_main = distributed.current().active
+    state = _on_main_only(lambda: _sharded_state_by_name(model, directory, lora)) if from_main else \
+        _sharded_state_by_name(model, directory, lora)
+    sharding.load_model_state(model, state or {}, from_main=from_main)
 
-        path = directory / "adapter_model.safetensors"
-        if not path.is_file():
-            raise CheckpointError(f"{directory}: no adapter_model.safetensors (was this run trained with --full?)")
-        saved = load_file(str(path))
-        if not sharding.is_sharded(model):
-            set_peft_model_state_dict(model, saved)
-            return
+
+def _load_unsharded(model: Any, directory: Path, lora: bool) -> None:
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, _read_adapter(directory))
+        return
+    missing, unexpected = model.load_state_dict(_read_full(directory), strict=False)
+    # Tied lm-head weights are saved once; anything else missing means a different model.
+    missing = [m for m in missing if not m.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(f"{directory}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def _sharded_state_by_name(model: Any, directory: Path, lora: bool) -> dict[str, torch.Tensor]:
+    """The saved tensors keyed by the (sharded) model's parameter names, checked against them."""
+    if lora:
+        from peft import get_peft_model_state_dict
+
+        saved = _read_adapter(directory)
         # The adapter file names tensors without the adapter name; a sharded model loads by parameter name.
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         saved_name_of = get_peft_model_state_dict(model, state_dict={n: n for n in names})
         missing = [k for k in saved_name_of if k not in saved]
         if missing:
-            raise CheckpointError(f"{path}: adapter tensors missing ({missing[:3]}); was it saved by another model?")
-        sharding.load_model_state(model, {fqn: saved[key] for key, fqn in saved_name_of.items()})
-        return
+            raise CheckpointError(f"{directory / 'adapter_model.safetensors'}: adapter tensors missing ({missing[:3]}); "
+                                  "was it saved by another model?")
+        return {fqn: saved[key] for key, fqn in saved_name_of.items()}
+    state = _read_full(directory)
+    # every name of a tied weight counts (a sharded save lists the tied lm-head under both names)
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    names = params | {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    unknown = [k for k in state if k not in names]
+    missing = [n for n in params if n not in state and not n.endswith("lm_head.weight")]
+    if unknown or missing:
+        raise CheckpointError(f"{directory}: weights do not match the model (missing {missing[:3]}, "
+                              f"unexpected {unknown[:3]})")
+    return state
+
+
+def _read_adapter(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = directory / "adapter_model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no adapter_model.safetensors (was this run trained with --full?)")
+    return load_file(str(path))
+
+
+def _read_full(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     files = sorted(directory.glob("model*.safetensors"))
     if not files:
         raise CheckpointError(f"{directory}: no model*.safetensors (was this run trained with LoRA?)")
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
-    if sharding.is_sharded(model):
-        # every name of a tied weight counts (a sharded save lists the tied lm-head under both names)
-        params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-        names = params | {n for n, _ in model.named_buffers(remove_duplicate=False)}
-        unknown = [k for k in state if k not in names]
-        missing = [n for n in params if n not in state and not n.endswith("lm_head.weight")]
-        if unknown or missing:
-            raise CheckpointError(f"{directory}: weights do not match the model (missing {missing[:3]}, "
-                                  f"unexpected {unknown[:3]})")
-        sharding.load_model_state(model, state)
-        return
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # Tied lm-head weights are saved once; anything else missing means a different model.
-    missing = [m for m in missing if not m.endswith("lm_head.weight")]
-    if missing or unexpected:
-        raise CheckpointError(f"{directory}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return state
+
+
+def _on_main_only(read: Callable[[], T]) -> T | None:
+    """``read()`` on the main process only (collective: every process calls this); None elsewhere.
+
+    Whatever goes wrong there is raised on every process as one CheckpointError, so no process is left
+    waiting for a broadcast that never comes.
+    """
+    result, error = None, None
+    if distributed.current().is_main:
+        try:
+            result = read()
+        except Exception as exc:  # noqa: BLE001 (re-raised everywhere below, with its message)
+            error = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
+    error = distributed.gather_objects(error)[0]
+    if error is not None:
+        raise CheckpointError(error)
+    return result
 
 
 def save_checkpoint(
@@ -191,11 +241,17 @@ def load_checkpoint(
     load_weights(model, path, lora)
     from . import sharding
 
-    optim_state = torch.load(path / "optimizer.pt", weights_only=False)
-    groups = optim_state.get("param_groups") or [{}]
-    if groups[0].get("params") and isinstance(groups[0]["params"][0], int):  # positional (older checkpoints)
-        optim_state = _named_optimizer_state(model, optim_state, path)
-    sharding.load_optimizer_state(model, optimizer, optim_state)
+    def read_optimizer_state() -> dict[str, Any]:
+        optim_state = torch.load(path / "optimizer.pt", weights_only=False)
+        groups = optim_state.get("param_groups") or [{}]
+        if groups[0].get("params") and isinstance(groups[0]["params"][0], int):  # positional (older checkpoints)
+            optim_state = _named_optimizer_state(model, optim_state, path)
+        return optim_state
+
+    # Sharded over several processes: the main one reads the (largest) state and broadcasts it.
+    from_main = sharding.is_sharded(model) and distributed.current().active
+    optim_state = _on_main_only(read_optimizer_state) if from_main else read_optimizer_state()
+    sharding.load_optimizer_state(model, optimizer, optim_state or {}, from_main=from_main)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     saved = torch.load(path / "components.pt", weights_only=False)
     for comp in components:

@@ -417,8 +417,10 @@ def build_run(config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, out
     tokenizer = load_tokenizer(source)
     # Under sharding each unit moves to its device as it is sharded: a model that only fits once sharded
     # (or is offloaded to CPU) never lands on one GPU whole.
+    # Under sharding only the main process reads the weights: the others build the model on the meta
+    # device and receive their shards after sharding (sharding.fill_from_main).
     model = load_model(source, training_dtype(config.dtype, not config.lora), config.attn_implementation,
-                       to_gpu=plan is None)
+                       to_gpu=plan is None, on_meta=plan is not None and not distributed.current().is_main)
     if not config.lora and config.dtype in ("bfloat16", "float16"):
         reporter.info(f"[yellow]--full with {config.dtype} weights: AdamW updates smaller than the weights' "
                       "precision (most of them, at small learning rates) are rounded away. --dtype float32 (what "
@@ -440,9 +442,12 @@ def build_run(config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, out
         reporter.info(f"Sharding: {plan.describe()}")
         if plan.ignored:
             reporter.info(f"[yellow]Not applied from {plan.source}: {'; '.join(plan.ignored)}.[/]")
-        sharding.shard_model(model, plan)
-        if teacher_model(run) is not None and teacher_model(run) is not model:
-            sharding.shard_model(teacher_model(run), plan)
+        models = [model] + [m for m in [teacher_model(run)] if m is not None and m is not model]
+        for sharded in models:  # the state is read before sharding (whole tensors), filled in after
+            state = sharded.state_dict() if distributed.current().is_main else None
+            sharding.shard_model(sharded, plan)
+            sharding.fill_from_main(sharded, state)
+            del state
     owners = [c for c in components if hasattr(c, "teacher")]
     _call_all(components, "setup", run)
     if owners:

@@ -124,9 +124,15 @@ def training_dtype(dtype: str, full: bool) -> str:
     return "float32" if dtype == "auto" and full else dtype
 
 
-def load_model(source: str, dtype: str = "auto", attn_implementation: str | None = None, to_gpu: bool = True) -> Any:
-    """Load a causal LM. ``to_gpu=False`` leaves it on the CPU (FSDP moves each unit itself, one at a time)."""
-    from transformers import AutoModelForCausalLM
+def load_model(
+    source: str, dtype: str = "auto", attn_implementation: str | None = None, to_gpu: bool = True, on_meta: bool = False
+) -> Any:
+    """Load a causal LM. ``to_gpu=False`` leaves it on the CPU (FSDP moves each unit itself, one at a time).
+
+    ``on_meta``: build the architecture without weights (no memory) on the meta device; a sharded run's
+    other processes receive the main process's weights after sharding (``sharding.fill_from_main``).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     if dtype not in TORCH_DTYPES:
         raise UsageError(f"--dtype {dtype}: expected one of {', '.join(TORCH_DTYPES)}")
@@ -136,6 +142,14 @@ def load_model(source: str, dtype: str = "auto", attn_implementation: str | None
     kwargs: dict[str, Any] = {"dtype": chosen}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if on_meta:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), **kwargs)
+        try:  # what from_pretrained would read: EOS ids and sampling defaults must match the main process's
+            model.generation_config = GenerationConfig.from_pretrained(source)
+        except OSError:
+            pass
+        return model
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if to_gpu and torch.cuda.is_available():
         model = model.to("cuda")

@@ -283,6 +283,29 @@ def shard_model(model: torch.nn.Module, plan: ShardPlan) -> torch.nn.Module:
     return model
 
 
+@torch.no_grad()
+def fill_from_main(model: torch.nn.Module, main_state: dict[str, torch.Tensor] | None) -> None:
+    """Give every process's shards the weights the main process loaded (collective; after ``shard_model``).
+
+    Under sharding only the main process reads the weights; the others build the model on the meta
+    device, so no process but one ever holds a whole copy. Here those allocate their shards (on the
+    GPU, or on the CPU under offload) and receive the values tensor by tensor, and every buffer (rotary
+    frequencies are not in a state dict) is broadcast as a whole. ``main_state``: the main process's
+    ``state_dict()`` taken before sharding; ignored elsewhere.
+    """
+    import torch.distributed as dist
+
+    from . import distributed
+
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        plan = getattr(model, "_unisd_plan", None)
+        on_gpu = torch.cuda.is_available() and not (plan is not None and plan.cpu_offload)
+        model.to_empty(device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu"))
+    load_model_state(model, (main_state if distributed.current().is_main else None) or {}, from_main=True)
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def forward_call(model: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)`` as a forward of ``model``'s root unit when sharded (plain call otherwise).
 
@@ -400,14 +423,21 @@ def full_optimizer_state(model: Any, optimizer: torch.optim.Optimizer) -> dict[s
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_model_state(model: Any, state: dict[str, torch.Tensor]) -> None:
-    """Load whole (unsharded) tensors by parameter name; each process keeps its shard."""
+def load_model_state(model: Any, state: dict[str, torch.Tensor], from_main: bool = False) -> None:
+    """Load whole (unsharded) tensors by parameter name; each process keeps its shard.
+
+    ``from_main``: only the main process holds ``state`` and broadcasts it tensor by tensor (collective).
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    options = StateDictOptions(full_state_dict=True, strict=False, broadcast_from_rank0=from_main)
+    set_model_state_dict(model, state, options=options)
 
 
-def load_optimizer_state(model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def load_optimizer_state(model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                         from_main: bool = False) -> None:
+    """Load a name-keyed optimizer state; ``from_main`` as in ``load_model_state``."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_main)
+    set_optimizer_state_dict(model, optimizer, state, options=options)
