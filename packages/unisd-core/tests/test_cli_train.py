@@ -210,3 +210,20 @@ def test_half_precision_training_warns_what_it_loses(tiny_llama, toy_data, tmp_p
     assert result.exit_code == 0, result.output
     assert warning in result.output
     assert "rounded away" not in result.output or "--full" in flags
+
+
+@pytest.mark.parametrize("tf32, precision", [(True, "high"), (False, "highest")])
+def test_float32_matmuls_use_tf32_on_gpus_unless_turned_off(monkeypatch, tiny_llama, toy_data, tf32, precision):
+    """Emulated GPU: float32 weights (--full) multiply as TF32 by default; tf32 = false keeps full float32."""
+    import unisd.loop as loop
+    from unisd.config import RunConfig
+    from unisd.reporting import Reporter
+
+    set_to = []
+    real_load = loop.load_model
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", set_to.append)
+    monkeypatch.setattr(loop, "load_model", lambda *a, **kw: real_load(*a, **{**kw, "to_gpu": False}))
+    loop.build_run(RunConfig(model=str(tiny_llama), data=str(toy_data), lora=False, tf32=tf32),
+                   get_plugin_manager(), Reporter(), None)
+    assert set_to == [precision]

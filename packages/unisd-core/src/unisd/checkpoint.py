@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +19,6 @@ from . import atomic, distributed
 from .errors import CheckpointError
 
 STATE_FILE = "trainer_state.json"
-T = TypeVar("T")
 
 
 def rng_state() -> dict[str, Any]:
@@ -71,7 +69,7 @@ def load_weights(model: Any, directory: Path, lora: bool) -> None:
         _load_unsharded(model, directory, lora)
         return
     from_main = distributed.current().active
-    state = _on_main_only(lambda: _sharded_state_by_name(model, directory, lora)) if from_main else \
+    state = distributed.on_main_only(lambda: _sharded_state_by_name(model, directory, lora), CheckpointError) if from_main else \
         _sharded_state_by_name(model, directory, lora)
     sharding.load_model_state(model, state or {}, from_main=from_main)
 
@@ -134,24 +132,6 @@ def _read_full(directory: Path) -> dict[str, torch.Tensor]:
     for f in files:
         state.update(load_file(str(f)))
     return state
-
-
-def _on_main_only(read: Callable[[], T]) -> T | None:
-    """``read()`` on the main process only (collective: every process calls this); None elsewhere.
-
-    Whatever goes wrong there is raised on every process as one CheckpointError, so no process is left
-    waiting for a broadcast that never comes.
-    """
-    result, error = None, None
-    if distributed.current().is_main:
-        try:
-            result = read()
-        except Exception as exc:  # noqa: BLE001 (re-raised everywhere below, with its message)
-            error = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
-    error = distributed.gather_objects(error)[0]
-    if error is not None:
-        raise CheckpointError(error)
-    return result
 
 
 def save_checkpoint(
@@ -250,7 +230,7 @@ def load_checkpoint(
 
     # Sharded over several processes: the main one reads the (largest) state and broadcasts it.
     from_main = sharding.is_sharded(model) and distributed.current().active
-    optim_state = _on_main_only(read_optimizer_state) if from_main else read_optimizer_state()
+    optim_state = distributed.on_main_only(read_optimizer_state, CheckpointError) if from_main else read_optimizer_state()
     sharding.load_optimizer_state(model, optimizer, optim_state or {}, from_main=from_main)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     saved = torch.load(path / "components.pt", weights_only=False)

@@ -76,6 +76,7 @@ class RunConfig:
     eval_limit: int | None = 64
     eval_before_after: bool = False
     dtype: str = "auto"
+    tf32: bool = True  # on GPUs: float32 matmuls on TF32 tensor cores (float32 weights: --full, --dtype float32)
     attn_implementation: str | None = None
 
     def validate(self) -> None:

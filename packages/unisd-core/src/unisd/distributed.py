@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,7 @@ from .errors import UsageError
 # Whether this module started the process group. Only then is it ours to destroy: an in-process vLLM
 # engine starts a one-process group of its own and tears it down at exit.
 _started_group = False
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -150,3 +152,21 @@ def barrier() -> None:
 def shard(items: list[Any], env: DistEnv) -> list[Any]:
     """This process's share of the global batch (strided, so shares differ by at most one item)."""
     return items[env.rank :: env.world_size]
+
+
+def on_main_only(work: Callable[[], T], error_type: type[Exception]) -> T | None:
+    """``work()`` on the main process only; None elsewhere. Collective: every process must call this.
+
+    Whatever goes wrong there is raised on every process as one ``error_type`` with its message, so no
+    process is left waiting (at a barrier, or for a broadcast) on a main process that has stopped.
+    """
+    result, error = None, None
+    if current().is_main:
+        try:
+            result = work()
+        except Exception as exc:  # noqa: BLE001 (raised again everywhere below, with its message)
+            error = str(exc) if isinstance(exc, error_type) else f"{type(exc).__name__}: {exc}"
+    error = gather_objects(error)[0]
+    if error is not None:
+        raise error_type(error)
+    return result

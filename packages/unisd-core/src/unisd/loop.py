@@ -413,6 +413,10 @@ def build_run(config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, out
                          f"with sharding ({plan.source}), or plain data parallelism (--shard none)")
 
     seed_everything(config.seed)
+    if torch.cuda.is_available():
+        # float32 weights (--full keeps them for the optimizer) would otherwise multiply at a fraction of
+        # the tensor cores' rate; TF32 keeps float32's range with a 10-bit mantissa in the products.
+        torch.set_float32_matmul_precision("high" if config.tf32 else "highest")
     source = resolve_model(config.model, progress=reporter.info)
     tokenizer = load_tokenizer(source)
     # Under sharding each unit moves to its device as it is sharded: a model that only fits once sharded
@@ -424,7 +428,8 @@ def build_run(config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, out
     if not config.lora and config.dtype in ("bfloat16", "float16"):
         reporter.info(f"[yellow]--full with {config.dtype} weights: AdamW updates smaller than the weights' "
                       "precision (most of them, at small learning rates) are rounded away. --dtype float32 (what "
-                      "'auto' loads under --full) keeps them; FSDP mixed precision then computes in bf16.[/]")
+                      "'auto' loads under --full) keeps them: on GPUs its matmuls run as TF32, and a sharded run's "
+                      "bf16 mixed precision computes in bf16.[/]")
     if config.dtype == "float16":
         reporter.info("[yellow]--dtype float16: unisd runs no loss scaler, so float16 activations and gradients can "
                       "overflow or underflow; prefer bfloat16 (GPUs since Ampere) or float32.[/]")

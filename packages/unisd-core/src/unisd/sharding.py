@@ -297,13 +297,25 @@ def fill_from_main(model: torch.nn.Module, main_state: dict[str, torch.Tensor] |
 
     from . import distributed
 
+    gpu = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         plan = getattr(model, "_unisd_plan", None)
-        on_gpu = torch.cuda.is_available() and not (plan is not None and plan.cpu_offload)
-        model.to_empty(device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu"))
+        offloaded = plan is not None and plan.cpu_offload
+        model.to_empty(device=torch.device("cpu") if offloaded or gpu is None else gpu)
+        # FSDP moves buffers to the GPU even under offload (only parameter shards go back to the CPU):
+        # the same here, so each broadcast below meets the main process's on the same transport.
+        for module in model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None and gpu is not None:
+                    module._buffers[name] = buffer.to(gpu)
     load_model_state(model, (main_state if distributed.current().is_main else None) or {}, from_main=True)
     for buffer in model.buffers():
         dist.broadcast(buffer, src=0)
+    for module in model.modules():
+        # Older transformers keep the rotary base frequencies as a plain attribute, which to_empty
+        # does not reach; it equals the buffer just received.
+        if getattr(getattr(module, "original_inv_freq", None), "is_meta", False) and hasattr(module, "inv_freq"):
+            module.original_inv_freq = module.inv_freq.clone()
 
 
 def forward_call(model: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -14,6 +14,7 @@ sample per prompt, completions cut after the first EOS (kept), truncation flagge
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import secrets
@@ -23,6 +24,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, ClassVar
+
+import torch
 
 from . import distributed
 from .errors import UsageError
@@ -41,8 +44,14 @@ def _require_vllm() -> Any:
 
 
 def _dtype_name(model: Any) -> str:
-    """vLLM's name for the dtype the student's weights are in ("auto" would read the checkpoint's)."""
+    """The engine's dtype: the student's ("auto" would read the checkpoint's), except float32 on a GPU.
+
+    Full fine-tuning keeps float32 weights for the optimizer's sake (``models.training_dtype``); a GPU
+    engine generates from them in bf16, as fast inference does, and the weight loaders cast on copy.
+    """
     dtype = next(iter(model.parameters())).dtype
+    if dtype == torch.float32 and torch.cuda.is_available():
+        return "bfloat16"
     return str(dtype).removeprefix("torch.")
 
 
@@ -66,17 +75,19 @@ def _engine_in_this_process(wanted: bool):
     vLLM's default engine runs in a child process, and handing it a function that closes over the
     student's tensors needs pickling (refused unless insecure serialisation is switched on) and a copy
     of every weight per step. In this process, ``apply_model`` reaches the engine's model directly.
-    vLLM seeds the global random generators when it starts in-process; the trainer's are put back.
+    vLLM seeds the global random generators when it starts in-process; the trainer's (Python, numpy,
+    torch on the CPU and on this GPU) are put back.
     """
     if not wanted:
         yield
         return
     import random
 
-    import torch
+    import numpy as np
 
     saved_env = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    saved_rng = random.getstate(), torch.random.get_rng_state()
+    saved_rng = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    saved_gpu_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:
         yield
@@ -86,7 +97,10 @@ def _engine_in_this_process(wanted: bool):
         else:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved_env
         random.setstate(saved_rng[0])
-        torch.random.set_rng_state(saved_rng[1])
+        np.random.set_state(saved_rng[1])
+        torch.random.set_rng_state(saved_rng[2])
+        if saved_gpu_rng is not None:
+            torch.cuda.set_rng_state(saved_gpu_rng)
 
 
 class VLLMBackend:
@@ -161,7 +175,7 @@ class VLLMBackend:
             # vLLM ≥ 0.12: an in-place reload that understands layers repacked after the first load
             # (fused projections, CPU kernel layouts), whose weight loaders are gone by then.
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
-        except AttributeError:  # older engines: the model's own loader still works after loading
+        except (AttributeError, TypeError):  # older engines (no such worker method, or another signature)
             self.llm.apply_model(lambda model: model.load_weights(weights=weights))
         self.llm.apply_model(_refresh_tied_head)
         if hasattr(self.llm, "reset_prefix_cache"):
@@ -169,9 +183,16 @@ class VLLMBackend:
 
     def close(self) -> None:
         """Stop the engine now (its memory, its worker process) rather than at interpreter exit."""
-        engine = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        llm = self.__dict__.pop("llm", None)  # an in-process engine's weights and KV cache go with it
+        if llm is None:
+            return
+        engine = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if hasattr(engine, "shutdown"):
             engine.shutdown()
+        del llm, engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         shutil.rmtree(self._adapter_dir, ignore_errors=True)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
@@ -241,14 +262,18 @@ class VLLMServerBackend:
         name = f"{self.tag}-v{self._version}"
         if self._loaded == name:
             return name
-        if distributed.current().is_main:
+        previous = self._loaded
+
+        def publish() -> None:
             target = self.adapter_root / name
             self.model.save_pretrained(target)
             self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(target)})
-            if self._loaded is not None:  # the server would keep every step's adapter otherwise
-                self._post("/v1/unload_lora_adapter", {"lora_name": self._loaded})
-                shutil.rmtree(self.adapter_root / self._loaded, ignore_errors=True)
-        distributed.barrier()  # no process asks for the new name before the server has it
+            if previous is not None:  # the server would keep every step's adapter otherwise
+                self._post("/v1/unload_lora_adapter", {"lora_name": previous})
+                shutil.rmtree(self.adapter_root / previous, ignore_errors=True)
+
+        # No process asks for the new name before the server has it; a failure stops them all at once.
+        distributed.on_main_only(publish, UsageError)
         self._loaded = name
         return name
 
