@@ -63,7 +63,7 @@ WORKER = textwrap.dedent('''
     prompts = [run.student_ids(e) for e in run.examples[:3]]
     generated = [c.ids for c in HFBackend(run.model, run.tokenizer).generate(prompts, SamplingParams(0.0, 1.0, 6))]
     # evaluation split over the processes (5 items: the second process's share is padded), gathered in order
-    from unisd.evaluate import evaluate_shared
+    from unisd.evaluate import evaluate
     from unisd.tasks import Score, Task
 
     class ByIndex(Task):
@@ -71,7 +71,7 @@ WORKER = textwrap.dedent('''
             return Score(float(example.id in ("0", "3")), extracted=example.id)
 
     items = [dataclasses.replace(e, id=str(i)) for i, e in enumerate(run.examples[:5])]
-    result = evaluate_shared(run.model, run.tokenizer, ByIndex(), items, 6)
+    result = evaluate(run.model, run.tokenizer, ByIndex(), items, 6, split_over_processes=True)
     evaluated = [result.metrics, [s.extracted for s in result.scores], result.completions]
     if env.is_main:
         torch.save({"params": whole_params, "losses": losses, "grads": grads, "generated": generated,

@@ -36,36 +36,26 @@ def evaluate(
     examples: list[Example],
     max_new_tokens: int,
     with_reference: bool = False,
+    split_over_processes: bool = False,
 ) -> EvalResult:
-    """Greedy-decode every example (as the student, or as the teacher given the reference) and score it."""
+    """Greedy-decode every example (as the student, or as the teacher given the reference) and score it.
+
+    ``split_over_processes`` (collective: every training process calls it): each process decodes and
+    scores a contiguous share and every process gets the whole result, in the examples' order. Shares
+    are padded to equal length (the padding's results are dropped) because a sharded model's processes
+    must make the same number of ``generate`` calls.
+    """
+    env = distributed.current()
+    if split_over_processes and env.active and examples:
+        share = -(-len(examples) // env.world_size)
+        mine = examples[env.rank * share : (env.rank + 1) * share]
+        padded = mine + [examples[-1]] * (share - len(mine))
+        part = evaluate(model, tokenizer, task, padded, max_new_tokens, with_reference)
+        parts = distributed.gather_objects((part.completions[: len(mine)], part.scores[: len(mine)]))
+        completions = [c for texts, _ in parts for c in texts]
+        scores = [s for _, verdicts in parts for s in verdicts]
+        return EvalResult(task.aggregate(scores), completions, scores)
     texts = [task.teacher_text(ex) if with_reference else ex.prompt for ex in examples]
     completions = generate_texts(model, tokenizer, texts, max_new_tokens)
     scores = task.score_batch(examples, completions)
-    return EvalResult(task.aggregate(scores), completions, scores)
-
-
-def evaluate_shared(
-    model: Any,
-    tokenizer: Any,
-    task: Task,
-    examples: list[Example],
-    max_new_tokens: int,
-    with_reference: bool = False,
-) -> EvalResult:
-    """``evaluate`` with the examples split over the training processes; every process gets the whole result.
-
-    Each process decodes and scores a contiguous share, so the shares gathered in rank order are the
-    examples' order. Shares are padded to equal length (the padding's results are dropped) because a
-    sharded model's processes must make the same number of ``generate`` calls.
-    """
-    env = distributed.current()
-    if not env.active or not examples:
-        return evaluate(model, tokenizer, task, examples, max_new_tokens, with_reference)
-    share = -(-len(examples) // env.world_size)
-    mine = examples[env.rank * share : (env.rank + 1) * share]
-    padded = mine + [examples[-1]] * (share - len(mine))
-    part = evaluate(model, tokenizer, task, padded, max_new_tokens, with_reference)
-    parts = distributed.gather_objects((part.completions[: len(mine)], part.scores[: len(mine)]))
-    completions = [c for texts, _ in parts for c in texts]
-    scores = [s for _, verdicts in parts for s in verdicts]
     return EvalResult(task.aggregate(scores), completions, scores)

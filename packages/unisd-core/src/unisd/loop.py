@@ -38,7 +38,7 @@ from .chunked import chunked_target_logprobs, chunked_token_outputs
 from .components import instantiate
 from .config import RunConfig, dump_config
 from .errors import ConfigError, DataError, UnisdError, UsageError
-from .evaluate import evaluate_shared
+from .evaluate import evaluate
 from .models import apply_lora, load_model, load_tokenizer, resolve_model, training_dtype
 from .plugins import UnisdPluginManager
 from .prompts import budget_teacher_prompt, encode, fit_from_front, render_chat
@@ -475,9 +475,10 @@ def privileged_gap(run: Run, task: Task, limit: int | None) -> dict[str, float]:
     examples = task.load(task.eval_split, limit=limit)
     max_new = run.config.completion_budget(task)
     # Every process evaluates its share of the items (a sharded model needs all of them to generate).
-    student = evaluate_shared(run.model, run.tokenizer, task, examples, max_new).metrics
+    student = evaluate(run.model, run.tokenizer, task, examples, max_new, split_over_processes=True).metrics
     with run.teacher.as_model() as teacher_model:
-        teacher = evaluate_shared(teacher_model, run.tokenizer, task, examples, max_new, with_reference=True).metrics
+        teacher = evaluate(teacher_model, run.tokenizer, task, examples, max_new, with_reference=True,
+                           split_over_processes=True).metrics
     return {
         "student_accuracy": student["accuracy"],
         "teacher_accuracy": teacher["accuracy"],
