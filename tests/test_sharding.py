@@ -303,3 +303,33 @@ def test_a_torch_without_fsdp2_sum_reductions_is_refused_before_loading(monkeypa
     monkeypatch.delattr(FSDPModule, "set_force_sum_reduction_for_comms")
     with pytest.raises(UsageError, match=r"torch >= 2\.9.*--shard none"):
         sharding.require_support()
+
+
+@pytest.mark.parametrize("offload, kept_whole", [(False, True), (True, False)])
+def test_generation_keeps_blocks_whole_unless_offloaded(tmp_path, monkeypatch, offload, kept_whole):
+    """Generation gathers each block once and keeps it (fast), except under CPU offload, where the whole
+    model may not fit the GPU: there each block is gathered per forward. (One-process gloo group; the
+    offload flag is set on the plan after sharding, as FSDP's CPU offload needs a GPU.)"""
+    import dataclasses
+    import tempfile
+
+    import torch.distributed as dist
+
+    from unisd import sharding
+    from unisd.models import load_model
+
+    dist.init_process_group("gloo", store=dist.FileStore(tempfile.mktemp(dir=tmp_path), 1), rank=0, world_size=1)
+    try:
+        model = load_model(str(make_tiny_model_dir(tmp_path / "model")), "float32")
+        sharding.shard_model(model, ShardPlan(reshard_after_forward=True))
+        model._unisd_plan = dataclasses.replace(model._unisd_plan, cpu_offload=offload)
+        settings = []
+        for unit in model.modules():
+            if sharding.is_sharded(unit) and unit is not model:
+                monkeypatch.setattr(unit, "set_reshard_after_forward",
+                                    lambda value, recurse=True: settings.append(value))
+        with sharding.gathered(model, keep_blocks=True):
+            pass
+        assert (False in settings) == kept_whole, settings
+    finally:
+        dist.destroy_process_group()

@@ -337,13 +337,15 @@ def gathered(model: Any, keep_blocks: bool = False) -> Iterator[None]:
 
     ``keep_blocks``: also keep each block whole once its first forward has gathered it, until the
     context ends: generation then all-gathers every block once, not once per generated token (the
-    memory of one whole model; the blocks are resharded on exit).
+    memory of one whole model; the blocks are resharded on exit). Ignored under CPU offload, which is
+    there because the whole model may not fit the GPU: each block is gathered per forward instead.
     """
     if model is None or not is_sharded(model):
         yield
         return
     units = [m for m in model.modules() if is_sharded(m) and m is not model]
     plan: ShardPlan = getattr(model, "_unisd_plan", ShardPlan())
+    keep_blocks = keep_blocks and not plan.cpu_offload
     forward_call(model, _nothing)  # the root's pre-forward: first-use setup, then its parameters gathered
     try:
         if keep_blocks:
