@@ -92,7 +92,6 @@ def timed_steps(args, run: loop.Run) -> dict:
 
     loop.teacher_pass = timed_teacher_pass
     phases: dict[str, list[float]] = {"generate": [], "teacher": [], "student": [], "optimizer": []}
-    tokens: list[int] = []
     counted: dict[str, list[int]] = {"student": [], "teacher": [], "completion": []}
     sampling = SamplingParams(temperature=0.7, max_new_tokens=args.max_new_tokens)
     try:
@@ -118,19 +117,16 @@ def timed_steps(args, run: loop.Run) -> dict:
                 phases["teacher"].append(teacher_time[0])
                 phases["student"].append(t2 - t1 - teacher_time[0])
                 phases["optimizer"].append(t3 - t2)
-                tokens.append(sum(len(run.student_ids(e)) + len(c.ids) for e, c in zip(examples, completions, strict=True)))
-                counted["student"].append(tokens[-1])
-                counted["teacher"].append(sum(len(run.teacher_ids(e)) + len(c.ids)
-                                              for e, c in zip(examples, completions, strict=True)))
-                counted["completion"].append(sum(len(c.ids) for c in completions))
+                for kind, count in token_counts(run, examples, completions).items():
+                    counted[kind].append(count)
     finally:
         loop.teacher_pass = real_teacher_pass
         if hasattr(backend, "close"):
             backend.close()
     med = {k: statistics.median(v) for k, v in phases.items()}
     total = sum(med.values())
-    result = {"phases_s": med, "step_s": total, "tokens_per_step": statistics.median(tokens),
-              "tokens_per_s": statistics.median(tokens) / total,
+    tokens = statistics.median(counted["student"])  # a step's sequences: prompts + completions
+    result = {"phases_s": med, "step_s": total, "tokens_per_step": tokens, "tokens_per_s": tokens / total,
               **{f"{k}_tokens": statistics.median(v) for k, v in counted.items()}}
     if args.device == "cuda":
         flops = training_flops(run, args.full, result["student_tokens"], result["teacher_tokens"],
@@ -139,6 +135,15 @@ def timed_steps(args, run: loop.Run) -> dict:
         result["training_flops"] = flops
         result["training_mfu"] = flops / train_s / (float(args.peak_tflops) * 1e12)
     return result
+
+
+def token_counts(run: loop.Run, examples: list, completions: list) -> dict[str, int]:
+    """Tokens of one step: the student's sequences (prompt + completion), the teacher's (its longer
+    prompt + completion), and the completions alone (where the divergence is computed)."""
+    pairs = list(zip(examples, completions, strict=True))
+    return {"student": sum(len(run.student_ids(e)) + len(c.ids) for e, c in pairs),
+            "teacher": sum(len(run.teacher_ids(e)) + len(c.ids) for e, c in pairs),
+            "completion": sum(len(c.ids) for _, c in pairs)}
 
 
 def training_flops(run: loop.Run, full: bool, student_tokens: float, teacher_tokens: float,

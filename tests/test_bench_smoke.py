@@ -60,10 +60,8 @@ def test_step_benchmark_flop_count_matches_a_measured_count(tmp_path):
         with FlopCounterMode(display=False) as counter:
             loop.distill_step(run, examples, completions)
         measured = counter.get_total_flops()
-        student = sum(len(run.student_ids(e)) + len(c.ids) for e, c in zip(examples, completions, strict=True))
-        teacher = sum(len(run.teacher_ids(e)) + len(c.ids) for e, c in zip(examples, completions, strict=True))
-        completion = sum(len(c.ids) for c in completions)
-        counted = bench_step.training_flops(run, full, student, teacher, completion)
+        tokens = bench_step.token_counts(run, examples, completions)
+        counted = bench_step.training_flops(run, full, tokens["student"], tokens["teacher"], tokens["completion"])
         assert abs(counted - measured) / measured < 0.05, (full, counted, measured)
 
 

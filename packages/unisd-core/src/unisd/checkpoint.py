@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from . import atomic, distributed
 from .errors import CheckpointError
 
 STATE_FILE = "trainer_state.json"
+T = TypeVar("T")
 
 
 def rng_state() -> dict[str, Any]:
@@ -68,10 +70,19 @@ def load_weights(model: Any, directory: Path, lora: bool) -> None:
     if not sharding.is_sharded(model):
         _load_unsharded(model, directory, lora)
         return
-    from_main = distributed.current().active
-    state = distributed.on_main_only(lambda: _sharded_state_by_name(model, directory, lora), CheckpointError) if from_main else \
-        _sharded_state_by_name(model, directory, lora)
+    state, from_main = _read_once(model, lambda: _sharded_state_by_name(model, directory, lora))
     sharding.load_model_state(model, state or {}, from_main=from_main)
+
+
+def _read_once(model: Any, read: Callable[[], T]) -> tuple[T | None, bool]:
+    """``read()`` where a resume needs it: on the main process alone when ``model`` is sharded over
+    several processes (the others get None and receive by broadcast), else on every process. Returns
+    the value and whether it is to be broadcast from the main process."""
+    from . import sharding
+
+    if sharding.is_sharded(model) and distributed.current().active:
+        return distributed.on_main_only(read, CheckpointError), True
+    return read(), False
 
 
 def _load_unsharded(model: Any, directory: Path, lora: bool) -> None:
@@ -228,9 +239,7 @@ def load_checkpoint(
             optim_state = _named_optimizer_state(model, optim_state, path)
         return optim_state
 
-    # Sharded over several processes: the main one reads the (largest) state and broadcasts it.
-    from_main = sharding.is_sharded(model) and distributed.current().active
-    optim_state = distributed.on_main_only(read_optimizer_state, CheckpointError) if from_main else read_optimizer_state()
+    optim_state, from_main = _read_once(model, read_optimizer_state)  # the largest state of all
     sharding.load_optimizer_state(model, optimizer, optim_state or {}, from_main=from_main)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     saved = torch.load(path / "components.pt", weights_only=False)

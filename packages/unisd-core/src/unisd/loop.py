@@ -401,11 +401,11 @@ def build_run(config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, out
     if config.eval_task:
         regs.tasks.get(config.eval_task)
 
-    world = distributed.current().world_size
-    if world > 1 and getattr(backend_cls, "one_process_only", False):
+    env = distributed.current()
+    if env.active and getattr(backend_cls, "one_process_only", False):
         raise UsageError(f"--backend {config.backend} runs in one process only; use --backend hf for "
-                         f"{world} processes, or --backend vllm-server with a separate vLLM server")
-    plan = sharding.choose_plan(config.shard, config.deepspeed, world)
+                         f"{env.world_size} processes, or --backend vllm-server with a separate vLLM server")
+    plan = sharding.choose_plan(config.shard, config.deepspeed, env.world_size)
     if plan is not None:
         sharding.require_support()
     if plan is not None and config.backend != "hf":
@@ -419,12 +419,11 @@ def build_run(config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, out
         torch.set_float32_matmul_precision("high" if config.tf32 else "highest")
     source = resolve_model(config.model, progress=reporter.info)
     tokenizer = load_tokenizer(source)
-    # Under sharding each unit moves to its device as it is sharded: a model that only fits once sharded
-    # (or is offloaded to CPU) never lands on one GPU whole.
-    # Under sharding only the main process reads the weights: the others build the model on the meta
-    # device and receive their shards after sharding (sharding.fill_from_main).
+    # Under sharding only the main process reads the weights, on the CPU: the others build the model on
+    # the meta device and receive their shards after sharding (sharding.fill_from_main), and each unit
+    # moves to its device as it is sharded, so no GPU ever holds the whole model.
     model = load_model(source, training_dtype(config.dtype, not config.lora), config.attn_implementation,
-                       to_gpu=plan is None, on_meta=plan is not None and not distributed.current().is_main)
+                       to_gpu=plan is None, on_meta=plan is not None and not env.is_main)
     if not config.lora and config.dtype in ("bfloat16", "float16"):
         reporter.info(f"[yellow]--full with {config.dtype} weights: AdamW updates smaller than the weights' "
                       "precision (most of them, at small learning rates) are rounded away. --dtype float32 (what "
@@ -449,7 +448,7 @@ def build_run(config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, out
             reporter.info(f"[yellow]Not applied from {plan.source}: {'; '.join(plan.ignored)}.[/]")
         models = [model] + [m for m in [teacher_model(run)] if m is not None and m is not model]
         for sharded in models:  # the state is read before sharding (whole tensors), filled in after
-            state = sharded.state_dict() if distributed.current().is_main else None
+            state = sharded.state_dict() if env.is_main else None
             sharding.shard_model(sharded, plan)
             sharding.fill_from_main(sharded, state)
             del state

@@ -302,12 +302,13 @@ def fill_from_main(model: torch.nn.Module, main_state: dict[str, torch.Tensor] |
         plan = getattr(model, "_unisd_plan", None)
         offloaded = plan is not None and plan.cpu_offload
         model.to_empty(device=torch.device("cpu") if offloaded or gpu is None else gpu)
-        # FSDP moves buffers to the GPU even under offload (only parameter shards go back to the CPU):
-        # the same here, so each broadcast below meets the main process's on the same transport.
-        for module in model.modules():
-            for name, buffer in module._buffers.items():
-                if buffer is not None and gpu is not None:
-                    module._buffers[name] = buffer.to(gpu)
+        if offloaded and gpu is not None:
+            # FSDP moves buffers to the GPU even under offload (only parameter shards go back to the
+            # CPU): the same here, so each broadcast below meets the main process's on the same transport.
+            for module in model.modules():
+                for name, buffer in module._buffers.items():
+                    if buffer is not None:
+                        module._buffers[name] = buffer.to(gpu)
     load_model_state(model, (main_state if distributed.current().is_main else None) or {}, from_main=True)
     for buffer in model.buffers():
         dist.broadcast(buffer, src=0)
