@@ -28,15 +28,18 @@ def test_eval_humaneval_predictions_offline(app, humaneval, tmp_path):
     records.append({"id": "HumanEval/3", "completion": "```python\ndef below_zero(operations):\n    return False\n```"})
     preds = write_jsonl(tmp_path / "preds.jsonl", records)
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["eval", "humaneval", "--predictions", str(preds), "--output", str(out)])
+    result = CliRunner().invoke(app, ["eval", "humaneval", "--predictions", str(preds), "--output", str(out),
+                                      "--limit", "4"])
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     assert results["metrics"]["pass@1"] == pytest.approx(0.75)
-    assert results["metrics"]["items"] == 4 and results["metrics"]["items_without_prediction"] == 160
+    assert results["metrics"]["items"] == 4 and results["metrics"]["items_without_prediction"] == 0
+    assert isinstance(results["metrics"]["items"], int) and "pass@1 = 0.7500 (3/4 items)" in result.output
     assert results["split"] == "test" and "total_s" in results["timings"]
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["verdict"] for r in rows] == ["passed", "passed", "passed", "failed"]
-    assert set(rows[0]) >= {"id", "prompt", "completion", "extracted", "verdict", "error"}
+    assert set(rows[0]) >= {"id", "prompt", "completion", "reference", "extracted", "verdict", "error"}
+    assert rows[0]["reference"] == humaneval["HumanEval/0"].reference
     assert "pass@1" in result.output
 
 
@@ -46,7 +49,8 @@ def test_eval_several_samples_per_id_give_pass_at_k(app, humaneval, tmp_path):
     records = [{"id": "HumanEval/0", "completion": c} for c in (ref, wrong, wrong, ref, wrong)]
     preds = write_jsonl(tmp_path / "preds.jsonl", records)
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["eval", "humaneval", "--predictions", str(preds), "--output", str(out)])
+    result = CliRunner().invoke(app, ["eval", "humaneval", "--predictions", str(preds), "--output", str(out),
+                                      "--limit", "1"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "results.json").read_text())["metrics"]
     assert metrics["pass@1"] == pytest.approx(0.4) and metrics["pass@2"] == pytest.approx(0.7)

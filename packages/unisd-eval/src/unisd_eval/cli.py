@@ -1,14 +1,20 @@
 """``unisd eval TASK``: score a model's generations, or a file of predictions, on a benchmark task.
 
-Writes ``results.json`` (metrics, config, timings) and ``predictions.jsonl`` (one record per
-completion) into the output directory, each file atomically, and prints the metrics as a table.
+Writes ``results.json`` (metrics, config, timings, environment) and ``predictions.jsonl`` (one record
+per completion, with the gold reference) into the output directory, each file atomically, and prints
+the metrics as a table with the headline score and its denominator.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import subprocess
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +24,42 @@ from rich.table import Table
 
 from unisd import atomic
 from unisd.cli.errors import cli_errors
-from unisd.errors import DataError, UsageError
-from unisd.tasks import Example, Score, Task, iter_jsonl
+from unisd.errors import DataError, UnisdError, UsageError
+from unisd.tasks import Example, Score, Task, iter_jsonl_lines
 
 SAMPLING_TEMPERATURE = 0.7  # the method's sampling temperature, used for pass@k with --samples > 1
+MISSING_POLICIES = ("error", "fail")
+MISSING_VERDICT = "missing"
+SCORING_ERROR_VERDICT = "scoring-error"
+OUTPUT_FILES = ("results.json", "predictions.jsonl")
+COUNT_METRICS = ("items", "completions", "items_without_prediction", "problems", "samples_per_problem")
+STDERR_METRICS = ("accuracy", "pass@1")  # means of per-item 0/1 scores: binomial standard error
+HEADLINE_METRICS = ("pass@1", "accuracy")
+VERSIONED = {"unisd": "unisd-core", "unisd_eval": "unisd-eval", "torch": "torch", "transformers": "transformers"}
+SHOWN_IDS = 5  # ids named in an error message
+
+Row = tuple[Example, str | None]  # a completion, or None for an item without a prediction
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and matching predictions
+
+
+def utf8_lines(path: Path) -> Iterator[str]:
+    """The file's lines, decoded one at a time so that a non-UTF-8 byte is reported with its line.
+
+    Text-mode reading decodes in blocks: the error would name no line, and the block may start lines
+    before the bad one. A UTF-8 byte-order mark at the start is dropped (some editors write one).
+    """
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                yield raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                    "save the predictions file as UTF-8"
+                ) from None
 
 
 def read_predictions(path: Path) -> dict[str, list[str]]:
@@ -29,7 +67,7 @@ def read_predictions(path: Path) -> dict[str, list[str]]:
     if not path.is_file():
         raise DataError(f"--predictions {path}: no such file (expected JSONL with 'id' and 'completion')")
     by_id: dict[str, list[str]] = defaultdict(list)
-    for where, record in iter_jsonl(path, "with 'id' and 'completion'"):
+    for where, record in iter_jsonl_lines(utf8_lines(path), str(path), "with 'id' and 'completion'"):
         if "id" not in record or not isinstance(record.get("completion"), str):
             raise DataError(f"{where}: each line needs 'id' and a string 'completion', e.g. "
                             '{"id": "HumanEval/0", "completion": "..."}')
@@ -50,6 +88,39 @@ def match_predictions(task: str, split: str, examples: list[Example], by_id: dic
             f"(first: {unknown[0]!r}). Ids look like: {sample}. Check --split and --limit."
         )
     return [(known[i], c) for i, completions in by_id.items() for c in completions]
+
+
+def missing_items(examples: list[Example], by_id: dict[str, list[str]]) -> list[Example]:
+    """The examples of the split (after --limit) that no prediction answers, in split order."""
+    return [ex for ex in examples if ex.id not in by_id]
+
+
+def missing_error(task: str, split: str, examples: list[Example], missing: list[Example]) -> UsageError:
+    """The default --missing policy's error: how many and which items lack a prediction, and the ways out."""
+    ids = ", ".join(ex.id for ex in missing[:SHOWN_IDS]) + (", ..." if len(missing) > SHOWN_IDS else "")
+    covered = len(examples) - len(missing)
+    # Predictions made for the first N items (a --limit run elsewhere) are the common case: name that N.
+    prefix = {ex.id for ex in examples[:covered]}.isdisjoint(ex.id for ex in missing)
+    limit_hint = f"--limit {covered} (the predictions cover the first {covered} items)" if prefix else "--limit N"
+    return UsageError(
+        f"--predictions: no prediction for {len(missing)} of {len(examples)} items of task '{task}' "
+        f"split '{split}' ({ids}). Scoring only the predicted items would inflate the score: use "
+        f"--missing fail to count them as failed, or {limit_hint} to evaluate fewer items."
+    )
+
+
+def missing_rows(missing: list[Example], by_id: dict[str, list[str]]) -> list[Row]:
+    """Placeholder rows for ``--missing fail``: each missing item as failed samples.
+
+    As many samples as the least-sampled predicted item, so pass@k for every k the predictions allow is
+    still reported (with the missing items at 0) instead of collapsing to pass@1.
+    """
+    per_item = min((len(c) for c in by_id.values()), default=1)
+    return [(ex, None) for ex in missing for _ in range(per_item)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Generating and scoring
 
 
 def generate(model_ref: str, examples: list[Example], samples: int, max_new_tokens: int,
@@ -79,33 +150,181 @@ def generate(model_ref: str, examples: list[Example], samples: int, max_new_toke
     return out
 
 
+def score_apart(task: Task, examples: list[Example], completions: list[str], exc: Exception) -> list[Score]:
+    """Scores of a batch on which ``score_batch`` raised ``exc``: its halves apart, down to single items.
+
+    One odd completion (e.g. a lone surrogate the scorer cannot encode) must not cost the whole
+    evaluation: its item becomes a failed Score carrying the exception, the others keep their verdicts.
+    Halving keeps the scorer's batch parallelism (a sandbox pool) for the items that work. Typed unisd
+    errors are the user's input problems and still stop the run.
+    """
+    if len(examples) == 1:
+        return [Score(0.0, None, SCORING_ERROR_VERDICT, f"scoring raised {type(exc).__name__}: {exc}")]
+    mid = len(examples) // 2
+    out: list[Score] = []
+    for part in (slice(0, mid), slice(mid, None)):
+        try:
+            out += task.score_batch(examples[part], completions[part])
+        except UnisdError:
+            raise
+        except Exception as part_exc:  # any scorer failure is narrowed down to its item(s)
+            out += score_apart(task, examples[part], completions[part], part_exc)
+    return out
+
+
+def score_rows(task: Task, rows: list[Row], console: Console) -> list[Score]:
+    """Scores of every row: the task's verdict for completions, a failed "missing" one for the rest."""
+    scored = [i for i, (_, c) in enumerate(rows) if c is not None]
+    examples = [rows[i][0] for i in scored]
+    completions = [rows[i][1] or "" for i in scored]
+    try:
+        found = task.score_batch(examples, completions)
+    except UnisdError:
+        raise
+    except Exception as exc:  # narrowed down to the failing items, then judged below
+        found = score_apart(task, examples, completions, exc)
+        errors = [ex.id for ex, s in zip(examples, found, strict=True) if s.verdict == SCORING_ERROR_VERDICT]
+        if len(errors) == len(found) > 1:
+            raise  # every item failed: the scorer is broken, not one completion
+        if errors:
+            console.print(f"warning: scoring raised for {len(errors)} completion(s) (first: {errors[0]}); "
+                          "they count as failed, the error is in predictions.jsonl", markup=False, highlight=False)
+    scores = [Score(0.0, None, MISSING_VERDICT, "no prediction for this item") for _ in rows]
+    for i, score in zip(scored, found, strict=True):
+        scores[i] = score
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+
 def summarize(task: Task, examples: list[Example], scores: list[Score]) -> dict[str, float]:
     """The task's summary metrics: ``summarize(examples, scores)`` when it has one, else ``aggregate``."""
     fn = getattr(task, "summarize", None)
     return dict(fn(examples, scores)) if callable(fn) else dict(task.aggregate(scores))
 
 
-def write_outputs(output: Path, results: dict[str, Any], pairs: list[tuple[Example, str]], scores: list[Score]) -> None:
-    """results.json and predictions.jsonl, each replaced atomically."""
+def per_item_values(rows: list[Row], scores: list[Score]) -> list[float]:
+    """Each item's mean score over its samples (its pass rate for code tasks)."""
+    values: dict[str, list[float]] = defaultdict(list)
+    for (ex, _), score in zip(rows, scores, strict=True):
+        values[ex.id].append(score.value)
+    return [sum(v) / len(v) for v in values.values()]
+
+
+def standard_error(values: list[float]) -> float:
+    """Standard error of the mean, ``sqrt(var / n)``; for 0/1 values that is ``sqrt(p(1-p)/n)``."""
+    if not values:
+        return 0.0
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values) / len(values))
+
+
+def with_stderrs(metrics: dict[str, Any], item_values: list[float]) -> dict[str, Any]:
+    """``METRIC_stderr`` right after each mean-type headline metric (items are the sampling unit)."""
+    stderr = standard_error(item_values)
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        out[key] = value
+        if key in STDERR_METRICS:
+            out[f"{key}_stderr"] = stderr
+    return out
+
+
+def integer_counts(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Counts as ints (tasks report them as floats), so results.json and the table read ``164``."""
+    return {k: int(v) if k in COUNT_METRICS and float(v).is_integer() else v for k, v in metrics.items()}
+
+
+def headline(metrics: dict[str, Any], scores: list[Score]) -> str | None:
+    """``pass@1 = 0.0061 (1/164 items)``: the main score beside its denominator."""
+    key = next((k for k in HEADLINE_METRICS if k in metrics), None)
+    if key is None:
+        return None
+    items = metrics["items"]
+    if len(scores) == items:  # one completion per item: the numerator is a count
+        return f"{key} = {metrics[key]:.4f} ({round(sum(s.value for s in scores))}/{items} items)"
+    return f"{key} = {metrics[key]:.4f} over {items} items ({len(scores)} samples)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse to replace an earlier evaluation's files unless --overwrite: checked before any work."""
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {output}: exists and is not a directory")
+    found = [name for name in OUTPUT_FILES if (output / name).exists()]
+    if found and not overwrite:
+        raise UsageError(f"--output {output}: already holds {' and '.join(found)} from an earlier evaluation; "
+                         "choose another directory or pass --overwrite to replace them")
+
+
+def git_commit(cwd: Path) -> str | None:
+    """The checkout's HEAD commit when ``cwd`` is in a git checkout; None without git or a checkout."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip() if done.returncode == 0 else ""
+    return commit or None
+
+
+def environment(cwd: Path) -> dict[str, Any]:
+    """What a result should be reproducible from: the date (UTC), package versions, the git commit."""
+    versions = {}
+    for key, dist in VERSIONED.items():
+        try:
+            versions[key] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return {"date": datetime.now(UTC).isoformat(timespec="seconds"), "versions": versions,
+            "git_commit": git_commit(cwd)}
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One JSONL line, readable UTF-8 when possible.
+
+    A lone surrogate (a completion with JSON "\\ud800") has no UTF-8 form: that record is written with
+    ASCII escapes instead, which read back to the same string.
+    """
+    line = json.dumps(record, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(record, ensure_ascii=True)
+    return line
+
+
+def write_outputs(output: Path, results: dict[str, Any], rows: list[Row], scores: list[Score]) -> None:
+    """results.json and predictions.jsonl, each replaced atomically (results.json last: it marks completion)."""
     seen: dict[str, int] = defaultdict(int)
     lines = []
-    for (ex, completion), score in zip(pairs, scores, strict=True):
-        lines.append(json.dumps({
+    for (ex, completion), score in zip(rows, scores, strict=True):
+        lines.append(json_line({
             "id": ex.id, "sample": seen[ex.id], "prompt": ex.prompt, "completion": completion,
-            "extracted": score.extracted, "verdict": score.verdict, "value": score.value, "error": score.error,
-        }, ensure_ascii=False))
+            "reference": ex.reference, "extracted": score.extracted, "verdict": score.verdict,
+            "value": score.value, "error": score.error,
+        }))
         seen[ex.id] += 1
     atomic.write_text(output / "predictions.jsonl", "".join(line + "\n" for line in lines))
+    # ensure_ascii (the default) also covers surrogates in paths or metric names.
     atomic.write_text(output / "results.json", json.dumps(results, indent=2, default=str) + "\n")
 
 
-def print_table(console: Console, task: str, metrics: dict[str, float]) -> None:
+def print_table(console: Console, task: str, metrics: dict[str, Any]) -> None:
     table = Table(title=f"unisd eval {task}", title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
 
 
 def eval_command(
@@ -116,7 +335,10 @@ def eval_command(
     split: str = typer.Option(None, "--split", help="Dataset split (default: the task's evaluation split)."),
     limit: int = typer.Option(None, "--limit", help="Only the first N items of the split."),
     samples: int = typer.Option(1, "--samples", help="Completions per item with --model: 1 = greedy, n>1 = sampled (pass@k)."),
+    missing: str = typer.Option("error", "--missing", help="Items of the split without a prediction: "
+                                "'error' (default) stops, 'fail' scores each as a failed completion."),
     output: Path = typer.Option(None, "--output", help="Output directory (default runs/eval-TASK-TIMESTAMP)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace results.json/predictions.jsonl already in --output."),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Generation budget (default: the task's)."),
     data_file: Path = typer.Option(None, "--data-file", help="Local JSON/JSONL/CSV/Parquet file in the hub layout."),
     batch_size: int = typer.Option(16, "--batch-size", help="Generation batch size."),
@@ -132,6 +354,10 @@ def eval_command(
             raise UsageError(f"--samples must be >= 1, got {samples}")
         if predictions is not None and samples != 1:
             raise UsageError("--samples applies to --model; with --predictions, give several records per id instead")
+        if missing not in MISSING_POLICIES:
+            raise UsageError(f"--missing must be one of {', '.join(MISSING_POLICIES)}, got {missing!r}")
+        output = output or Path("runs") / f"eval-{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+        check_output(output, overwrite)  # before the dataset, the model and scoring: fail in seconds
         task_obj: Task = pm.registries.tasks.get(task)()
         split = split or task_obj.eval_split
         examples = task_obj.load(split, path=str(data_file) if data_file else None, limit=limit)
@@ -139,28 +365,46 @@ def eval_command(
             raise DataError(f"task '{task}' split '{split}' has no examples")
         loaded = time.perf_counter()
         max_new = max_new_tokens or task_obj.max_new_tokens
+        rows: list[Row]
+        absent: list[Example] = []
         if predictions is not None:
-            pairs = match_predictions(task, split, examples, read_predictions(predictions))
+            by_id = read_predictions(predictions)
+            rows = list(match_predictions(task, split, examples, by_id))
+            absent = missing_items(examples, by_id)
+            if absent and missing == "error":
+                raise missing_error(task, split, examples, absent)
+            rows += missing_rows(absent, by_id)
         else:
-            pairs = generate(model, examples, samples, max_new, batch_size, console)
+            rows = list(generate(model, examples, samples, max_new, batch_size, console))
         generated = time.perf_counter()
-        scores = task_obj.score_batch([ex for ex, _ in pairs], [c for _, c in pairs])
+        scores = score_rows(task_obj, rows, console)
         scored = time.perf_counter()
-        metrics = summarize(task_obj, [ex for ex, _ in pairs], scores)
-        metrics["items"] = float(len({ex.id for ex, _ in pairs}))
-        metrics["completions"] = float(len(pairs))
+        metrics = summarize(task_obj, [ex for ex, _ in rows], scores)
+        metrics = with_stderrs(metrics, per_item_values(rows, scores))
+        if absent and any(k.startswith("verdict/") for k in metrics):  # the verdict shares still sum to 1
+            metrics["verdict/missing"] = sum(s.verdict == MISSING_VERDICT for s in scores) / len(scores)
+        metrics["items"] = len({ex.id for ex, _ in rows})
+        metrics["completions"] = sum(c is not None for _, c in rows)
         if predictions is not None:
-            metrics["items_without_prediction"] = float(len(examples) - metrics["items"])
-        output = output or Path("runs") / f"eval-{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+            metrics["items_without_prediction"] = len(absent)
+        metrics = integer_counts(metrics)
         results = {
             "task": task, "split": split, "metrics": metrics,
+            "missing": {"policy": missing, "items": len(absent), "ids": [ex.id for ex in absent]},
+            "scoring_errors": sum(s.verdict == SCORING_ERROR_VERDICT for s in scores),
             "config": {"model": model, "predictions": str(predictions) if predictions else None,
-                       "limit": limit, "samples": samples, "max_new_tokens": max_new,
+                       "limit": limit, "samples": samples, "missing": missing, "max_new_tokens": max_new,
                        "temperature": 0.0 if samples == 1 else SAMPLING_TEMPERATURE,
                        "data_file": str(data_file) if data_file else None, "batch_size": batch_size},
+            "environment": environment(Path.cwd()),
             "timings": {"load_s": loaded - began, "generate_s": generated - loaded, "score_s": scored - generated,
                         "total_s": time.perf_counter() - began},
         }
-        write_outputs(output, results, pairs, scores)
+        write_outputs(output, results, rows, scores)
     print_table(console, task, metrics)
+    line = headline(metrics, scores)
+    if line:
+        console.print(line, highlight=False)
+    if absent:
+        console.print(f"{len(absent)} item(s) had no prediction and count as failed (--missing fail)", highlight=False)
     console.print(f"Wrote {output / 'results.json'} and {output / 'predictions.jsonl'}", highlight=False)
