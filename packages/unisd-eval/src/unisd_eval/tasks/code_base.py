@@ -9,7 +9,7 @@ from unisd.tasks import Example, Score, Task
 
 from ..metrics import ks_for, mean, mean_pass_at_k
 from ..parsing.code import extract_code
-from ..sandbox import VERDICTS, Limits, Sandbox
+from ..sandbox import VERDICTS, Limits, Program, Sandbox
 
 ERROR_CHARS = 500
 
@@ -28,8 +28,8 @@ class CodeTask(Task):
     def __init__(self, sandbox: Sandbox | None = None):
         self.sandbox = sandbox or Sandbox(Limits(timeout=self.timeout))
 
-    def program(self, example: Example, code: str) -> str:
-        """The full test program: the extracted solution followed by the example's tests."""
+    def program(self, example: Example, code: str) -> Program:
+        """The extracted solution (untrusted) and the example's tests (run by the sandbox's judge)."""
         raise NotImplementedError
 
     def score(self, example: Example, completion: str) -> Score:

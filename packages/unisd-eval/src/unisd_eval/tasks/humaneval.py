@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 from unisd.tasks import Example
 
+from ..sandbox import Program
 from .code_base import CodeTask
 from .sources import check_split, hub_rows, package_file, read_rows, require_fields, take
 
@@ -53,8 +54,10 @@ class HumanEvalTask(CodeTask):
             meta={"test": row["test"], "entry_point": row["entry_point"]},
         )
 
-    def program(self, example: Example, code: str) -> str:
+    def program(self, example: Example, code: str) -> Program:
         # The original prompt is not prepended: the model must return the whole function (as in the method).
+        # The test file's definitions (check, METADATA, imports) run in both processes; the call to check
+        # runs only in the judge, so the completion never runs the assertions itself.
         test, entry = example.meta["test"], example.meta["entry_point"]
-        call = "" if re.search(rf"^\s*check\(\s*{re.escape(entry)}\s*\)", test, re.MULTILINE) else f"\ncheck({entry})\n"
-        return f"{code}\n\n{test}\n{call}"
+        definitions = re.sub(r"^check\(.*\)\s*$", "", test, flags=re.MULTILINE)
+        return Program(code, setup=definitions, tests=f"check({entry})\n", entry_point=entry)

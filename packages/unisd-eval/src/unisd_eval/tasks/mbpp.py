@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 from unisd.tasks import Example
 
+from ..sandbox import Program
 from .code_base import CodeTask
 from .sources import check_split, hub_rows, read_rows, require_fields, take
 
@@ -119,9 +120,10 @@ class MBPPTask(CodeTask):
             meta={"test_list": tests, "test_setup": setup, "entry_point": fn_name},
         )
 
-    def program(self, example: Example, code: str) -> str:
+    def program(self, example: Example, code: str) -> Program:
         setup = example.meta.get("test_setup") or ""
-        return f"{code}\n{setup}\n" + "\n".join(example.meta["test_list"]) + "\n"
+        tests = "\n".join(example.meta["test_list"]) + "\n"
+        return Program(code, setup=setup, tests=tests, entry_point=example.meta.get("entry_point"))
 
 
 class MBPPFullTask(MBPPTask):
