@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from unisd.checkpoint import checkpoint_problem, load_pickled, write_manifest
 from unisd.cli.app import make_app
 from unisd.config import RunConfig
 from unisd.errors import CheckpointError
@@ -76,7 +77,7 @@ def test_resume_refuses_changed_settings_and_missing_checkpoints(tiny_llama, toy
     assert result.exit_code == 2 and "nothing to resume" in result.output
     out = train(config(tiny_llama, toy_data, tmp_path / "run"), pm)
     result = CliRunner().invoke(app, ["train", "--resume", str(out), "--lr", "0.1"])
-    assert result.exit_code == 2 and "--shard and --deepspeed may change (got lr)" in result.output
+    assert result.exit_code == 2 and "--shard and --deepspeed may change (got lr (saved 0.001, given 0.1))" in result.output
     with pytest.raises(CheckpointError):
         cfg = config(tiny_llama, toy_data, out)
         cfg.lora = False
@@ -167,3 +168,110 @@ def test_cuda_rng_state_is_this_gpus_and_resumes_on_fewer_gpus(monkeypatch):
     del older["cuda_device"]
     set_rng_state(older)  # saved with two GPUs visible, resumed with one
     assert restored == [7, 3]
+
+
+def flat(output):
+    """The CLI's output without the line breaks rich adds at the terminal width."""
+    return output.replace("\n", "")
+
+
+def _damage(path, keep=0.5):
+    """Cut a file short, as a failing disk or an interrupted copy would."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tiny_llama, toy_data, tmp_path):
+    pm = get_plugin_manager(load_entry_points=False)
+    out = train(config(tiny_llama, toy_data, tmp_path / "run"), pm)  # checkpoints at steps 2 and 4
+    straight = load_file(str(out / "final" / "adapter_model.safetensors"))
+    _damage(out / "checkpoints" / "step-4" / "optimizer.pt")
+    stale = out / "checkpoints" / ".step-6.tmp-abc123"  # what a kill during a save leaves
+    stale.mkdir()
+    (stale / "optimizer.pt").write_bytes(b"half")
+
+    result = CliRunner().invoke(make_app(pm), ["train", "--resume", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "step-4 is damaged (optimizer.pt has" in flat(result.output)
+    assert "resuming from step-2 instead" in flat(result.output)
+    assert not stale.exists()
+    resumed = load_file(str(out / "final" / "adapter_model.safetensors"))
+    assert resumed.keys() == straight.keys()
+    for key in straight:
+        assert torch.allclose(resumed[key], straight[key], rtol=0, atol=1e-6), key
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert checkpoint_problem(out / "checkpoints" / "step-4") is None  # saved again, whole
+
+    # no intact checkpoint left: one clear error, nothing loaded
+    for name in ("step-2", "step-4"):
+        _damage(out / "checkpoints" / name / "adapter_model.safetensors")
+    result = CliRunner().invoke(make_app(pm), ["train", "--resume", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "no intact checkpoint (step-4: adapter_model.safetensors has" in flat(result.output)
+
+
+def test_checkpoint_without_manifest_with_damaged_files_is_a_clear_error(tiny_llama, toy_data, tmp_path):
+    """Checkpoints of older versions have no manifest: a damaged file there is still one message, exit 2."""
+    pm = get_plugin_manager(load_entry_points=False)
+    cfg = config(tiny_llama, toy_data, tmp_path / "run")
+    cfg.steps, cfg.save_every = 1, 0
+    out = train(cfg, pm)
+    ckpt = out / "checkpoints" / "step-1"
+    (ckpt / "manifest.json").unlink()
+    _damage(ckpt / "adapter_model.safetensors")
+    result = CliRunner().invoke(make_app(pm), ["train", "--resume", str(out), "--steps", "2"])
+    assert result.exit_code == 2, result.output
+    assert "adapter_model.safetensors: cannot be read" in flat(result.output) and "Traceback" not in result.output
+    (ckpt / "trainer_state.json").write_text('{"step": 1, "cur')
+    result = CliRunner().invoke(make_app(pm), ["train", "--resume", str(out), "--steps", "2"])
+    assert result.exit_code == 2 and "no intact checkpoint (step-1: trainer_state.json is unreadable" in flat(result.output)
+
+
+class Planted:
+    """A pickle that runs code when loaded with a full torch.load."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def test_planted_pickle_is_refused_without_running(tiny_llama, toy_data, tmp_path):
+    pm = get_plugin_manager(load_entry_points=False)
+    cfg = config(tiny_llama, toy_data, tmp_path / "run")
+    cfg.steps, cfg.save_every = 1, 0
+    out = train(cfg, pm)
+    ckpt = out / "checkpoints" / "step-1"
+    marker = tmp_path / "ran"
+    torch.save({"last_epoch": Planted(marker)}, ckpt / "scheduler.pt")
+    write_manifest(ckpt)  # whoever planted it can rewrite the manifest too
+
+    result = CliRunner().invoke(make_app(pm), ["train", "--resume", str(out), "--steps", "2"])
+    assert result.exit_code == 2, result.output
+    assert "scheduler.pt: refused, it holds Python objects other than tensors" in flat(result.output)
+    assert "(exec)" in flat(result.output)  # what it would have called
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="refused"):
+        load_pickled(ckpt / "scheduler.pt")
+    assert not marker.exists()
+
+
+def test_saved_states_load_weights_only_and_older_rng_states_still_load(tmp_path):
+    import random
+
+    import numpy as np
+
+    from unisd.checkpoint import rng_state, set_rng_state
+
+    torch.save([rng_state()], tmp_path / "rng.pt")
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)[0])
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+    # before the tensor form: numpy's own state tuple (an ndarray inside)
+    torch.save([{"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}],
+               tmp_path / "old.pt")
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    set_rng_state(load_pickled(tmp_path / "old.pt")[0])
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected

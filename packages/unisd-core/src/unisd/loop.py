@@ -18,18 +18,20 @@ import math
 import random
 import time
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from . import atomic, distributed, sharding
+from . import atomic, distributed, rundir, sharding
 from .checkpoint import (
-    find_resume_point,
+    choose_checkpoint,
     gather_component_states,
     load_checkpoint,
+    resume_target,
     rng_state,
     save_checkpoint,
     save_weights,
@@ -49,6 +51,8 @@ from .scoring import Scores, completion_hidden, lm_head_weight, pack
 from .signals import StopRequest
 from .tasks import Example, Task, load_jsonl_examples, teacher_text_with
 from .teacher import default_teacher
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -499,16 +503,59 @@ def train(
     """
     env = distributed.init_from_env()
     reporter = (reporter or Reporter()) if env.is_main else Reporter()
-    resume_ckpt = None
+    config.validate()  # values known now fail before the run directory is touched
+    chosen = None
     if resume is not None:
-        out, resume_ckpt = find_resume_point(resume)
+        out, chosen = resume_target(resume)
     else:
         out = Path(config.output or f"runs/{config.task or Path(config.data or 'data').stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if out.exists() and any(out.iterdir()):
-            raise UsageError(f"--output {out} exists and is not empty; choose another directory or use --resume {out}")
     config.output = str(out)
-    distributed.barrier()  # every process checked the output directory before the main one creates it
+    created = not out.exists()
+    claim = _on_main(lambda: _claim_run_directory(out, resume is not None, chosen, reporter))
+    lock, resume_ckpt = claim if claim is not None else (None, None)
+    # every process resumes from the checkpoint the main process chose
+    resume_path = distributed.gather_objects(str(resume_ckpt) if resume_ckpt else None)[0]
+    try:
+        return _train(config, pm, reporter, out, Path(resume_path) if resume_path else None, resume is not None)
+    finally:
+        if lock is not None:
+            lock.release()
+            rundir.remove_if_unused(out, created)  # a run that failed before writing anything leaves nothing
 
+
+def _on_main(work: Callable[[], T]) -> T | None:
+    """``work()`` on the main process; under a multi-process launch its error is raised on every process."""
+    if not distributed.current().active:
+        return work()
+    return distributed.on_main_only(work, UsageError)
+
+
+def _claim_run_directory(
+    out: Path, resuming: bool, chosen: Path | None, reporter: Reporter
+) -> tuple[rundir.RunLock, Path | None]:
+    """Lock the run directory before anything is written, clear what interrupted saves left, and check it:
+    a new run needs it empty (or holding a run stopped before its first checkpoint); a resumed one gets
+    its newest intact checkpoint (None: none was saved, so it starts from step 0)."""
+    def warn(message: str) -> None:
+        reporter.info(f"[yellow]{message}[/]")
+
+    lock = rundir.acquire_lock(out, warn)
+    try:
+        rundir.remove_leftovers(out, reporter.info)
+        if not resuming:
+            rundir.prepare_new_run(out, reporter.info)
+            return lock, None
+        return lock, choose_checkpoint(out, chosen, warn)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _train(
+    config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, out: Path, resume_ckpt: Path | None, resuming: bool,
+) -> Path:
+    """The run itself, in a run directory this process has claimed (see ``train``)."""
+    env = distributed.current()
     run = build_run(config, pm, reporter, out)
     model, cfg = run.model, run.config
     sharded = sharding.is_sharded(model)
@@ -529,8 +576,11 @@ def train(
         if env.is_main:
             metrics_log.truncate_after(start)
         reporter.info(f"Resuming {out} from {resume_ckpt.name} (step {start} of {cfg.steps})")
+    elif resuming:
+        reporter.info(f"Resuming {out} from step 0: it stopped before its first checkpoint")
+        if env.is_main:
+            metrics_log.truncate_after(0)
     if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         atomic.write_text(out / "config.toml", dump_config(cfg))
     run.step = start
 

@@ -77,14 +77,17 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
             file_keys: set[str] = set()
             if resume is not None:
                 cfg = _resume_config(resume)
-                # what may change: the run's length and bookkeeping, and how it is spread over processes
+                # what may change: the run's length and bookkeeping, and how it is spread over processes;
+                # any other flag may be repeated with its saved value (e.g. the command that started the run)
                 allowed = {"steps", "save_every", "eval_every", "shard", "deepspeed"}
-                extra = set(given) - allowed
-                if extra or with_ or option:
+                changed = sorted(k for k in set(given) - allowed if not _same_setting(k, given[k], getattr(cfg, k)))
+                if changed or with_ or option:
+                    described = ", ".join(f"{k} (saved {getattr(cfg, k)!r}, given {given[k]!r})" for k in changed)
                     raise UsageError(
                         f"--resume continues the saved config.toml; only --steps, --save-every, --eval-every, "
-                        f"--shard and --deepspeed may change (got {', '.join(sorted(extra)) or '--with/-o'})"
+                        f"--shard and --deepspeed may change (got {described or '--with/-o'})"
                     )
+                given = {k: v for k, v in given.items() if k in allowed}
             elif config is not None:
                 cfg = load_config(config)
                 file_keys = _toml_keys(config)
@@ -153,10 +156,22 @@ def relaunch(num_processes: int) -> int:
     return subprocess.call(cmd)
 
 
-def _resume_config(resume: Path) -> RunConfig:
-    from ..checkpoint import find_resume_point
+PATH_SETTINGS = {"model", "data", "task_data", "output", "deepspeed"}
 
-    run_dir, _ = find_resume_point(resume)
+
+def _same_setting(key: str, given: object, saved: object) -> bool:
+    """Whether a flag repeats the saved value (paths compare by the file they name)."""
+    if given == saved:
+        return True
+    if key in PATH_SETTINGS and isinstance(given, str) and isinstance(saved, str):
+        return os.path.abspath(os.path.expanduser(given)) == os.path.abspath(os.path.expanduser(saved))
+    return False
+
+
+def _resume_config(resume: Path) -> RunConfig:
+    from ..checkpoint import resume_target
+
+    run_dir, _ = resume_target(resume)
     if not (run_dir / "config.toml").is_file():
         raise UsageError(f"--resume {resume}: {run_dir / 'config.toml'} is missing")
     return load_config(run_dir / "config.toml")
