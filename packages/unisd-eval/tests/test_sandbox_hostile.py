@@ -7,6 +7,7 @@ whole suite left no SysV IPC object, no file in the shared directories and no sa
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -399,23 +400,20 @@ def test_detached_grandchildren_do_not_survive(sandbox):
     assert _sandbox_processes() == []
 
 
-EVAL_SCRIPT = """
-import sys
-from unisd_eval.sandbox import Limits, Program, Sandbox
-print("started", flush=True)
-Sandbox(Limits(timeout=60), workers=2).run_many(
-    [Program("import os, time\\nif os.fork() == 0:\\n    time.sleep(60)\\ntime.sleep(60)\\n", tests="pass")] * 2)
-"""
+SLEEPER = "```python\nimport os, time\nif os.fork() == 0:\n    time.sleep(60)\ntime.sleep(60)\n```"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_stopping_the_evaluator_leaves_nothing(sig):
-    proc = subprocess.Popen([sys.executable, "-c", EVAL_SCRIPT], stdout=subprocess.PIPE)
-    assert proc.stdout.readline().strip() == b"started"
-    deadline = time.time() + 10
-    while not _sandbox_processes() and time.time() < deadline:
+def test_stopping_unisd_eval_mid_run_leaves_nothing(sig, tmp_path):
+    predictions = tmp_path / "preds.jsonl"
+    predictions.write_text("".join(json.dumps({"id": f"HumanEval/{i}", "completion": SLEEPER}) + "\n" for i in range(2)))
+    command = [sys.executable, "-m", "unisd", "eval", "humaneval", "--predictions", str(predictions),
+               "--limit", "2", "--output", str(tmp_path / "out")]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not _sandbox_processes() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    time.sleep(0.3)
+    time.sleep(0.5 if privilege_drop_available() else 5)
     if privilege_drop_available():
         assert _sandbox_processes(), "the programs never started"
     proc.send_signal(sig)
@@ -424,13 +422,14 @@ def test_stopping_the_evaluator_leaves_nothing(sig):
     while _sandbox_processes() and time.time() < deadline:
         time.sleep(0.05)
     assert _sandbox_processes() == []
-    made = [p for p in _sandbox_dirs() if f"-{proc.pid}-" in os.path.basename(p)]
-    if sig == signal.SIGKILL:  # a killed process cleans nothing itself: the next evaluation sweeps
+    if sig == signal.SIGTERM:
+        assert proc.returncode != 0
+    else:  # a killed process cleans nothing itself: the next evaluation sweeps its directories
         from unisd_eval.sandbox import remove_stale_directories
 
         remove_stale_directories()
-        made = [p for p in _sandbox_dirs() if f"-{proc.pid}-" in os.path.basename(p)]
-    assert made == []
+    assert [p for p in _sandbox_dirs() if f"-{proc.pid}-" in os.path.basename(p)] == []
+    assert not (tmp_path / "out" / "results.json").exists()  # nothing written half-way
 
 
 # --- 6. odd completions -------------------------------------------------------------------------------
