@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from typer.testing import CliRunner
@@ -36,6 +37,10 @@ def test_eval_humaneval_predictions_offline(app, humaneval, tmp_path):
     assert results["metrics"]["items"] == 4 and results["metrics"]["items_without_prediction"] == 0
     assert isinstance(results["metrics"]["items"], int) and "pass@1 = 0.7500 (3/4 items)" in result.output
     assert results["split"] == "test" and "total_s" in results["timings"]
+    # What held on this machine is recorded, e.g. whether the network was isolated (as root).
+    assert {"network", "ipc", "filesystem", "processes", "user"} <= set(results["sandbox"])
+    if os.geteuid() == 0:
+        assert results["sandbox"]["user"] == "a dedicated unprivileged uid"
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["verdict"] for r in rows] == ["passed", "passed", "passed", "failed"]
     assert set(rows[0]) >= {"id", "prompt", "completion", "reference", "extracted", "verdict", "error"}

@@ -272,6 +272,13 @@ def git_commit(cwd: Path) -> str | None:
     return commit or None
 
 
+def sandbox_description(task: Task) -> dict[str, Any] | None:
+    """How a code task's programs were contained on this machine (None for tasks that run no code)."""
+    sandbox = getattr(task, "sandbox", None)
+    describe = getattr(sandbox, "describe", None)
+    return describe() if callable(describe) else None
+
+
 def environment(cwd: Path) -> dict[str, Any]:
     """What a result should be reproducible from: the date (UTC), package versions, the git commit."""
     versions = {}
@@ -397,6 +404,7 @@ def eval_command(
                        "temperature": 0.0 if samples == 1 else SAMPLING_TEMPERATURE,
                        "data_file": str(data_file) if data_file else None, "batch_size": batch_size},
             "environment": environment(Path.cwd()),
+            "sandbox": sandbox_description(task_obj),
             "timings": {"load_s": loaded - began, "generate_s": generated - loaded, "score_s": scored - generated,
                         "total_s": time.perf_counter() - began},
         }
