@@ -104,6 +104,11 @@ def test_unknown_component_suggests_and_exits_2(toy_data, tiny_llama):
         (["--backend", "vlm"], "Unknown backend 'vlm'"),
         (["--preset", "nope"], "Unknown preset 'nope'"),
         (["--steps", "0"], "--steps must be ≥ 1"),
+        (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+        (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+        (["--lr", "-1e-3"], "--lr must be a finite number > 0"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be ≥ 1, got 0"),
+        (["--max-new-tokens", "-5"], "--max-new-tokens must be ≥ 1, got -5"),
     ],
 )
 def test_bad_input_gives_one_clear_error_and_exit_2(args, message, tiny_llama, toy_data, tmp_path):
@@ -227,3 +232,91 @@ def test_float32_matmuls_use_tf32_on_gpus_unless_turned_off(monkeypatch, tiny_ll
     loop.build_run(RunConfig(model=str(tiny_llama), data=str(toy_data), lora=False, tf32=tf32),
                    get_plugin_manager(), Reporter(), None)
     assert set_to == [precision]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"prompt": "a", "reference": "b"}\n{"prompt": "caf\xe9", "reference": "b"}\n',
+         ":2: not UTF-8 text (byte 0xe9 at byte 16 of the line)"),
+        (b'{"prompt": "a \\ud800 b", "reference": "c"}\n',
+         ":1: field 'prompt' holds a lone surrogate (\\ud800 at character 3)"),
+        (b'{"prompt": "a", "reference": "b", "meta": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",
+         ":1: JSON nested too deeply to read"),
+    ],
+    ids=["not-utf8", "lone-surrogate", "deep-nesting"],
+)
+def test_unreadable_data_is_one_clear_error(content, message, tiny_llama, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(content)
+    out = tmp_path / "o"
+    result = invoke(make_app(get_plugin_manager()), ["train", "--model", str(tiny_llama), "--data", str(data),
+                                                     "--output", str(out)])
+    assert result.exit_code == 2, result.output
+    assert f"{data}{message}" in result.output.replace("\n", "")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / "config.json").write_text('{"model_type": "llama", "hidden'), "config.json is not valid JSON"),
+        (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-100]),
+         "model.safetensors is damaged or cut short"),
+    ],
+    ids=["config-json", "truncated-weights"],
+)
+def test_damaged_model_directory_is_one_clear_error(damage, message, tiny_llama, toy_data, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    damage(model)
+    out = tmp_path / "o"
+    result = invoke(make_app(get_plugin_manager()), ["train", "--model", str(model), "--data", str(toy_data),
+                                                     "--output", str(out)])
+    assert result.exit_code == 2, result.output
+    assert f"--model {model}: {message}" in result.output.replace("\n", "")
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    """A tiny model whose tokenizer has no chat template (as base models ship)."""
+    from unisd.testing import make_tiny_model, make_tokenizer
+
+    path = tmp_path_factory.mktemp("base-model")
+    tokenizer = make_tokenizer(chat_template=False)
+    make_tiny_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_missing_chat_template_is_refused_with_the_fix_named(base_model, toy_data, tmp_path):
+    out = tmp_path / "o"
+    args = ["train", "--model", str(base_model), "--data", str(toy_data), "--output", str(out), "--steps", "1",
+            "--batch-size", "2", "--grad-accum", "1", "--max-new-tokens", "4"]
+    result = invoke(make_app(get_plugin_manager()), args)
+    assert result.exit_code == 2, result.output
+    said = result.output.replace("\n", "")
+    assert "the tokenizer has no chat template" in said
+    assert "chat_template" in said and "--allow-no-chat-template" in said
+    assert not out.exists()
+
+    result = invoke(make_app(get_plugin_manager()), [*args, "--allow-no-chat-template"])
+    assert result.exit_code == 0, result.output
+    assert tomllib.loads((out / "config.toml").read_text())["allow_no_chat_template"] is True
+
+
+def test_chat_template_setting_supplies_a_missing_template(base_model, toy_data, tmp_path):
+    from transformers import AutoTokenizer
+
+    from unisd.testing import CHAT_TEMPLATE
+
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'model = "{base_model}"\ndata = "{toy_data}"\nsteps = 1\nbatch_size = 2\ngrad_accum = 1\n'
+                   f"max_new_tokens = 4\nchat_template = {json.dumps(CHAT_TEMPLATE)}\n")
+    out = tmp_path / "o"
+    result = invoke(make_app(get_plugin_manager()), ["train", "--config", str(cfg), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert AutoTokenizer.from_pretrained(out / "final").chat_template == CHAT_TEMPLATE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -63,6 +64,8 @@ class RunConfig:
     max_prompt_tokens: int = 1024
     max_teacher_prompt_tokens: int | None = None  # None: max_prompt_tokens + max_new_tokens
     mask_truncated: bool = False
+    chat_template: str | None = None  # a Jinja chat template replacing the tokenizer's (or supplying a missing one)
+    allow_no_chat_template: bool = False  # base models: render prompts as plain text instead of refusing
     teacher_batch_rows: int | None = None  # rows per teacher forward (None: batch_size = one context each)
     # the divergence
     alpha: float = 0.0
@@ -86,10 +89,20 @@ class RunConfig:
             (self.steps >= 1, "--steps must be ≥ 1"),
             (self.batch_size >= 1, "--batch-size must be ≥ 1"),
             (self.grad_accum >= 1, "--grad-accum must be ≥ 1"),
-            (self.lr > 0, "--lr must be > 0"),
+            # comparisons with NaN are false, so NaN fails each check below; inf needs isfinite
+            (math.isfinite(self.lr) and self.lr > 0, f"--lr must be a finite number > 0, got {self.lr}"),
             (0 <= self.alpha <= 1, "alpha must be in [0, 1] (0 = forward KL, 1 = reverse KL)"),
-            (self.temperature >= 0, "temperature must be ≥ 0"),
-            (self.loss_temperature is None or self.loss_temperature > 0, "loss_temperature must be > 0"),
+            (math.isfinite(self.temperature) and self.temperature >= 0, "temperature must be a finite number ≥ 0"),
+            (self.loss_temperature is None or (math.isfinite(self.loss_temperature) and self.loss_temperature > 0),
+             "loss_temperature must be a finite number > 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay must be a finite number ≥ 0"),
+            (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0, "max_grad_norm must be a finite number > 0"),
+            (self.max_new_tokens is None or self.max_new_tokens >= 1,
+             f"--max-new-tokens must be ≥ 1, got {self.max_new_tokens}"),
+            (self.max_prompt_tokens >= 1, "max_prompt_tokens must be ≥ 1"),
+            (self.max_teacher_prompt_tokens is None or self.max_teacher_prompt_tokens >= 1,
+             "max_teacher_prompt_tokens must be ≥ 1"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (self.save_every >= 0, "--save-every must be ≥ 0"),
             (self.eval_every >= 0, "--eval-every must be ≥ 0"),

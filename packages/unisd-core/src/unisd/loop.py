@@ -41,7 +41,7 @@ from .components import instantiate
 from .config import RunConfig, dump_config
 from .errors import ConfigError, DataError, UnisdError, UsageError
 from .evaluate import evaluate
-from .models import apply_lora, load_model, load_tokenizer, resolve_model, training_dtype
+from .models import apply_lora, load_model, load_tokenizer, loading, resolve_model, training_dtype
 from .plugins import UnisdPluginManager
 from .prompts import budget_teacher_prompt, encode, fit_from_front, render_chat
 from .reporting import Reporter
@@ -395,6 +395,22 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def use_chat_template(tokenizer: Any, config: RunConfig) -> None:
+    """The run's ``chat_template`` setting replaces the tokenizer's; a tokenizer without one is refused
+    unless ``allow_no_chat_template`` (base models: prompts are then plain text)."""
+    if config.chat_template:
+        tokenizer.chat_template = config.chat_template  # saved with the tokenizer in checkpoints and final/
+        return
+    if getattr(tokenizer, "chat_template", None) or config.allow_no_chat_template:
+        return
+    raise UsageError(
+        f"--model {config.model}: the tokenizer has no chat template, so prompts would be plain text that a chat "
+        "model was never trained on. Use the model's instruct/chat version, set chat_template = \"...\" (a Jinja "
+        "template) in the run config (--config), or pass --allow-no-chat-template to train a base model on "
+        "plain-text prompts"
+    )
+
+
 def build_run(config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, output_dir: Path | None) -> Run:
     """Load everything a run needs, in an order that fails fast on bad input (names before models)."""
     config.validate()
@@ -422,12 +438,15 @@ def build_run(config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, out
         # the tensor cores' rate; TF32 keeps float32's range with a 10-bit mantissa in the products.
         torch.set_float32_matmul_precision("high" if config.tf32 else "highest")
     source = resolve_model(config.model, progress=reporter.info)
-    tokenizer = load_tokenizer(source)
+    with loading(source, "tokenizer"):
+        tokenizer = load_tokenizer(source)
+    use_chat_template(tokenizer, config)
     # Under sharding only the main process reads the weights, on the CPU: the others build the model on
     # the meta device and receive their shards after sharding (sharding.fill_from_main), and each unit
     # moves to its device as it is sharded, so no GPU ever holds the whole model.
-    model = load_model(source, training_dtype(config.dtype, not config.lora), config.attn_implementation,
-                       to_gpu=plan is None, on_meta=plan is not None and not env.is_main)
+    with loading(source, "model"):
+        model = load_model(source, training_dtype(config.dtype, not config.lora), config.attn_implementation,
+                           to_gpu=plan is None, on_meta=plan is not None and not env.is_main)
     if not config.lora and config.dtype in ("bfloat16", "float16"):
         reporter.info(f"[yellow]--full with {config.dtype} weights: AdamW updates smaller than the weights' "
                       "precision (most of them, at small learning rates) are rounded away. --dtype float32 (what "

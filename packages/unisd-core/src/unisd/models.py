@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,7 @@ def resolve_model(model: str, progress: Any = None) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise UsageError(f"--model {model}: directory has no config.json (is it a Hugging Face model directory?)")
+        check_model_dir(path, model)
         return str(path.resolve())  # absolute: adapters record it as their base model
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -52,6 +56,43 @@ def resolve_model(model: str, progress: Any = None) -> str:
     if model.startswith((".", "/", "~")) or os.sep in model and not _looks_like_hub_id(model):
         raise UsageError(f"--model {model}: no such directory")
     return model  # a hub id: transformers downloads it (users with internet)
+
+
+def check_model_dir(path: Path, model: str) -> None:
+    """Read what loading would trip over, cheaply and before loading: the JSON configs must parse and every
+    safetensors file must be whole (its header describes exactly the bytes that follow)."""
+    from safetensors import safe_open
+
+    for name in ("config.json", "adapter_config.json"):
+        file = path / name
+        if not file.is_file():
+            continue
+        try:
+            parsed = json.loads(file.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise UsageError(f"--model {model}: {name} is not valid JSON ({exc}); the model directory is damaged") from None
+        if not isinstance(parsed, dict):
+            raise UsageError(f"--model {model}: {name} is not a JSON object; the model directory is damaged")
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as exc:  # noqa: BLE001 (safetensors raises its own error type, and OSError)
+            raise UsageError(f"--model {model}: {file.name} is damaged or cut short ({exc}); download or copy it "
+                             "again") from None
+
+
+@contextlib.contextmanager
+def loading(source: str, what: str) -> Iterator[None]:
+    """Errors that loading the tokenizer or model raises for bad files, as one UsageError naming ``source``
+    (running out of memory is not bad input and passes through)."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UsageError(f"--model {source}: cannot load the {what} ({type(exc).__name__}: {first_line})") from None
 
 
 def _looks_like_hub_id(model: str) -> bool:

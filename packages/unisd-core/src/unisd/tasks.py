@@ -88,8 +88,18 @@ def teacher_text_with(task: Task | None, example: Example, reference: str) -> st
 def iter_jsonl(path: str | Path, expected: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``("FILE:LINE", object)`` for each non-blank line; ``expected`` describes a good line in errors."""
     path = Path(path)
-    with path.open(encoding="utf-8") as fh:
-        yield from iter_jsonl_lines(fh, str(path), expected)
+    with path.open("rb") as fh:
+        yield from iter_jsonl_lines(_utf8_lines(fh, str(path)), str(path), expected)
+
+
+def _utf8_lines(raw_lines: Iterable[bytes], label: str) -> Iterator[str]:
+    """Decode each line as UTF-8; bytes that are not UTF-8 are a DataError naming the line and column."""
+    for lineno, raw in enumerate(raw_lines, start=1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{label}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} "
+                            "of the line); save the file as UTF-8") from None
 
 
 def iter_jsonl_lines(lines: Iterable[str], label: str, expected: str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -102,9 +112,20 @@ def iter_jsonl_lines(lines: Iterable[str], label: str, expected: str) -> Iterato
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{where}: not valid JSON ({exc.msg}); each line must be one JSON object, {expected}") from None
+        except RecursionError:
+            raise DataError(f"{where}: JSON nested too deeply to read; each line must be one JSON object, {expected}") from None
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object ({expected}), got {type(record).__name__}")
         yield where, record
+
+
+def _check_encodable(text: str, where: str) -> None:
+    """JSON escapes can spell half of a UTF-16 pair (a lone surrogate), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError(f"{where} holds a lone surrogate (\\u{ord(text[exc.start]):04x} at character {exc.start + 1}), "
+                        "which is not text; fix or drop that escape") from None
 
 
 def load_jsonl_examples(path: str | Path, limit: int | None = None) -> list[Example]:
@@ -125,6 +146,7 @@ def load_jsonl_examples(path: str | Path, limit: int | None = None) -> list[Exam
                     f"{where}: field '{key}' must be a non-empty string "
                     "(each line needs 'prompt' (student text) and 'reference' (shown to the teacher))"
                 )
+            _check_encodable(record[key], f"{where}: field '{key}'")
         meta = record.get("meta", {})
         if not isinstance(meta, dict):
             raise DataError(f"{where}: field 'meta' must be an object")

@@ -54,6 +54,7 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
         max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Completion budget (default: the task's)."),
         temperature: float = typer.Option(None, "--temperature", help="Sampling and divergence temperature (0.7)."),
         alpha: float = typer.Option(None, "--alpha", help="Divergence: 0 forward KL(teacher‖student), 1 reverse KL, between: scaled generalized JSD."),
+        allow_no_chat_template: bool = typer.Option(None, "--allow-no-chat-template", help="Train a model whose tokenizer has no chat template (a base model) on plain-text prompts."),
         resume: Path = typer.Option(None, "--resume", help="Continue a run directory (or one of its checkpoints) exactly."),
         seed: int = typer.Option(None, "--seed", help="Random seed (42)."),
         num_processes: int = typer.Option(1, "--num-processes", help="Data-parallel processes on this machine (relaunches under torch.distributed.run)."),
@@ -72,6 +73,7 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
                 "dtype": dtype, "backend": backend, "attn_implementation": attn_implementation, "eval_task": eval_task, "eval_every": eval_every, "eval_limit": eval_limit, "save_every": save_every,
                 "max_new_tokens": max_new_tokens, "temperature": temperature, "alpha": alpha, "seed": seed,
                 "preset": preset, "shard": shard, "deepspeed": str(deepspeed) if deepspeed else None,
+                "allow_no_chat_template": allow_no_chat_template,
             }
             given = {k: v for k, v in flags.items() if v is not None}
             file_keys: set[str] = set()

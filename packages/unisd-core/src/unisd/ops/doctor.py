@@ -79,12 +79,16 @@ class Context:
 def check_chat_template(ctx: Context) -> Check:
     tok = ctx.tokenizer
     if not getattr(tok, "chat_template", None):
+        if ctx.config.allow_no_chat_template:  # a base model trained on plain-text prompts, by choice
+            return Check("chat template", "warn", "no chat template: prompts are plain text "
+                         "(allow_no_chat_template is set)", "fine for a base model; a chat model needs its template")
         return Check(
             "chat template", "fail",
             "the tokenizer has no chat template: student and teacher prompts would be raw text, a format a chat "
             "model never sees when it is used",
-            "use the instruct/chat version of the model, or add a chat_template to its tokenizer_config.json "
-            "(or a chat_template.jinja file) in the model directory",
+            "use the instruct/chat version of the model, set chat_template in the run config, or add a "
+            "chat_template to its tokenizer_config.json (or a chat_template.jinja file) in the model directory; "
+            "base models: allow_no_chat_template = true (unisd train --allow-no-chat-template)",
         )
     ex = ctx.examples[0]
     student_text = ex.prompt
@@ -351,6 +355,8 @@ def run_doctor(config: RunConfig, pm: UnisdPluginManager, loader: Callable[[RunC
         else:
             source = resolve_model(config.model, progress=say)
             ctx.tokenizer = load_tokenizer(source)
+            if config.chat_template:  # the run's setting replaces the tokenizer's, as in training
+                ctx.tokenizer.chat_template = config.chat_template
             ctx.model = load_model(source, training_dtype(config.dtype, not config.lora), config.attn_implementation)
     except Exception as exc:
         checks.append(Check("model", "fail", f"cannot load {config.model}: {type(exc).__name__}: {exc}",
