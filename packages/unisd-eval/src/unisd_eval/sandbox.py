@@ -1,27 +1,34 @@
-"""Run untrusted Python programs (model-generated code plus its tests) in separate, limited processes.
+"""Run untrusted Python programs (model-generated code) against trusted tests, in separate, limited processes.
 
-Never ``exec`` generated code in our own process (the research code did, §7.22). Each program gets:
+Never ``exec`` generated code in our own process (the research code did, §7.22). A :class:`Program` is
+the untrusted ``solution`` plus the task's trusted ``setup`` and ``tests``. Each program gets a *judge*
+process (:mod:`unisd_eval.sandbox_judge`) that forks a *solution process*: the solution runs there and
+only answers the judge's calls; the tests run in the judge, which alone can write the report. So no
+descriptor, monkey-patch, exit handler or early exit of the solution can turn a failing test into a
+pass. Besides, each program gets:
 
-- its own process, started in a new session (process group) that is killed as a whole afterwards;
-- a wall-clock timeout, and rlimits on CPU time, address space, process count, file size, open files;
-- a fresh temporary working directory, removed afterwards, and an environment built from scratch
-  (nothing inherited: no tokens or keys of the caller);
-- when we run as root, a dedicated unprivileged uid per concurrent slot (claimed with a lock file, so
-  parallel runs and other processes never share one). That uid cannot write or delete the caller's
-  files, read other processes' environments, or signal the caller, and ``RLIMIT_NPROC`` — which the
-  kernel does not enforce for root — really bounds a fork bomb. After the run every process of that
-  uid is killed.
+- a new session (process group), killed as a whole afterwards, and a wall-clock timeout;
+- rlimits on CPU time, address space, processes/threads, file size and open files;
+- a fresh working directory, removed afterwards, and an environment built from scratch (nothing
+  inherited: no tokens or keys of the caller);
+- as root, a dedicated unprivileged uid per concurrent slot (claimed with a lock file, so parallel runs
+  and other processes never share one): it cannot write or delete the caller's files, read other
+  processes' environments, or signal the caller, and ``RLIMIT_NPROC`` — which the kernel does not
+  enforce for root — really bounds a fork bomb; and namespaces of its own: no network, private SysV
+  IPC, a PID namespace (nothing outlives the program), and a size-capped tmpfs as its working
+  directory, ``/tmp``, ``/var/tmp``, ``/dev/shm`` and ``/run/lock``. After the run every process, IPC
+  object and top-level file of that uid in the shared directories is removed (needed only where the
+  namespaces were refused).
 
-Not root: the program runs under the caller's uid. Limits, timeout, temp dir, clean environment and
-the disposable intermediate parent still apply, but absolute-path writes into directories the caller
-can write are *not* prevented, and the process limit is the caller's current process count plus
-``max_processes``. As root, what the program leaves at the top of world-writable directories (``/tmp``,
-``/var/tmp``, ``/dev/shm``) is deleted after the run; without root it stays.
+Not root: the program runs under the caller's uid, without namespaces. Limits, timeout, the separate
+judge, temp dir and clean environment still apply, but absolute-path writes into directories the caller
+can write are *not* prevented, the network is open, and the process limit is the caller's current
+process count plus ``max_processes``. :meth:`Sandbox.describe` says what held.
 
-Verdicts: ``passed`` (the program ran to its end: solution and every test), ``failed`` (an exception,
-an assertion, or an early ``sys.exit``/``os._exit``), ``timeout`` (wall clock or CPU time),
-``resource-limit`` (memory, file size, process count) and ``crashed`` (killed by a signal, or the
-sandbox itself broke).
+Verdicts: ``passed`` (the judge ran every test to its end), ``failed`` (an exception, an assertion, an
+early ``sys.exit``/``os._exit``, or a solution that broke its channel), ``timeout`` (wall clock or CPU
+time), ``resource-limit`` (memory, file size, disk, processes or threads) and ``crashed`` (killed by a
+signal, or the sandbox itself broke).
 """
 
 from __future__ import annotations
