@@ -212,14 +212,18 @@ class _Handles:
     def __init__(self):
         self.objects = {}
 
-    def add(self, obj):
+    def as_handle(self, obj):
         key = len(self.objects) + 1
         self.objects[key] = obj
-        return key
+        return ["h", key]
 
 
-def encode(value, handles, depth=0):
-    """Exact built-in data by value; everything else (and what nests too deep) as a handle."""
+def encode(value, other, depth=0):
+    """Exact built-in data by value; anything else goes to ``other(value)`` (a handle, or an error).
+
+    Both sides use it: the solution process turns other values into handles to its own objects (also
+    what nests deeper than MAX_DEPTH), the judge sends its handles back and refuses anything else.
+    """
     kind = type(value)
     if value is None or kind is bool or kind is str:
         return value
@@ -230,14 +234,14 @@ def encode(value, handles, depth=0):
     if depth < MAX_DEPTH:
         if kind is list or kind is tuple or kind is set or kind is frozenset:
             tag = {list: "l", tuple: "t", set: "s", frozenset: "fs"}[kind]
-            return [tag, [encode(item, handles, depth + 1) for item in value]]
+            return [tag, [encode(item, other, depth + 1) for item in value]]
         if kind is dict:
-            return ["d", [[encode(k, handles, depth + 1), encode(v, handles, depth + 1)] for k, v in value.items()]]
+            return ["d", [[encode(k, other, depth + 1), encode(v, other, depth + 1)] for k, v in value.items()]]
         if kind is complex:
             return ["c", value.real.hex(), value.imag.hex()]
         if kind is bytes or kind is bytearray:
             return ["b" if kind is bytes else "ba", value.hex()]
-    return ["h", handles.add(value)]
+    return other(value)
 
 
 def decode_in_solution(data, handles):
@@ -293,7 +297,7 @@ def serve_solution(job, requests, replies, _exit=os._exit):
     try:
         source = job["solution"] + "\n" + job["setup"]
         exec(compile(source, namespace["__file__"], "exec"), namespace)
-        names = [[k, encode(v, handles)] for k, v in list(namespace.items())
+        names = [[k, encode(v, handles.as_handle)] for k, v in list(namespace.items())
                  if not (k.startswith("__") and k.endswith("__"))]
         flush_output()
         send(replies, {"ok": names})
@@ -310,7 +314,7 @@ def serve_solution(job, requests, replies, _exit=os._exit):
             args = [decode_in_solution(a, handles) for a in request.get("args", [])]
             kwargs = {k: decode_in_solution(v, handles) for k, v in request.get("kwargs", [])}
             result = OPERATIONS[request["op"]](target, *args, **kwargs)
-            reply = {"ok": encode(result, handles)}
+            reply = {"ok": encode(result, handles.as_handle)}
         except BaseException as exc:  # noqa: BLE001 - the judge decides what an exception means
             reply = {"err": describe_exception(exc)}
             if reply["err"]["base"] and not isinstance(exc, StopIteration):
@@ -400,30 +404,16 @@ class Solution:
         exc._unisd_remote = _clean(err)
         raise exc
 
-    def encode(self, value, depth=0):
-        kind = type(value)
-        if value is None or kind is bool or kind is str:
-            return value
-        if kind is int:
-            return value if -(1 << 53) < value < (1 << 53) else ["i", hex(value)]
-        if kind is float:
-            return ["f", value.hex()]
-        if kind is Remote:
+    def encode(self, value):
+        return encode(value, self._handle_or_refuse)
+
+    @staticmethod
+    def _handle_or_refuse(value):
+        if type(value) is Remote:
             return ["h", object.__getattribute__(value, "_handle")]
-        if depth > MAX_DEPTH:
-            raise TypeError(f"the tests passed a value nested deeper than {MAX_DEPTH} levels to the solution")
-        if kind in (list, tuple, set, frozenset):
-            tag = {list: "l", tuple: "t", set: "s", frozenset: "fs"}[kind]
-            return [tag, [self.encode(item, depth + 1) for item in value]]
-        if kind is dict:
-            return ["d", [[self.encode(k, depth + 1), self.encode(v, depth + 1)] for k, v in value.items()]]
-        if kind is complex:
-            return ["c", value.real.hex(), value.imag.hex()]
-        if kind in (bytes, bytearray):
-            return ["b" if kind is bytes else "ba", value.hex()]
-        raise TypeError(f"the tests passed a {kind.__name__} to the sandboxed solution; only plain data "
-                        "(numbers, strings, bytes, lists, tuples, sets, dicts) and the solution's own "
-                        "objects can cross into it")
+        raise TypeError(f"the tests passed a {type(value).__name__} to the sandboxed solution; only plain data "
+                        "(numbers, strings, bytes, lists, tuples, sets, dicts, not nested deeper than "
+                        f"{MAX_DEPTH} levels) and the solution's own objects can cross into it")
 
     def decode(self, data, depth):
         """Strictly parse a value from the solution: data or handles, never code."""
@@ -460,13 +450,6 @@ class Solution:
         raise ProtocolViolation("an unknown value encoding")
 
 
-def _remote_operation(op):
-    def method(self, *args):
-        return _ask(self, op, args)
-    method.__name__ = "__{}__".format(op.strip("_"))
-    return method
-
-
 def _ask(remote, op, args=(), kwargs=None):
     solution = object.__getattribute__(remote, "_solution")
     return solution.ask(op, object.__getattribute__(remote, "_handle"), args, kwargs)
@@ -493,80 +476,27 @@ class Remote:
     def __call__(self, *args, **kwargs):
         return _ask(self, "call", args, kwargs)
 
-    def __len__(self):
-        return _ask(self, "len")
 
-    def __iter__(self):
-        return _ask(self, "iter")
+# Special methods forwarded as they are: Python looks them up on the type, so each needs a method.
+FORWARDED = {
+    "__len__": "len", "__iter__": "iter", "__next__": "next", "__bool__": "bool", "__hash__": "hash",
+    "__str__": "str", "__repr__": "repr", "__format__": "format", "__float__": "float", "__int__": "int",
+    "__complex__": "complex", "__index__": "index", "__round__": "round", "__abs__": "abs", "__neg__": "neg",
+    "__pos__": "pos", "__invert__": "invert", "__getitem__": "getitem", "__setitem__": "setitem",
+    "__delitem__": "delitem", "__contains__": "contains", "__reversed__": "reversed", "__enter__": "enter",
+    "__exit__": "exit", "__divmod__": "divmod",
+}
 
-    def __next__(self):
-        return _ask(self, "next")
 
-    def __bool__(self):
-        return _ask(self, "bool")
+def _forwarding(method_name, op):
+    def method(self, *args):
+        return _ask(self, op, args)
+    method.__name__ = method_name
+    return method
 
-    def __hash__(self):
-        return _ask(self, "hash")
 
-    def __str__(self):
-        return _ask(self, "str")
-
-    def __repr__(self):
-        return _ask(self, "repr")
-
-    def __format__(self, spec):
-        return _ask(self, "format", (spec,))
-
-    def __float__(self):
-        return _ask(self, "float")
-
-    def __int__(self):
-        return _ask(self, "int")
-
-    def __complex__(self):
-        return _ask(self, "complex")
-
-    def __index__(self):
-        return _ask(self, "index")
-
-    def __round__(self, *args):
-        return _ask(self, "round", args)
-
-    def __abs__(self):
-        return _ask(self, "abs")
-
-    def __neg__(self):
-        return _ask(self, "neg")
-
-    def __pos__(self):
-        return _ask(self, "pos")
-
-    def __invert__(self):
-        return _ask(self, "invert")
-
-    def __getitem__(self, key):
-        return _ask(self, "getitem", (key,))
-
-    def __setitem__(self, key, value):
-        _ask(self, "setitem", (key, value))
-
-    def __delitem__(self, key):
-        _ask(self, "delitem", (key,))
-
-    def __contains__(self, item):
-        return _ask(self, "contains", (item,))
-
-    def __reversed__(self):
-        return _ask(self, "reversed")
-
-    def __enter__(self):
-        return _ask(self, "enter")
-
-    def __exit__(self, *args):
-        return _ask(self, "exit", args)
-
-    def __divmod__(self, other):
-        return _ask(self, "divmod", (other,))
+for _method, _op in FORWARDED.items():
+    setattr(Remote, _method, _forwarding(_method, _op))
 
 
 def _reflected_operation(op):
@@ -579,7 +509,8 @@ def _reflected_operation(op):
 REFLECTED = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "lshift", "rshift",
              "and_", "or_", "xor", "divmod")
 for _op in BINARY:
-    setattr(Remote, "__{}__".format(_op.strip("_")), _remote_operation(_op))
+    _method = "__{}__".format(_op.strip("_"))
+    setattr(Remote, _method, _forwarding(_method, _op))
 for _op in REFLECTED:
     setattr(Remote, "__r{}__".format(_op.strip("_")), _reflected_operation(_op))
     _forward = divmod if _op == "divmod" else getattr(operator, _op)
