@@ -174,3 +174,22 @@ def test_resume_accepts_the_flags_the_run_was_started_with(tiny_llama, toy_data,
     result = CliRunner().invoke(app, [*again, "--resume", "run", "--steps", "3", "--seed", "4"])
     assert result.exit_code == 2
     assert "may change (got seed (saved 3, given 4))" in flat(result.output)
+
+
+def test_leftovers_of_interrupted_saves_are_removed_or_put_back(tmp_path):
+    from unisd.rundir import remove_leftovers
+
+    ckpts = tmp_path / "checkpoints"
+    for name in (".step-2.tmp-abc", ".step-4.old-99", "step-2", ".step-2.old-98"):
+        (ckpts / name).mkdir(parents=True)
+        (ckpts / name / "file").write_text(name)
+    (tmp_path / ".config.toml.tmp-x1y2").write_text("half")
+    (tmp_path / "config.toml").write_text("whole")
+    notes = []
+    remove_leftovers(tmp_path, notes.append)
+    # step-4 was moved aside for its replacement, which a kill stopped: the old version comes back
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-2", "step-4"]
+    assert (ckpts / "step-4" / "file").read_text() == ".step-4.old-99"
+    assert (ckpts / "step-2" / "file").read_text() == "step-2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "config.toml"]
+    assert len(notes) == 4

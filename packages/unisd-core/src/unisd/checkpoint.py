@@ -313,7 +313,7 @@ def _manifest_problem(path: Path) -> str | None:
         return f"{MANIFEST} is unreadable ({type(exc).__name__})"
     for name, size, digest in entries:
         file = path / name
-        if ".." in Path(name).parts or not file.is_file():
+        if Path(name).is_absolute() or ".." in Path(name).parts or not file.is_file():
             return f"{name} is missing"
         actual = file.stat().st_size
         if actual != size:

@@ -530,7 +530,12 @@ def train(
         out = Path(config.output or f"runs/{config.task or Path(config.data or 'data').stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     config.output = str(out)
     created = not out.exists()
-    claim = _on_main(lambda: _claim_run_directory(out, resume is not None, chosen, reporter))
+    try:
+        claim = _on_main(lambda: _claim_run_directory(out, resume is not None, chosen, reporter))
+    except BaseException:
+        if env.is_main:
+            rundir.remove_if_unused(out, created)
+        raise
     lock, resume_ckpt = claim if claim is not None else (None, None)
     # every process resumes from the checkpoint the main process chose
     resume_path = distributed.gather_objects(str(resume_ckpt) if resume_ckpt else None)[0]
