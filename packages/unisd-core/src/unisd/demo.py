@@ -78,6 +78,24 @@ class DemoTask(Task):
         items = _items(split)
         return items[:limit] if limit else items
 
+    def negative(self, example: Example) -> str | None:
+        """A deterministic wrong answer in the reference's layout, for the contrastive component.
+
+        The demo's mistakes are the ones its student makes: a sum off by a little, the two words in
+        the wrong order. Needing no model, they let ``--preset unisd-star`` run without a negatives cache.
+        """
+        kind, key = example.meta.get("kind"), example.meta.get("key")
+        if not isinstance(key, list | tuple) or len(key) != 2:
+            return None
+        if kind == "addition":
+            a, b = (int(v) for v in key)
+            # Off by one or by ten (carry mistakes), chosen by the operands so it is fixed per item.
+            return str(a + b + (1, -1, 10, -10)[(a * 7 + b) % 4])
+        if kind == "uppercase":
+            a, b = (str(v) for v in key)
+            return f"{b.upper()} {a.upper()}"  # both words capitalised, in the wrong order
+        return None
+
     def score(self, example: Example, completion: str) -> Score:
         extracted = first_answer_line(completion)
         if extracted is None:
