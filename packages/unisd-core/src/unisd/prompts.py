@@ -7,6 +7,8 @@ lost the question scores the completion against nothing (a bug seen in peer trai
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +28,44 @@ def reference_with_reasoning(answer: str, reasoning: str | None) -> str:
     if reasoning and reasoning.strip():
         return f"Reasoning: {reasoning}\nAnswer: {answer}\n"
     return answer
+
+
+def strip_fence(text: str) -> str:
+    """The code inside the first fenced block of ``text``, or the stripped text when it holds none.
+
+    An opening fence without its closing one (a generation cut short) is dropped too.
+    """
+    match = re.search(r"```[\w+-]*[ \t]*\n(.*?)```", text, flags=re.DOTALL)
+    if match:
+        return match.group(1).strip()
+    stripped = text.strip()
+    if stripped.startswith("```"):
+        stripped = stripped.split("\n", 1)[1] if "\n" in stripped else ""
+    return stripped.strip()
+
+
+def fence_code(code: str) -> str:
+    """``code`` in one ```python block; already-fenced code is unwrapped first, so it is never fenced twice."""
+    return f"```python\n{strip_fence(code)}\n```"
+
+
+def is_fenced(text: str) -> bool:
+    """Whether ``text`` is one fenced block (the layout of a code task's reference)."""
+    stripped = text.strip()
+    return stripped.startswith("```") and stripped.endswith("```") and len(stripped) >= 6
+
+
+def render_like(reference: str, answer: str, reasoning: str = "") -> str:
+    """``answer`` laid out like ``reference``, so two demonstrations differ only in their content.
+
+    A fenced reference gives fenced code, a ``Reasoning: …⏎Answer: …`` one that layout (with
+    ``reasoning``), anything else the bare answer (e.g. a ``--data`` file's plain references).
+    """
+    if is_fenced(reference):
+        return fence_code(answer)
+    if reference.startswith("Reasoning:"):
+        return reference_with_reasoning(answer.strip(), reasoning)
+    return answer.strip()
 
 
 def render_chat(tokenizer: Any, user_text: str) -> str:
@@ -80,6 +120,35 @@ def budget_teacher_prompt(
             return BudgetedPrompt(ids, True, False)
         keep -= max(1, len(ids) - max_tokens)
     return BudgetedPrompt(encode(tokenizer, render_chat(tokenizer, build_text(marker))), True, True)
+
+
+class DemonstrationText(str):
+    """A teacher context that holds a demonstration: the text ``build(demonstration)``.
+
+    It is a plain string to everything that reads it, and tells the budgeting how to shorten it:
+    cut the demonstration (a reference, few-shot donors, an induced instruction), never the problem
+    (method §7.17). Components return it from ``teacher_contexts``.
+    """
+
+    build: Callable[[str], str]
+    demonstration: str
+
+    def __new__(cls, build: Callable[[str], str], demonstration: str) -> DemonstrationText:
+        text = super().__new__(cls, build(demonstration))
+        text.build, text.demonstration = build, demonstration
+        return text
+
+
+def fit_context(tokenizer: Any, text: str, max_tokens: int) -> list[int]:
+    """A component's teacher context within ``max_tokens`` tokens (chat-rendered).
+
+    A :class:`DemonstrationText` goes through :func:`budget_teacher_prompt`, like the main teacher
+    prompt: its demonstration is shortened and the problem kept whole. Any other text has no known
+    structure and loses its beginning (:func:`fit_from_front`).
+    """
+    if isinstance(text, DemonstrationText):
+        return budget_teacher_prompt(tokenizer, text.build, text.demonstration, max_tokens).ids
+    return fit_from_front(tokenizer, text, max_tokens)
 
 
 def fit_from_front(tokenizer: Any, user_text: str, max_tokens: int) -> list[int]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .errors import DataError
-from .prompts import teacher_text
+from .prompts import render_like, teacher_text
 
 
 @dataclass
@@ -57,6 +57,23 @@ class Task:
     def teacher_text(self, example: Example) -> str:
         """The teacher's user-message text. Override for tasks with another template (tool use)."""
         return teacher_text(example.prompt, example.reference)
+
+    def render_reference(self, example: Example, answer: str, reasoning: str = "") -> str:
+        """``answer`` (and its ``reasoning``) as this task's reference demonstration for ``example``.
+
+        The one way a task lays out a reference: tasks that build their gold reference from parts
+        use it in ``load``, and contrastive negatives go through it, so the positive and negative
+        teacher prompts differ only in content. The default copies the layout of the example's own
+        reference (fenced code, ``Reasoning:/Answer:``, or bare).
+        """
+        return render_like(example.reference, answer, reasoning)
+
+    def negative(self, example: Example) -> str | None:
+        """A wrong answer, already rendered as a reference, for the contrastive component.
+
+        Checked before any negatives cache; None (the default) when the task has none to offer.
+        """
+        return None
 
     def score(self, example: Example, completion: str) -> Score:
         raise NotImplementedError
