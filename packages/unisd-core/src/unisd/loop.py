@@ -43,7 +43,7 @@ from .errors import ConfigError, DataError, UnisdError, UsageError
 from .evaluate import evaluate
 from .models import apply_lora, load_model, load_tokenizer, loading, resolve_model, training_dtype
 from .plugins import UnisdPluginManager
-from .prompts import budget_teacher_prompt, encode, fit_from_front, render_chat
+from .prompts import budget_teacher_prompt, encode, fit_context, render_chat
 from .reporting import Reporter
 from .rollout import Completion, SamplingParams
 from .runlog import MetricsLog
@@ -115,13 +115,13 @@ class Run:
         return list(self._prompt_cache[key])
 
     def context_ids(self, ex: Example, name: str, text: str) -> list[int]:
-        """A component's extra teacher prompt, within the teacher budget: over-long contexts lose
-        their *beginning* (few-shot donors come first; the problem itself is at the end)."""
+        """A component's extra teacher prompt, within the teacher budget: an over-long context that
+        holds a demonstration shortens it, like the main prompt, and keeps the problem whole."""
         key = (f"ctx:{name}", ex.id)
         if key not in self._prompt_cache:
             ids = encode(self.tokenizer, render_chat(self.tokenizer, text))
             if len(ids) > self.teacher_budget:
-                ids = fit_from_front(self.tokenizer, text, self.teacher_budget)
+                ids = fit_context(self.tokenizer, text, self.teacher_budget)
                 self.context_truncations += 1
             self._prompt_cache[key] = array("i", ids)
         return list(self._prompt_cache[key])
