@@ -6,6 +6,7 @@ import ast
 import re
 from typing import Any, ClassVar
 
+from unisd.prompts import fence_code
 from unisd.tasks import Example
 
 from ..sandbox import Program
@@ -112,13 +113,20 @@ class MBPPTask(CodeTask):
         code, fn_name = fix_function_name(str(row["code"]).replace("\r\n", "\n"), tests)
         # The student is shown the name the asserts call (§7.11: the research code showed the original one).
         sig = signature(code, fn_name)
-        return Example(
+        example = Example(
             id=str(row["task_id"]),
             prompt=student_prompt(str(text).strip(), sig, tests),
-            # Fenced like the answer format the student is asked for (§7.9: the research code used raw code).
-            reference=f"```python\n{code.strip()}\n```",
-            meta={"test_list": tests, "test_setup": setup, "entry_point": fn_name},
+            reference="",
+            # The bare code too: few-shot and induction contexts fence it themselves, exactly once.
+            meta={"test_list": tests, "test_setup": setup, "entry_point": fn_name, "code": code.strip()},
         )
+        example.reference = self.render_reference(example, code)
+        return example
+
+    def render_reference(self, example: Example, answer: str, reasoning: str = "") -> str:
+        """Code fenced like the answer format the student is asked for (§7.9: the research code used raw
+        code); an answer already fenced is not fenced again. MBPP references carry no reasoning."""
+        return fence_code(answer)
 
     def program(self, example: Example, code: str) -> Program:
         setup = example.meta.get("test_setup") or ""

@@ -91,14 +91,27 @@ class MCQATask(Task):
             options, correct = (shuffled(item.options, item.correct, item.idx) if self.shuffle_options
                                 else (item.options, item.correct))
             letter = letters_for(len(options))[correct]
-            examples.append(Example(
+            example = Example(
                 id=f"{self.name}_{split}_{item.idx}",
                 prompt=mcqa_prompt(item.question.strip(), options, item.context.strip()),
-                reference=reference_with_reasoning(letter, item.explanation),
+                reference="",
+                # The parts of the method's few-shot block (question, `A) …` options, explanation):
+                # contexts and retrieval read them instead of the whole student prompt.
                 meta={"correct_letter": letter, "num_choices": len(options), "domain": item.domain,
-                      "subdomain": item.subdomain, "source": source},
-            ))
+                      "subdomain": item.subdomain, "source": source, "question_text": item.question.strip(),
+                      "options": options, "explanation": item.explanation.strip()},
+            )
+            example.reference = self.render_reference(example, letter, item.explanation)
+            examples.append(example)
         return examples
+
+    def render_reference(self, example: Example, answer: str, reasoning: str = "") -> str:
+        """``Reasoning: …⏎Answer: L⏎``, or the bare letter when the example has no explanation.
+
+        A negative's reasoning is dropped when the gold reference is a bare letter, so that the
+        positive and negative demonstrations differ only in the letter (§7.9).
+        """
+        return reference_with_reasoning(answer.strip(), reasoning if example.meta.get("explanation") else "")
 
     def score(self, example: Example, completion: str) -> Score:
         letter = extract_letter(completion, int(example.meta.get("num_choices", 4)))
