@@ -43,7 +43,7 @@ def _small_config(tmp_path):
 def test_demo_task_scoring():
     task = DemoTask()
     train, test = task.load("train"), task.load("test")
-    assert len(train) == 384 and len(test) == 48
+    assert len(train) == 384 and len(test) == 384
     assert not {e.prompt for e in train} & {e.prompt for e in test}
     ex = test[0]
     assert task.score(ex, ex.reference).value == 1.0

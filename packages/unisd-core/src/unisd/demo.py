@@ -4,12 +4,19 @@ Two kinds of items, generated deterministically: rewriting two words in capital 
 2-digit numbers, each asking for the bare answer. SmolLM2-135M-Instruct as the student explains instead
 of answering (accuracy ≈ 0); shown the reference, as the teacher, it answers in the requested format
 about two times in three. That gap is what self-distillation can close.
+
+The test split has 384 items so that a difference of 0.05 in accuracy shows: an accuracy's standard
+error sqrt(p(1-p)/n) is at most 0.026 at n = 384 (0.072 at n = 48, where 0.05 is noise). The default
+demo evaluates only the first 48 (``eval_limit`` in data/demo.toml) to stay within its time budget;
+``--eval-limit 384`` (or ``eval_limit = 384``) uses them all. Its first 48 items are the original test split and
+the train split is unchanged: train excludes those 48, the other 336 exclude train.
 """
 
 from __future__ import annotations
 
 import random
 import re
+from dataclasses import dataclass
 from typing import ClassVar
 
 from .tasks import Example, Score, Task
@@ -19,8 +26,9 @@ WORDS = (
     "rocket planet yellow bridge castle summer paper butter copper dragon island marble meadow ocean "
     "pepper rabbit shadow thunder tiger violet wagon basket honey lemon mirror"
 ).split()
-SPLIT_SIZES = {"train": 384, "test": 48}
+SPLIT_SIZES = {"train": 384, "test": 384}
 SPLIT_SEEDS = {"train": 1, "test": 2}
+FIRST_TEST = 48  # the original test split: train excludes these; later test items exclude train
 
 
 def _uppercase_item(rng: random.Random) -> tuple[str, str, dict]:
@@ -35,13 +43,22 @@ def _addition_item(rng: random.Random) -> tuple[str, str, dict]:
 
 
 def _items(split: str) -> list[Example]:
-    # Test items are drawn first from a separate stream and excluded from train, so no test item leaks.
-    test_keys: set = set()
     if split == "train":
-        test_keys = {(ex.meta["kind"], tuple(ex.meta["key"])) for ex in _items("test")}
+        return _draw("train", SPLIT_SIZES["train"], _keys(_draw("test", FIRST_TEST, set())))
+    # The first FIRST_TEST draws never meet a train key (train excluded them), so they are the same
+    # items as before the split grew; only the later ones skip train's keys.
+    return _draw("test", SPLIT_SIZES["test"], _keys(_items("train")))
+
+
+def _keys(examples: list[Example]) -> set:
+    return {(ex.meta["kind"], tuple(ex.meta["key"])) for ex in examples}
+
+
+def _draw(split: str, size: int, exclude: set) -> list[Example]:
+    """``size`` distinct items from the split's own seeded stream, skipping the keys in ``exclude``."""
     rng = random.Random(SPLIT_SEEDS[split])
-    out, seen = [], set(test_keys)
-    while len(out) < SPLIT_SIZES[split]:
+    out, seen = [], set(exclude)
+    while len(out) < size:
         maker = _uppercase_item if len(out) % 2 == 0 else _addition_item
         prompt, answer, meta = maker(rng)
         key = (meta["kind"], tuple(meta["key"]))
@@ -53,13 +70,25 @@ def _items(split: str) -> list[Example]:
     return out
 
 
+def _strip_answer(text: str) -> str:
+    """Without surrounding whitespace, quotes, emphasis and final punctuation."""
+    return re.sub(r"^[\s'\"`*]+|[\s'\"`*.!]+$", "", text)
+
+
 def first_answer_line(completion: str) -> str | None:
     """The first non-empty line without surrounding quotes and final punctuation, or None."""
     for line in completion.strip().splitlines():
-        cleaned = re.sub(r"^[\s'\"`*]+|[\s'\"`*.!]+$", "", line)
+        cleaned = _strip_answer(line)
         if cleaned:
             return cleaned
     return None
+
+
+@dataclass
+class DemoScore(Score):
+    """A demo verdict; ``strict`` also requires that nothing but the answer was written."""
+
+    strict: bool = False
 
 
 class DemoTask(Task):
@@ -97,8 +126,20 @@ class DemoTask(Task):
         return None
 
     def score(self, example: Example, completion: str) -> Score:
+        """First-line scoring (``value``), and ``strict``: the whole completion is the bare answer.
+
+        The first line alone counts ``"CLOUD TABLE\\n\\nThis is an example for a"`` as correct, although
+        the student went on to copy the teacher's template; ``strict`` does not.
+        """
         extracted = first_answer_line(completion)
         if extracted is None:
-            return Score(0.0, None, "unparsed")
+            return DemoScore(0.0, None, "unparsed")
         ok = extracted == example.reference
-        return Score(1.0 if ok else 0.0, extracted, "correct" if ok else "wrong")
+        strict = ok and _strip_answer(completion) == example.reference
+        return DemoScore(1.0 if ok else 0.0, extracted, "correct" if ok else "wrong", strict=strict)
+
+    def aggregate(self, scores: list[Score]) -> dict[str, float]:
+        """``accuracy`` (first line) and ``strict_accuracy`` (the whole completion is the answer)."""
+        metrics = super().aggregate(scores)
+        metrics["strict_accuracy"] = sum(bool(getattr(s, "strict", False)) for s in scores) / max(len(scores), 1)
+        return metrics
