@@ -1,7 +1,9 @@
 """Greedy evaluation of the student, and of the teacher with the reference in its prompt.
 
 The difference between the two accuracies is the *privileged gap*: the headroom self-distillation can
-close. Used before/after training, by ``--eval-task``, and by ``unisd eval``.
+close. Used before/after training, by ``--eval-task``, and by ``unisd eval``. Besides the task's own
+metrics, every result has ``leakage``: the share of completions holding teacher-only text
+(:mod:`unisd.leakage`), which a student trained toward a teacher that saw the reference can learn to copy.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import distributed
+from .leakage import leakage_flags, leakage_rate
 from .prompts import encode, render_chat
 from .rollout import HFBackend, SamplingParams
 from .tasks import Example, Score, Task
@@ -54,8 +57,14 @@ def evaluate(
         parts = distributed.gather_objects((part.completions[: len(mine)], part.scores[: len(mine)]))
         completions = [c for texts, _ in parts for c in texts]
         scores = [s for _, verdicts in parts for s in verdicts]
-        return EvalResult(task.aggregate(scores), completions, scores)
+        return _result(task, examples, completions, scores)
     texts = [task.teacher_text(ex) if with_reference else ex.prompt for ex in examples]
     completions = generate_texts(model, tokenizer, texts, max_new_tokens)
     scores = task.score_batch(examples, completions)
-    return EvalResult(task.aggregate(scores), completions, scores)
+    return _result(task, examples, completions, scores)
+
+
+def _result(task: Task, examples: list[Example], completions: list[str], scores: list[Score]) -> EvalResult:
+    metrics = dict(task.aggregate(scores))
+    metrics["leakage"] = leakage_rate(leakage_flags(examples, completions, task))
+    return EvalResult(metrics, completions, scores)
