@@ -41,6 +41,7 @@ from .components import instantiate
 from .config import RunConfig, dump_config
 from .errors import ConfigError, DataError, UnisdError, UsageError
 from .evaluate import evaluate
+from .leakage import count_leaks
 from .models import apply_lora, load_model, load_tokenizer, loading, resolve_model, training_dtype
 from .plugins import UnisdPluginManager
 from .prompts import budget_teacher_prompt, encode, fit_context, render_chat
@@ -501,12 +502,17 @@ def privileged_gap(run: Run, task: Task, limit: int | None) -> dict[str, float]:
     with run.teacher.as_model() as teacher_model:
         teacher = evaluate(teacher_model, run.tokenizer, task, examples, max_new, with_reference=True,
                            split_over_processes=True).metrics
-    return {
+    gap = {
         "student_accuracy": student["accuracy"],
         "teacher_accuracy": teacher["accuracy"],
         "privileged_gap": teacher["accuracy"] - student["accuracy"],
-        "n": float(len(examples)),
+        "leakage": student["leakage"],  # the student's completions holding teacher-only text
+        "teacher_leakage": teacher["leakage"],
     }
+    if "strict_accuracy" in student:  # tasks that also score the whole completion (the demo)
+        gap.update(student_strict_accuracy=student["strict_accuracy"], teacher_strict_accuracy=teacher["strict_accuracy"])
+    gap["n"] = float(len(examples))
+    return gap
 
 
 def train(
@@ -659,6 +665,9 @@ def _train(
                 "divergence": distributed.sum_scalar(stats["divergence"]),
                 "completion_length": distributed.sum_scalar(float(sum(lengths))) / count,
                 "truncated_fraction": distributed.sum_scalar(float(sum(c.truncated for c in completions))) / count,
+                # share of the sampled completions that copy teacher-only text (template, reference)
+                "leakage": distributed.sum_scalar(float(count_leaks(run.tokenizer, run.task, examples,
+                                                                    [c.ids for c in completions]))) / count,
                 "loss_tokens": stats["loss_tokens"],
                 "token_weight_mean": distributed.sum_scalar(stats["weight"]),
                 "grad_norm": float(grad_norm),
@@ -737,9 +746,11 @@ def _previous_elapsed(log: MetricsLog) -> float:
 
 
 def _gap_line(when: str, gap: dict[str, float]) -> str:
+    strict = f" (strict {gap['student_strict_accuracy']:.3f})" if "student_strict_accuracy" in gap else ""
     return (
-        f"[bold]{when}[/]: student accuracy {gap['student_accuracy']:.3f} | teacher-with-reference "
-        f"{gap['teacher_accuracy']:.3f} | privileged gap {gap['privileged_gap']:+.3f} (n={int(gap['n'])})"
+        f"[bold]{when}[/]: student accuracy {gap['student_accuracy']:.3f}{strict}, leakage {gap['leakage']:.3f} | "
+        f"teacher-with-reference {gap['teacher_accuracy']:.3f} | privileged gap {gap['privileged_gap']:+.3f} "
+        f"(n={int(gap['n'])})"
     )
 
 
