@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from unisd.prompts import DemonstrationText, fence_code, strip_fence
 from unisd.tasks import Example
 
 _REF_HEADER = "## Reference Samples (DO NOT SOLVE THESE)\n"
@@ -69,35 +70,71 @@ def family_of(example: Example, task: Any = None) -> str:
     return "generic"
 
 
+def bare_code(example: Example) -> str:
+    """A code example's solution without its fence: ``meta["code"]``, else the unwrapped reference."""
+    return example.meta.get("code") or strip_fence(example.reference)
+
+
+def mcqa_parts(example: Example) -> tuple[str, str, str, str] | None:
+    """``(question, "A) …⏎B) …", letter, explanation)`` from an MCQA example's meta, or None when its
+    meta lacks the question text or options (then the whole student prompt stands in)."""
+    meta = example.meta
+    question, options, letter = meta.get("question_text"), meta.get("options"), meta.get("correct_letter")
+    if not question or not isinstance(options, list | tuple) or not options or not letter:
+        return None
+    lines = "\n".join(f"{chr(ord('A') + i)}) {opt}" for i, opt in enumerate(options))
+    return str(question), lines, str(letter), str(meta.get("explanation") or "").strip()
+
+
+def _mcqa_block(tag: str, donor: Example) -> str:
+    """The method's block: question, ``A) …`` options, ``Answer: L.`` and the explanation when there is one."""
+    parts = mcqa_parts(donor)
+    if parts is None:
+        question = donor.meta.get("question_text", donor.prompt)
+        return f"{tag}Reference Question:\n{question}\n\nReference Answer:\n{donor.reference.strip()}\n"
+    question, options, letter, explanation = parts
+    answer = f"Answer: {letter}." + (f"\nExplanation: {explanation}" if explanation else "")
+    return f"{tag}Reference Question:\n{question}\n\n{options}\n\nReference Answer:\n{answer}\n"
+
+
 def _reference_block(i: int, donor: Example, family: str) -> str:
     """One donor's demonstration, numbered from 1."""
     tag = f"### [REFERENCE ONLY #{i}]\n"
     if family == "code":
         tests = donor.meta.get("test_list") or []
         tests_text = "\n".join(tests) if isinstance(tests, list) else str(tests)
-        code = donor.meta.get("code", donor.reference)
         return (
             f"\n{tag}Reference Task\n{donor.prompt}\n\nReference Test Cases\n{tests_text}\n\n"
-            f"Reference Solution:\n```python\n{code.strip()}\n```\n"
+            f"Reference Solution:\n{fence_code(bare_code(donor))}\n"
         )
     if family == "tooluse":
         question = donor.meta.get("instruction", donor.prompt)
         response = donor.meta.get("golden_response")
         response = "\n".join(response) if isinstance(response, list) else donor.reference
         return f"{tag}#### Reference Question\n{question}\n\n#### Reference Response\n{response.strip()}\n"
+    if family == "mcqa":
+        return _mcqa_block(tag, donor)
     question = donor.meta.get("question_text", donor.prompt)
     return f"{tag}Reference Question:\n{question}\n\nReference Answer:\n{donor.reference.strip()}\n"
 
 
-def fewshot_context(example: Example, donors: Sequence[Example], family: str) -> str:
-    """Header, one block per donor, separator, then the example's *student* text (no reference of its own)."""
+def fewshot_context(example: Example, donors: Sequence[Example], family: str) -> DemonstrationText:
+    """Header, one block per donor, separator, then the example's *student* text (no reference of its own).
+
+    The donor blocks are the demonstration: an over-long context is shortened there, never in the
+    student text (method §7.17).
+    """
     if any(d.id == example.id for d in donors):
         raise ValueError(f"example {example.id!r} cannot be its own few-shot donor")
     joiner = "\n" if family == "code" else ""
     blocks = joiner.join(_reference_block(i + 1, d, family) for i, d in enumerate(donors))
-    return HEADERS[family] + blocks + SEPARATORS[family] + example.prompt
+    head, tail = HEADERS[family], SEPARATORS[family] + example.prompt
+    return DemonstrationText(lambda demo: head + demo + tail, blocks)
 
 
-def induction_context(example: Example, instruction: str) -> str:
-    """The induced-instruction context around the example's student text."""
-    return f"{INDUCTION_HEADER}{instruction.strip()}\n\n{example.prompt}\n\n{INDUCTION_SUFFIX}"
+def induction_context(example: Example, instruction: str) -> DemonstrationText:
+    """The induced-instruction context around the example's student text (the instruction is what
+    budgeting may shorten)."""
+    prompt = example.prompt
+    return DemonstrationText(lambda text: f"{INDUCTION_HEADER}{text}\n\n{prompt}\n\n{INDUCTION_SUFFIX}",
+                             instruction.strip())

@@ -16,9 +16,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from unisd.models import cache_dir
+from unisd.prompts import fence_code
 from unisd.tasks import Example
 
-from .fewshot import family_of
+from .fewshot import bare_code, family_of, mcqa_parts
 
 # Used when every induced instruction was built from the example itself (tiny data sets).
 FALLBACK_INSTRUCTION = (
@@ -30,11 +31,16 @@ Generate = Callable[[list[str]], list[str]]  # meta-prompts -> instructions
 
 
 def _demo_block(i: int, ex: Example, family: str) -> str:
+    """One solved example of the meta-prompt, in the method's per-family layout."""
     if family == "code":
-        code = ex.meta.get("code", ex.reference).strip()
-        return f"### Example {i}\nTask:\n{ex.prompt}\n\nSolution:\n```python\n{code}\n```\n"
+        return f"### Example {i}\nTask:\n{ex.prompt}\n\nSolution:\n{fence_code(bare_code(ex))}\n"
     if family == "mcqa":
-        return f"### Example {i}\n{ex.prompt}\n\nCorrect Answer and Explanation:\n{ex.reference.strip()}\n"
+        parts = mcqa_parts(ex)
+        if parts is None:
+            return f"### Example {i}\n{ex.prompt}\n\nCorrect Answer and Explanation:\n{ex.reference.strip()}\n"
+        question, options, letter, explanation = parts
+        why = f"\nExplanation: {explanation}" if explanation else ""
+        return f"### Example {i}\nQuestion: {question}\n{options}\nCorrect Answer: {letter}{why}\n"
     if family == "tooluse":
         question = ex.meta.get("instruction", ex.prompt)
         return f"### Example {i}\nInstruction:\n{question}\n\nResponse:\n{ex.reference.strip()}\n"
