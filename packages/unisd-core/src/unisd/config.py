@@ -13,6 +13,7 @@ from typing import Any
 
 from .components import convert_value
 from .errors import ConfigError, OptionError
+from .recipes import check_recipe
 
 SHARD_CHOICES = ("auto", "none", "fsdp")  # see unisd.sharding
 COMPILE_CHOICES = ("auto", "on", "off")  # see unisd.chunk_math
@@ -31,6 +32,7 @@ class RunConfig:
     split: str = "train"
     limit: int | None = None
     preset: str | None = None
+    recipe: str | None = None  # "paper": the research runner's run settings per task (unisd.recipes)
     components: dict[str, dict[str, Any]] = field(default_factory=dict)
     output: str | None = None
     # optimisation
@@ -85,6 +87,7 @@ class RunConfig:
     def validate(self) -> None:
         if self.task and self.data:
             raise ConfigError("give either --task or --data, not both")
+        check_recipe(self.recipe)
         checks = [
             (self.steps >= 1, "--steps must be ≥ 1"),
             (self.batch_size >= 1, "--batch-size must be ≥ 1"),

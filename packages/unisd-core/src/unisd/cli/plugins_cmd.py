@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ..components import describe_options
 from ..plugins import UnisdPluginManager
+from ..recipes import describe_recipes
 from .errors import cli_errors
 
 
@@ -47,7 +48,21 @@ def inventory(pm: UnisdPluginManager, show_all: bool = False) -> dict[str, Any]:
              "components": {k: dict(v) for k, v in e.item.components.items()}, "run": dict(e.item.run)}
             for e in regs.presets.entries()
         ],
+        "recipes": describe_recipes(),
     }
+
+
+def settings_text(values: dict[str, Any]) -> str:
+    """``batch_size=2, alpha=0.0``; ``(defaults)`` when there are none, so an empty run is visible too."""
+    return ", ".join(f"{k}={v}" for k, v in values.items()) or "(defaults)"
+
+
+def recipe_text(recipe: dict[str, Any]) -> str:
+    """One recipe's settings: those for every task, then the per-task ones and the tasks it swaps."""
+    parts = [f"every task: {settings_text(recipe['run'])}"]
+    parts += [f"{task}: {settings_text(values)}" for task, values in recipe["per_task"].items()]
+    parts += [f"{task}: trains {other}" for task, other in recipe["tasks"].items()]
+    return "; ".join(parts)
 
 
 def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
@@ -72,8 +87,16 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
                 if kind == "components" and (show_all or row["options"]):
                     opts = ", ".join(f"{o['name']}={o['default']}" for o in row["options"])
                     desc = f"{desc}\n[dim]options: {opts}[/]" if opts else desc
+                if kind == "presets":
+                    desc = f"{desc}\n[dim]run: {settings_text(row['run'])}[/]"
                 table.add_row(row["name"], row["provider"], desc)
             console.print(table)
+        table = Table(title="recipes (--recipe NAME)", title_justify="left")
+        for col in ("name", "description"):
+            table.add_column(col)
+        for row in data["recipes"]:
+            table.add_row(row["name"], f"{row['description']}\n[dim]{recipe_text(row)}[/]")
+        console.print(table)
         problems = [p for p in data["plugins"] if p["status"] != "loaded"]
         if problems:
             table = Table(title="plugins not loaded", title_justify="left")

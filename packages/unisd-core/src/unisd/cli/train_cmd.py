@@ -7,6 +7,7 @@ import os
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -17,6 +18,7 @@ from ..config import RunConfig, load_config, read_toml
 from ..errors import UsageError
 from ..loop import train
 from ..plugins import UnisdPluginManager
+from ..recipes import apply_unless_set, named_run_settings, recipe_task
 from ..reporting import RichReporter
 from .errors import cli_errors
 
@@ -36,6 +38,7 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
         task_data: Path = typer.Option(None, "--task-data", help="Local file in the task's own field layout (with --task)."),
         with_: list[str] = typer.Option(None, "--with", help="Add a component (repeatable), e.g. --with ema."),
         preset: str = typer.Option(None, "--preset", help="A named set of components and options, e.g. unisd-star."),
+        recipe: str = typer.Option(None, "--recipe", help="'paper': the research runner's run settings for every method (prompts 3072, 1024 new tokens, full MBPP, tool-use masking)."),
         option: list[str] = typer.Option(None, "-o", "--option", help="Component option NAME.KEY=VALUE (repeatable)."),
         config: Path = typer.Option(None, "--config", help="TOML run config; flags override it."),
         output: Path = typer.Option(None, "--output", help="Run directory (default runs/TASK-TIMESTAMP)."),
@@ -72,7 +75,7 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
                 "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr, "lora": lora,
                 "dtype": dtype, "backend": backend, "attn_implementation": attn_implementation, "eval_task": eval_task, "eval_every": eval_every, "eval_limit": eval_limit, "save_every": save_every,
                 "max_new_tokens": max_new_tokens, "temperature": temperature, "alpha": alpha, "seed": seed,
-                "preset": preset, "shard": shard, "deepspeed": str(deepspeed) if deepspeed else None,
+                "preset": preset, "recipe": recipe, "shard": shard, "deepspeed": str(deepspeed) if deepspeed else None,
                 "allow_no_chat_template": allow_no_chat_template,
             }
             given = {k: v for k, v in flags.items() if v is not None}
@@ -106,11 +109,7 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
                     list(with_ or []), parse_option_flags(list(option or [])), regs.components, regs.presets,
                     preset=cfg.preset, base=cfg.components,
                 )
-                if cfg.preset:
-                    # precedence: defaults < preset < config file < flags
-                    for key, value in regs.presets.get(cfg.preset).run.items():
-                        if key not in given and key not in file_keys:
-                            setattr(cfg, key, value)
+                apply_named_settings(cfg, regs, set(given) | file_keys, console)
             began = time.perf_counter()
             try:
                 run_dir = train(cfg, pm, RichReporter(console), resume=resume)
@@ -122,6 +121,21 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
             if is_main:
                 console.print(f"Done in {time.perf_counter() - began:.0f} s. Run directory: {run_dir} "
                               f"(adapter/weights in {run_dir / 'final'})", highlight=False)
+
+
+def apply_named_settings(cfg: RunConfig, regs: Any, explicit: set[str], console: Console) -> None:
+    """The recipe's and the preset's run settings, where neither a flag nor the --config file set the key.
+
+    Precedence: defaults < recipe < preset < config file < flags (see unisd.recipes).
+    """
+    preset_run = regs.presets.get(cfg.preset).run if cfg.preset else {}
+    settings = named_run_settings(cfg.recipe, cfg.task, preset_run)
+    task = recipe_task(cfg.recipe, cfg.task)
+    if task != cfg.task:
+        console.print(f"--recipe {cfg.recipe}: training task '{task}' for '{cfg.task}' (the paper's training set)",
+                      highlight=False)
+        cfg.task = task
+    apply_unless_set(cfg, settings, explicit)
 
 
 def _toml_keys(path: Path) -> set[str]:
