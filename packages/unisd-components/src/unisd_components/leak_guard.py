@@ -1,0 +1,130 @@
+"""Leak guard: do not train the student toward copying what only the teacher could see.
+
+The teacher scores the student's completion with the problem *and* the reference in front of it,
+inside the method's template. Where the completion copies that context (the template's phrases, "This
+is an example for a response to the question:", or a span of the reference), the teacher predicts the
+copy with near certainty, because the text is right there in its prompt; the divergence then teaches
+the student to produce it without the prompt. Such a leak feeds itself: once sampled, every copied
+token is confirmed by the teacher. The trained demo student ended 17 of 48 test answers with the
+template this way.
+
+What the guard does: each sampled completion goes through :func:`unisd.leakage.detect_leak` (template
+prefixes of at least ``min_template_words`` words, ``ngram``-word spans of the reference or template
+that the student prompt does not hold). In a completion that leaks, the divergence of the guarded
+tokens is multiplied by ``weight`` (0: masked) through ``token_weights``, so it composes with every
+other component: weights multiply with agreement's, and clip's transform acts before the weights.
+``scope`` picks the guarded tokens:
+
+* ``rest`` (default): from the first leaked token (and the whitespace that opens it) to the end,
+  EOS included. Whatever follows a leak is conditioned on text the student should not have written,
+  so the teacher's targets there do not transfer to clean completions (after the copied template,
+  the teacher continues the template, then the copied reference). The answer *before* the leak is
+  still trained, so ``"CLOUD TABLE\\n\\nThis is an example for a"`` keeps teaching "CLOUD TABLE".
+* ``span``: only the leaked tokens and the whitespace before them.
+* ``completion``: every token of a leaking completion.
+
+What it does not do: the hooks see per-token divergences, not the teacher's distribution, so at a
+position where the student stopped cleanly the teacher's probability of *starting* the template
+still reaches the student (under forward KL it is mass to cover). A single next token ("\\n", "This")
+cannot be told apart from ordinary text anyway; the guard acts once the leak is visible in a sample,
+which is what stops it from feeding itself. Masked tokens stay in the step's loss-token count (the
+denominator is fixed before components act, as for agreement's weights), so a masked token lowers
+the step's loss rather than re-weighting the others. Extra terms (contrastive, matching) are summed
+over the loss mask by the loop and are not weighted by the guard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from unisd.components import option
+from unisd.hookspecs import hookimpl
+from unisd.leakage import MIN_TEMPLATE_WORDS, NGRAM, detect_leak, token_range
+from unisd.tasks import Example
+
+SCOPES = ("rest", "span", "completion")
+
+
+class LeakGuard:
+    """Mask (or down-weight) the divergence where a sampled completion copies teacher-only text."""
+
+    name: ClassVar[str] = "leak-guard"
+
+    @dataclass
+    class Options:
+        weight: float = option(0.0, "Weight of the divergence at guarded tokens: 0 masks them, a value in (0, 1) "
+                                    "down-weights them.")
+        scope: str = option("rest", "Guarded tokens of a leaking completion: 'rest' (from the leak to the end), "
+                                    "'span' (the leaked text only), 'completion' (all of it).", choices=SCOPES)
+        min_template_words: int = option(MIN_TEMPLATE_WORDS, "Shortest prefix of a template phrase, in words, that "
+                                                             "counts as a leak.")
+        ngram: int = option(NGRAM, "Length, in words, of a reference span whose copy counts as a leak.")
+
+        def __post_init__(self) -> None:
+            if not 0.0 <= self.weight < 1.0:
+                raise ValueError(f"leak-guard.weight must be in [0, 1), got {self.weight} (1 would guard nothing)")
+            if self.min_template_words < 1 or self.ngram < 1:
+                raise ValueError("leak-guard.min_template_words and leak-guard.ngram must be >= 1")
+
+    def __init__(self, options: Options | None = None):
+        self.options = options or self.Options()
+        self.tokenizer: Any = None
+        self.task: Any = None
+        self._step = -1
+        self._completions = self._leaking = 0
+        self._tokens = self._guarded = 0.0
+
+    def setup(self, run: Any) -> None:
+        # The task picks the teacher template whose phrases count as leaks (None: the generic one).
+        self.tokenizer, self.task = run.tokenizer, run.task
+
+    def guarded_positions(self, example: Example, ids: list[int]) -> list[int]:
+        """Token indices of the completion ``ids`` (answering ``example``) whose divergence is guarded."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        leak = detect_leak(text, example, self.task, min_template_words=self.options.min_template_words,
+                           ngram=self.options.ngram)
+        if not leak.leaked:
+            return []
+        if self.options.scope == "completion":
+            return list(range(len(ids)))
+
+        def decode(t: int) -> str:
+            return self.tokenizer.decode(ids[:t], skip_special_tokens=True)
+
+        # The blank line that opens a leak is where the teacher starts copying: it belongs to the leak.
+        ranges = [token_range(decode, len(ids), len(text[:start].rstrip()), end) for start, end in leak.spans]
+        if self.options.scope == "rest":
+            return list(range(ranges[0].start, len(ids)))
+        return sorted({t for r in ranges for t in r})
+
+    def token_weights(self, scores: Any, batch: Any) -> torch.Tensor:
+        weights = torch.ones_like(scores.mask)  # [B, C]
+        leaking = 0
+        for row, (example, ids) in enumerate(zip(batch.examples, batch.completions, strict=True)):
+            positions = self.guarded_positions(example, list(ids))
+            if positions:
+                weights[row, positions] = self.options.weight
+                leaking += 1
+        if batch.step != self._step:  # statistics cover one optimiser step
+            self._step, self._completions, self._leaking, self._tokens, self._guarded = batch.step, 0, 0, 0.0, 0.0
+        self._completions += len(batch.examples)
+        self._leaking += leaking
+        self._tokens += float(scores.mask.sum())
+        self._guarded += float(((weights < 1) & (scores.mask > 0)).sum())
+        return weights
+
+    def metrics(self) -> dict[str, float]:
+        """Share of the step's completions that leaked, and of its loss tokens that were guarded."""
+        if not self._completions:
+            return {}
+        return {"leaking_fraction": self._leaking / self._completions,
+                "guarded_fraction": self._guarded / max(self._tokens, 1.0)}
+
+
+@hookimpl
+def register_components(register: Any) -> None:
+    """This module is its own plugin (entry point ``leak_guard``)."""
+    register(LeakGuard)

@@ -1,0 +1,118 @@
+"""leak-guard: the divergence of tokens that copy teacher-only text is masked (or down-weighted)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from components_testlib import scores, step_batch
+
+from unisd.components import make_options
+from unisd.config import RunConfig
+from unisd.demo import DemoTask
+from unisd.errors import OptionError
+from unisd.loop import Run, distill_step
+from unisd.plugins import get_plugin_manager
+from unisd.reporting import Reporter
+from unisd.rollout import Completion
+from unisd.tasks import Example
+from unisd.teacher import default_teacher
+from unisd.testing import make_tiny_model, make_tokenizer
+from unisd_components.clip import Clip
+from unisd_components.leak_guard import LeakGuard
+
+EX = Example("u1", "Rewrite 'cloud table' in capital letters. Reply with only the rewritten words.", "CLOUD TABLE")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def ids_of(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def guard(tokenizer, **options):
+    comp = LeakGuard(make_options(LeakGuard, {k: str(v) for k, v in options.items()}))
+    comp.setup(SimpleNamespace(tokenizer=tokenizer, task=DemoTask()))
+    return comp
+
+
+def weights_for(comp, tokenizer, texts):
+    completions = [ids_of(tokenizer, t) for t in texts]
+    width = max(len(c) for c in completions)
+    mask = torch.tensor([[1.0] * len(c) + [0.0] * (width - len(c)) for c in completions])
+    batch = step_batch([EX] * len(texts), [mask], [{}])
+    batch.completions = completions
+    return comp.token_weights(scores(mask), batch), completions
+
+
+def test_leaking_completion_is_masked_from_the_leak_on_and_a_clean_one_is_untouched(tokenizer):
+    comp = guard(tokenizer)
+    w, (leaky, clean) = weights_for(comp, tokenizer, ["CLOUD TABLE\n\nThis is an example for a", "CLOUD TABLE"])
+    answer = len(tokenizer("CLOUD TABLE", add_special_tokens=False)["input_ids"])  # tokens of the answer itself
+    assert w[0, :answer].tolist() == [1.0] * answer  # the correct answer before the leak is still trained
+    assert w[0, answer:len(leaky)].tolist() == [0.0] * (len(leaky) - answer)  # "\n\n", the template, EOS
+    assert tokenizer.decode(leaky[answer:], skip_special_tokens=True) == "\n\nThis is an example for a"
+    assert w[1].tolist() == [1.0] * w.shape[1]
+    assert comp.metrics() == {"leaking_fraction": 0.5,
+                              "guarded_fraction": pytest.approx((len(leaky) - answer) / (len(leaky) + len(clean)))}
+
+
+def test_scope_and_weight(tokenizer):
+    text = "This is an example for a response to the question:\nCLOUD TABLE"
+    leaky = ids_of(tokenizer, text)
+    template = len(tokenizer("This is an example for a response to the question", add_special_tokens=False)["input_ids"])
+    span = guard(tokenizer, scope="span").guarded_positions(EX, leaky)
+    assert span == list(range(template))  # the copied template phrase only, not the answer or EOS after it
+    assert guard(tokenizer).guarded_positions(EX, leaky) == list(range(len(leaky)))  # rest: from token 0 on
+    w, _ = weights_for(guard(tokenizer, weight=0.25, scope="completion"), tokenizer, ["CLOUD TABLE\n\nThis is an example"])
+    assert set(w[0].tolist()) == {0.25}
+    assert guard(tokenizer).guarded_positions(EX, ids_of(tokenizer, "CLOUD TABLE\n\nThis is an")) == []  # 3 words
+    assert guard(tokenizer, min_template_words=3).guarded_positions(EX, ids_of(tokenizer, "CLOUD TABLE\n\nThis is an"))
+    with pytest.raises(OptionError, match="weight"):
+        make_options(LeakGuard, {"weight": "1"})
+    with pytest.raises(OptionError, match="scope"):
+        make_options(LeakGuard, {"scope": "everything"})
+
+
+def test_registered_by_its_own_entry_point():
+    pm = get_plugin_manager()
+    assert pm.registries.components.get("leak-guard") is LeakGuard
+    assert any(r.name == "leak_guard" and r.status == "loaded" for r in pm.reports)
+
+
+def tiny_run(tokenizer, components):
+    model = make_tiny_model(tokenizer, hidden=32, seed=3)
+    run = Run(RunConfig(lora=False, batch_size=4, grad_accum=1, temperature=1.0), model, tokenizer, DemoTask(),
+              [EX], components, None, Reporter())
+    run.teacher = default_teacher(model, lora=False)
+    for c in components:
+        if hasattr(c, "setup"):
+            c.setup(run)
+    return run
+
+
+def grads(run, completions):
+    run.model.zero_grad(set_to_none=True)
+    stats = distill_step(run, [EX] * len(completions), completions)
+    return stats, torch.cat([p.grad.flatten() for p in run.model.parameters() if p.grad is not None])
+
+
+def test_step_runs_composed_with_clip_and_leaked_tokens_get_no_gradient(tokenizer):
+    leaky = Completion(ids_of(tokenizer, "This is an example for a response to the question:"), truncated=False)
+    clean = Completion(ids_of(tokenizer, "CLOUD TABLE"), truncated=False)
+    options = {"max_value": "0.5"}  # low enough to clip some of a random model's tokens
+    lg = guard(tokenizer)
+    stats, guarded = grads(tiny_run(tokenizer, [Clip(make_options(Clip, options)), lg]), [leaky, clean])
+    assert torch.isfinite(guarded).all() and guarded.abs().sum() > 0 and stats["loss"] > 0
+    assert lg.metrics()["leaking_fraction"] == 0.5
+    # The leaky completion is masked whole (its leak starts at token 0), so the step's gradient is the clean
+    # completion's alone, divided by both completions' token count (the step's denominator).
+    _, alone = grads(tiny_run(tokenizer, [Clip(make_options(Clip, options))]), [clean])
+    both = len(leaky.ids) + len(clean.ids)
+    torch.testing.assert_close(guarded * both, alone * len(clean.ids), rtol=1e-4, atol=1e-6)
+    _, unguarded = grads(tiny_run(tokenizer, [Clip(make_options(Clip, options))]), [leaky, clean])
+    assert not torch.allclose(guarded, unguarded)
