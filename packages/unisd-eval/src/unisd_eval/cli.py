@@ -27,12 +27,16 @@ from unisd.cli.errors import cli_errors
 from unisd.errors import DataError, UnisdError, UsageError
 from unisd.tasks import Example, Score, Task, iter_jsonl_lines
 
+from .protocols import DEFAULT, check_protocol, retry_rounds, retry_unparsed, use_protocol
+from .protocols import describe as describe_protocol
+
 SAMPLING_TEMPERATURE = 0.7  # the method's sampling temperature, used for pass@k with --samples > 1
 MISSING_POLICIES = ("error", "fail")
 MISSING_VERDICT = "missing"
 SCORING_ERROR_VERDICT = "scoring-error"
 OUTPUT_FILES = ("results.json", "predictions.jsonl")
-COUNT_METRICS = ("items", "completions", "items_without_prediction", "problems", "samples_per_problem")
+COUNT_METRICS = ("items", "completions", "items_without_prediction", "problems", "samples_per_problem",
+                 "retries/items", "retries/recovered")
 STDERR_METRICS = ("accuracy", "pass@1")  # means of per-item 0/1 scores: binomial standard error
 HEADLINE_METRICS = ("pass@1", "accuracy")
 VERSIONED = {"unisd": "unisd-core", "unisd_eval": "unisd-eval", "torch": "torch", "transformers": "transformers"}
@@ -123,31 +127,43 @@ def missing_rows(missing: list[Example], by_id: dict[str, list[str]]) -> list[Ro
 # Generating and scoring
 
 
-def generate(model_ref: str, examples: list[Example], samples: int, max_new_tokens: int,
-             batch_size: int, console: Console) -> list[tuple[Example, str]]:
-    """Greedy completions (samples == 1) or ``samples`` sampled ones per example, with a progress bar."""
-    from rich.progress import Progress
+class Generator:
+    """A loaded model that completes examples' prompts: greedy, or sampled at a temperature."""
 
-    from unisd.models import load_model, load_tokenizer, resolve_model
-    from unisd.prompts import encode, render_chat
-    from unisd.rollout import HFBackend, SamplingParams
+    def __init__(self, model_ref: str, max_new_tokens: int, batch_size: int, console: Console):
+        from unisd.models import load_model, load_tokenizer, resolve_model
+        from unisd.rollout import HFBackend
 
-    source = resolve_model(model_ref, progress=console.print)
-    tokenizer = load_tokenizer(source)
-    model = load_model(source)
+        source = resolve_model(model_ref, progress=console.print)
+        self.tokenizer = load_tokenizer(source)
+        self.backend = HFBackend(load_model(source), self.tokenizer, batch_size=batch_size)
+        self.max_new_tokens, self.batch_size, self.console = max_new_tokens, batch_size, console
+
+    def complete(self, examples: list[Example], temperature: float) -> list[str]:
+        """One completion per example (in order), with a progress bar."""
+        from rich.progress import Progress
+
+        from unisd.prompts import encode, render_chat
+        from unisd.rollout import SamplingParams
+
+        params = SamplingParams(temperature=temperature, max_new_tokens=self.max_new_tokens)
+        out: list[str] = []
+        with Progress(console=self.console, transient=True) as progress:
+            bar = progress.add_task("generating", total=len(examples))
+            for start in range(0, len(examples), self.batch_size):
+                chunk = examples[start : start + self.batch_size]
+                prompts = [encode(self.tokenizer, render_chat(self.tokenizer, ex.prompt)) for ex in chunk]
+                out += [self.tokenizer.decode(c.ids, skip_special_tokens=True)
+                        for c in self.backend.generate(prompts, params)]
+                progress.advance(bar, len(chunk))
+        return out
+
+
+def generate(generator: Generator, examples: list[Example], samples: int) -> list[tuple[Example, str]]:
+    """Greedy completions (samples == 1) or ``samples`` sampled ones per example."""
     flat = [ex for ex in examples for _ in range(samples)]
-    params = SamplingParams(temperature=0.0 if samples == 1 else SAMPLING_TEMPERATURE, max_new_tokens=max_new_tokens)
-    backend = HFBackend(model, tokenizer, batch_size=batch_size)
-    out: list[tuple[Example, str]] = []
-    with Progress(console=console, transient=True) as progress:
-        bar = progress.add_task("generating", total=len(flat))
-        for start in range(0, len(flat), batch_size):
-            chunk = flat[start : start + batch_size]
-            prompts = [encode(tokenizer, render_chat(tokenizer, ex.prompt)) for ex in chunk]
-            for ex, completion in zip(chunk, backend.generate(prompts, params), strict=True):
-                out.append((ex, tokenizer.decode(completion.ids, skip_special_tokens=True)))
-            progress.advance(bar, len(chunk))
-    return out
+    temperature = 0.0 if samples == 1 else SAMPLING_TEMPERATURE
+    return list(zip(flat, generator.complete(flat, temperature), strict=True))
 
 
 def score_apart(task: Task, examples: list[Example], completions: list[str], exc: Exception) -> list[Score]:
@@ -349,6 +365,9 @@ def eval_command(
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Generation budget (default: the task's)."),
     data_file: Path = typer.Option(None, "--data-file", help="Local JSON/JSONL/CSV/Parquet file in the hub layout."),
     batch_size: int = typer.Option(16, "--batch-size", help="Generation batch size."),
+    protocol: str = typer.Option(DEFAULT, "--protocol", help="Scoring protocol: 'default', or 'research' (the "
+                                 "research code's MCQA extraction order and tool-use retries, for comparing "
+                                 "with the paper)."),
 ) -> None:
     """Evaluate a model (--model) or scored predictions (--predictions) on a benchmark task."""
     console = Console()
@@ -363,9 +382,10 @@ def eval_command(
             raise UsageError("--samples applies to --model; with --predictions, give several records per id instead")
         if missing not in MISSING_POLICIES:
             raise UsageError(f"--missing must be one of {', '.join(MISSING_POLICIES)}, got {missing!r}")
+        check_protocol(protocol)
         output = output or Path("runs") / f"eval-{task}-{time.strftime('%Y%m%d-%H%M%S')}"
         check_output(output, overwrite)  # before the dataset, the model and scoring: fail in seconds
-        task_obj: Task = pm.registries.tasks.get(task)()
+        task_obj: Task = use_protocol(pm.registries.tasks.get(task)(), protocol)
         split = split or task_obj.eval_split
         examples = task_obj.load(split, path=str(data_file) if data_file else None, limit=limit)
         if not examples:
@@ -382,7 +402,11 @@ def eval_command(
                 raise missing_error(task, split, examples, absent)
             rows += missing_rows(absent, by_id)
         else:
-            rows = list(generate(model, examples, samples, max_new, batch_size, console))
+            generator = Generator(model, max_new, batch_size, console)
+            rows = list(generate(generator, examples, samples))
+        rounds = retry_rounds(task_obj, protocol, generating=predictions is None)
+        if rounds:
+            rows, retries = retry_unparsed(task_obj, rows, generator.complete, rounds)  # type: ignore[arg-type]
         generated = time.perf_counter()
         scores = score_rows(task_obj, rows, console)
         scored = time.perf_counter()
@@ -394,9 +418,11 @@ def eval_command(
         metrics["completions"] = sum(c is not None for _, c in rows)
         if predictions is not None:
             metrics["items_without_prediction"] = len(absent)
+        if rounds:
+            metrics.update(retries.metrics())
         metrics = integer_counts(metrics)
         results = {
-            "task": task, "split": split, "metrics": metrics,
+            "task": task, "split": split, "protocol": describe_protocol(protocol, rounds), "metrics": metrics,
             "missing": {"policy": missing, "items": len(absent), "ids": [ex.id for ex in absent]},
             "scoring_errors": sum(s.verdict == SCORING_ERROR_VERDICT for s in scores),
             "config": {"model": model, "predictions": str(predictions) if predictions else None,

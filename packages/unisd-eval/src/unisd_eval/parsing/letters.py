@@ -81,3 +81,26 @@ def _from_json(text: str, valid: str) -> str | None:
     if isinstance(answer, str) and answer.strip()[:1] in valid and answer.strip():
         return answer.strip()[0]
     return None
+
+
+def extract_letter_research(text: str, n_choices: int = 4) -> str | None:
+    """The research code's free-form extraction (§5.2), for ``unisd eval --protocol research``.
+
+    First rule that matches wins: the *first* ``^Answer: X`` line; ``the answer is X``; ``ANSWER: X``;
+    the first line starting with a letter followed by ``.``, ``)`` or whitespace; the *last* standalone
+    capital letter anywhere. Kept as the research code had it (§7.26), article "A" and all, so numbers
+    can be compared with the paper's; :func:`extract_letter` is the default.
+    """
+    valid = letters_for(n_choices)
+    rules = (
+        re.compile(r"^Answer:\s*\(?([" + valid + r"])\)?", re.MULTILINE),
+        re.compile(r"[Tt]he answer is\s*\(?([" + valid + r"])\)?"),
+        re.compile(r"ANSWER:\s*\(?([" + valid + r"])\)?"),
+        re.compile(r"^([" + valid + r"])[.)\s]", re.MULTILINE),
+    )
+    for rule in rules:
+        match = rule.search(text)
+        if match:
+            return match.group(1)
+    standalone = re.findall(r"\b([" + valid + r"])\b", text)
+    return standalone[-1] if standalone else None

@@ -18,7 +18,8 @@ from unisd.prompts import reference_with_reasoning
 from unisd.tasks import Example, Score, Task
 
 from ..metrics import grouped_mean, mean
-from ..parsing.letters import extract_letter, letter_list, letters_for
+from ..parsing.letters import extract_letter, extract_letter_research, letter_list, letters_for
+from ..protocols import DEFAULT, RESEARCH
 from .sources import check_split, hub_rows, package_file, read_rows, require_fields, take
 
 SEED = 42
@@ -78,6 +79,7 @@ class MCQATask(Task):
 
     max_new_tokens: ClassVar[int] = 512
     shuffle_options: ClassVar[bool] = True
+    protocol: str = DEFAULT  # "research": the research code's extraction order (unisd_eval.protocols)
 
     def items(self, split: str, path: str | None) -> tuple[list[Item], str]:
         """The dataset's items of a split (skipped rows already dropped) and a label for the source."""
@@ -114,7 +116,8 @@ class MCQATask(Task):
         return reference_with_reasoning(answer.strip(), reasoning if example.meta.get("explanation") else "")
 
     def score(self, example: Example, completion: str) -> Score:
-        letter = extract_letter(completion, int(example.meta.get("num_choices", 4)))
+        extract = extract_letter_research if self.protocol == RESEARCH else extract_letter
+        letter = extract(completion, int(example.meta.get("num_choices", 4)))
         if letter is None:
             return Score(0.0, None, "unparsed", "no answer letter found (expected a final 'Answer: X' line)")
         ok = letter == example.meta["correct_letter"]

@@ -11,6 +11,7 @@ from unisd.tasks import Example, Score, Task
 
 from ..metrics import mean
 from ..parsing.react import golden_text, parse_calls, score_calls
+from ..protocols import DEFAULT
 from .sources import check_split, hub_rows, read_rows, require_fields, take
 
 HUB_ID = "Ahren09/ToolAlpaca"
@@ -46,6 +47,7 @@ class ToolUseTask(Task):
     splits: ClassVar[tuple[str, ...]] = ("train", "test")
     eval_split: ClassVar[str] = "test"
     max_new_tokens: ClassVar[int] = 512
+    protocol: str = DEFAULT  # "research" retries unparsed completions (unisd_eval.protocols)
 
     def load(self, split: str, path: str | None = None, limit: int | None = None) -> list[Example]:
         check_split(self.name, split, self.splits)
@@ -69,6 +71,10 @@ class ToolUseTask(Task):
         """The method's tool-use teacher template (asks for the Thought; no final newline)."""
         return (f"\n{example.prompt}\n\n{DEMO_MARKER}\n{example.reference}\n\n"
                 f"{SELF_DISTILLATION_INSTRUCTION}{THOUGHT_SUFFIX}")
+
+    def retry_wanted(self, example: Example, completion: str) -> bool:
+        """Whether the research protocol generates this item again: no tool call parses (§5.3)."""
+        return not parse_calls(completion)
 
     def score(self, example: Example, completion: str) -> Score:
         calls = parse_calls(completion)
