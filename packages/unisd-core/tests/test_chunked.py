@@ -448,3 +448,32 @@ def test_when_compilation_is_wanted(monkeypatch):
     monkeypatch.setenv("UNISD_CHUNKED_COMPILE", "sometimes")
     with pytest.raises(ValueError, match="auto, on, off"):
         chunk_math.compile_wanted(cpu)
+
+
+# ----------------------------------------------------------------------------------------------
+# gjsd_scale = "research" on every path: eager, compiled, trained and frozen head (issue 13, item 9)
+
+
+@pytest.mark.parametrize("compile", ["off", "on"])
+@pytest.mark.parametrize("frozen_head", [False, True], ids=["head-trained", "head-frozen"])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 1.0])
+def test_research_scale_matches_fp64_oracle(alpha, frozen_head, compile):
+    case = make_case(torch.float32, seed=12)
+    out, loss, gh, gw = run(chunked_token_outputs, case, alpha, 0.7, chunk_size=7, frozen_head=frozen_head,
+                            compile=compile, gjsd_scale="research")
+    ref, ref_loss, ref_gh, ref_gw = run(token_outputs, case, alpha, 0.7, dtype=torch.float64, gjsd_scale="research")
+    assert not chunk_math._BROKEN, chunk_math._BROKEN
+    assert rel(loss, ref_loss) <= 1e-5 and rel(gh, ref_gh) <= 1e-5
+    assert gw is None if frozen_head else rel(gw, ref_gw) <= 1e-5
+    assert rel(out.divergence, ref.divergence) <= 1e-5
+    # the oracle's research value is the normalized one times α(1−α) (the ends are unscaled KLs)
+    normalized, *_ = run(token_outputs, case, alpha, 0.7, dtype=torch.float64)
+    factor = alpha * (1 - alpha) if 0 < alpha < 1 else 1.0
+    assert rel(ref.divergence, normalized.divergence * factor) <= 1e-12
+
+
+def test_unknown_gjsd_scale_is_refused_by_the_chunked_path():
+    case = make_case(torch.float32)
+    with pytest.raises(UsageError, match="gjsd_scale"):
+        chunked_token_outputs(case["h_s"], case["w_s"], case["h_t"], case["w_t"], case["targets"], case["mask"],
+                              alpha=0.5, gjsd_scale="4x")

@@ -90,3 +90,52 @@ def test_token_outputs_from_hidden_states_match_logits_path():
     assert torch.allclose(out.student_logp.double(), logp * mask, rtol=1e-5, atol=1e-6)
     assert (out.divergence[mask == 0] == 0).all()
     assert math.isclose(float(out.entropy[2].abs().sum()), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# gjsd_scale = "research": the unscaled JSD the research code optimises (issue 13, item 9)
+
+
+def research_reference(student_logits, teacher_logits, alpha, temperature):
+    """The research code's per-token loss from the definitions, float64: plain KLs at the ends, the
+    *unscaled* generalized JSD in between (α·KL(p‖m) + (1−α)·KL(q‖m), m = αp + (1−α)q)."""
+    q = torch.softmax(student_logits.double() / temperature, -1)
+    p = torch.softmax(teacher_logits.double() / temperature, -1)
+    if alpha in (0, 1):
+        return reference_divergence(student_logits, teacher_logits, alpha, temperature)
+    m = alpha * p + (1 - alpha) * q
+    return alpha * (p * (p / m).log()).sum(-1) + (1 - alpha) * (q * (q / m).log()).sum(-1)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_research_scale_matches_float64_reference_values_and_gradients(alpha):
+    gen = torch.Generator().manual_seed(17)
+    s = torch.randn(5, 4, 60, generator=gen) * 2.5
+    t = torch.randn(5, 4, 60, generator=gen) * 2.5
+    weights = torch.rand(5, 4, generator=gen, dtype=torch.float64)
+    s32 = s.clone().requires_grad_(True)
+    ours = generalized_jsd(s32, t, alpha, 0.7, scale="research")
+    (ours * weights.float()).sum().backward()
+    s64 = s.clone().double().requires_grad_(True)
+    ref = research_reference(s64, t, alpha, 0.7)
+    (ref * weights).sum().backward()
+    assert ((ours.double() - ref).abs() / ref.abs().clamp_min(1e-12)).max().item() <= 1e-5
+    assert ((s32.grad.double() - s64.grad).norm() / s64.grad.norm()).item() <= 1e-5
+
+
+def test_normalized_is_the_research_value_over_alpha_one_minus_alpha():
+    gen = torch.Generator().manual_seed(18)
+    s, t = torch.randn(6, 40, generator=gen, dtype=torch.float64), torch.randn(6, 40, generator=gen, dtype=torch.float64)
+    for alpha in (0.2, 0.5):
+        research = generalized_jsd(s, t, alpha, scale="research")
+        assert torch.allclose(generalized_jsd(s, t, alpha), research / (alpha * (1 - alpha)), rtol=1e-12)
+    assert torch.allclose(generalized_jsd(s, t, 0.5), 4 * generalized_jsd(s, t, 0.5, scale="research"), rtol=1e-12)
+    for alpha in (0.0, 1.0):  # the ends are the plain KLs under both scales
+        assert torch.equal(generalized_jsd(s, t, alpha, scale="research"), generalized_jsd(s, t, alpha))
+
+
+def test_unknown_gjsd_scale_is_a_usage_error():
+    from unisd.errors import UsageError
+
+    with pytest.raises(UsageError, match="gjsd_scale"):
+        generalized_jsd(torch.zeros(1, 3), torch.zeros(1, 3), alpha=0.5, scale="paper")

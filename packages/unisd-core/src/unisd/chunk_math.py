@@ -63,13 +63,15 @@ def forward_rkl(x_s, x_t, y, project: bool):
     return div, s_lp, ent, t_lp, lse_s, lse_t, div, (q * (f - div[:, None]) if project else None)
 
 
-def forward_jsd(x_s, x_t, y, alpha, project: bool):
+def forward_jsd(x_s, x_t, y, alpha, factor, project: bool):
+    """``factor`` (0-d): what the raw JSD is multiplied by, 1/(α(1−α)) or 1 (``losses.jsd_factor``)."""
     log_q, q, log_p, p, lse_s, lse_t, (s_lp, ent, t_lp) = _both(x_s, x_t, y)
     log_m = torch.logaddexp(log_p + torch.log(alpha), log_q + torch.log1p(-alpha))
     r = log_q - log_m
     kl_pm, kl_qm = (p * (log_p - log_m)).sum(1), (q * r).sum(1)
-    div = (alpha * kl_pm + (1.0 - alpha) * kl_qm) / (alpha * (1.0 - alpha))
-    return div, s_lp, ent, t_lp, lse_s, lse_t, kl_qm, (q * (r - kl_qm[:, None]) / alpha if project else None)
+    div = (alpha * kl_pm + (1.0 - alpha) * kl_qm) * factor
+    grad = q * (r - kl_qm[:, None]) * ((1.0 - alpha) * factor) if project else None
+    return div, s_lp, ent, t_lp, lse_s, lse_t, kl_qm, grad
 
 
 # The logit gradient G [c, V] = gd·∂D/∂z + gl·∂log q_y/∂z, with gd/gl per row (1/T folded in).
@@ -96,10 +98,10 @@ def backward_rkl(x_s, x_t, lse_s, lse_t, stat, gd, gl, y):
     return grad + gd[:, None] * q * (log_q - (x_t - lse_t[:, None]) - stat[:, None])
 
 
-def backward_jsd(x_s, x_t, lse_s, lse_t, stat, gd, gl, y, alpha):
+def backward_jsd(x_s, x_t, lse_s, lse_t, stat, gd, gl, y, alpha, factor):
     log_q, q, grad = _logp_part(x_s, lse_s, gl, y)
     log_m = torch.logaddexp((x_t - lse_t[:, None]) + torch.log(alpha), log_q + torch.log1p(-alpha))
-    return grad + (gd / alpha)[:, None] * q * (log_q - log_m - stat[:, None])
+    return grad + (gd * ((1.0 - alpha) * factor))[:, None] * q * (log_q - log_m - stat[:, None])
 
 
 def target_logprob_math(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -108,16 +110,17 @@ def target_logprob_math(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return _pick(log_probs, y)
 
 
-def forward(x_s, x_t, y, alpha: float, project: bool):
-    """The fused forward of one chunk, or None when compilation is unavailable (run it eagerly)."""
+def forward(x_s, x_t, y, alpha: float, project: bool, factor: float = 1.0):
+    """The fused forward of one chunk, or None when compilation is unavailable (run it eagerly).
+    ``factor`` multiplies the JSD at 0 < α < 1 (see ``losses.jsd_factor``)."""
     if alpha == 0.0:
         return run("forward_fkl", x_s, x_t, y, project)
     if alpha == 1.0:
         return run("forward_rkl", x_s, x_t, y, project)
-    return run("forward_jsd", x_s, x_t, y, _scalar(alpha, x_s), project)
+    return run("forward_jsd", x_s, x_t, y, _scalar(alpha, x_s), _scalar(factor, x_s), project)
 
 
-def backward(x_s, x_t, lse_s, lse_t, stat, gd, gl, y, alpha: float):
+def backward(x_s, x_t, lse_s, lse_t, stat, gd, gl, y, alpha: float, factor: float = 1.0):
     """The fused logit gradient of one chunk (``x_t`` None: the log-prob term only), or None."""
     if x_t is None:
         return run("backward_logp", x_s, lse_s, gl, y)
@@ -125,7 +128,7 @@ def backward(x_s, x_t, lse_s, lse_t, stat, gd, gl, y, alpha: float):
         return run("backward_fkl", x_s, x_t, lse_s, lse_t, stat, gd, gl, y)
     if alpha == 1.0:
         return run("backward_rkl", x_s, x_t, lse_s, lse_t, stat, gd, gl, y)
-    return run("backward_jsd", x_s, x_t, lse_s, lse_t, stat, gd, gl, y, _scalar(alpha, x_s))
+    return run("backward_jsd", x_s, x_t, lse_s, lse_t, stat, gd, gl, y, _scalar(alpha, x_s), _scalar(factor, x_s))
 
 
 def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:

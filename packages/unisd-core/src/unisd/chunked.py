@@ -23,10 +23,11 @@ Gradients w.r.t. the student logits z = h·Wᵀ/T, with q = softmax(z), p the te
 * student log-prob of the target y:  ∂ log q_y / ∂z = onehot(y) − q
 * α = 0, D = KL(p‖q):                ∂D/∂z = q − p
 * α = 1, D = KL(q‖p):                ∂D/∂z = q ⊙ (log q − log p − D)
-* 0<α<1, D = JSD_α/(α(1−α)), m = αp + (1−α)q:
-                                      ∂D/∂z = q ⊙ (r − Σ q·r) / α,   r = log q − log m
+* 0<α<1, D = c·JSD_α, m = αp + (1−α)q:
+                                      ∂D/∂z = c(1−α) · q ⊙ (r − Σ q·r),   r = log q − log m
 
-(the mixture's own derivative cancels: ∂JSD_α/∂q_i = (1−α)·log(q_i/m_i)).
+(the mixture's own derivative cancels: ∂JSD_α/∂q_i = (1−α)·log(q_i/m_i)). c = 1/(α(1−α)) by default
+(then c(1−α) = 1/α), 1 for ``gjsd_scale="research"`` (see :func:`unisd.losses.jsd_factor`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 
 from . import chunk_math
 from .errors import UsageError
-from .losses import TokenOutputs
+from .losses import TokenOutputs, check_gjsd_scale, jsd_factor
 
 ContextSpec = tuple[torch.Tensor, torch.Tensor, float]  # (hidden [B, C, H], head [V, H], temperature)
 
@@ -67,6 +68,7 @@ def chunked_token_outputs(
     chunk_size: int = 1024,
     teacher_contexts: Mapping[str, ContextSpec] | None = None,
     compile: str = "auto",
+    gjsd_scale: str = "normalized",
 ) -> ChunkedTokenOutputs:
     """Divergence, log-probs and entropy from final hidden states ``[B, C, H]`` and lm-heads ``[V, H]``.
 
@@ -80,15 +82,19 @@ def chunked_token_outputs(
 
     ``compile``: fuse each chunk's vocabulary math with ``torch.compile`` — ``auto`` (on CUDA), ``on``,
     ``off`` (see :mod:`unisd.chunk_math`); the results are the same up to float rounding.
+
+    ``gjsd_scale``: at 0 < α < 1, ``normalized`` divides the JSD by α(1−α), ``research`` does not.
     """
     _check(alpha, temperature, chunk_size)
+    check_gjsd_scale(gjsd_scale)
+    factor = jsd_factor(alpha, gjsd_scale) if 0.0 < alpha < 1.0 else 1.0
     select = mask.reshape(-1) > 0  # [B*C]
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])[select]  # [N, H], differentiable gather
     device = h_s.device
     h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])[select.to(teacher_hidden.device)]
     y = targets.reshape(-1).to(select.device)[select].to(device)
     div, s_lp, ent, t_lp = _ChunkedDivergence.apply(
-        h_s, student_head, h_t, teacher_head.detach(), y, float(alpha), float(temperature), int(chunk_size),
+        h_s, student_head, h_t, teacher_head.detach(), y, float(alpha), factor, float(temperature), int(chunk_size),
         chunk_math.compile_wanted(device, compile),
     )
     contexts = {}
@@ -140,10 +146,11 @@ def chunked_target_logprobs(
 
 class _ChunkedDivergence(torch.autograd.Function):
     """``(h_s [N,H], W_s, h_t [N,H], W_t, y [N]) -> (divergence, student_logp, entropy, teacher_logp)``,
-    all ``[N]``. Saves only ``[N]``-sized statistics (and references to its inputs) for backward."""
+    all ``[N]``. Saves only ``[N]``-sized statistics (and references to its inputs) for backward.
+    ``factor`` multiplies the JSD at 0 < α < 1."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, y, alpha, temperature, chunk_size, fused):
+    def forward(ctx, h_s, w_s, h_t, w_t, y, alpha, factor, temperature, chunk_size, fused):
         n, device = h_s.shape[0], h_s.device
         compute = _compute_dtype(h_s)
         head_s, head_t = _Head(w_s, compute, device), _Head(w_t, compute, device)
@@ -160,7 +167,7 @@ class _ChunkedDivergence(torch.autograd.Function):
             if fused:  # the compiled math (chunk_math), from both chunks of logits
                 x_s = head_s.logits(h_s[lo:hi], temperature, buf.get("q", c))
                 x_t = head_t.logits(h_t[lo:hi].to(device), temperature, buf.get("p", c))
-                out = chunk_math.forward(x_s, x_t, y[lo:hi], alpha, project)
+                out = chunk_math.forward(x_s, x_t, y[lo:hi], alpha, project, factor)
                 if out is not None:
                     div[lo:hi], s_lp[lo:hi], ent[lo:hi], t_lp[lo:hi], lse_s[lo:hi], lse_t[lo:hi], stat[lo:hi] = out[:7]
                     if project:
@@ -190,13 +197,13 @@ class _ChunkedDivergence(torch.autograd.Function):
                 kl_pm = _rowdot(p, log_p.sub_(log_m))
                 kl_qm = _rowdot(q, log_q.sub_(log_m))
                 stat[lo:hi] = kl_qm  # Σ q·r in the gradient
-                div[lo:hi] = (alpha * kl_pm + (1.0 - alpha) * kl_qm) / (alpha * (1.0 - alpha))
-                # ∂D/∂z = q ⊙ (r − Σ q·r) / α,  r = log q − log m
-                grad = log_q.sub_(kl_qm[:, None]).mul_(q).div_(alpha) if project else None
+                div[lo:hi] = (alpha * kl_pm + (1.0 - alpha) * kl_qm) * factor
+                # ∂D/∂z = c(1−α) · q ⊙ (r − Σ q·r),  r = log q − log m
+                grad = log_q.sub_(kl_qm[:, None]).mul_(q).mul_((1.0 - alpha) * factor) if project else None
             if project:
                 head_s.backprop(grad, h_s[lo:hi], div_grad_h[lo:hi], None)
         ctx.save_for_backward(h_s, w_s, h_t, w_t, y, lse_s, lse_t, stat, div_grad_h)
-        ctx.alpha, ctx.temperature, ctx.chunk_size, ctx.fused = alpha, temperature, chunk_size, fused
+        ctx.alpha, ctx.factor, ctx.temperature, ctx.chunk_size, ctx.fused = alpha, factor, temperature, chunk_size, fused
         ctx.mark_non_differentiable(ent, t_lp)
         ctx.set_materialize_grads(False)  # an output the loss does not use gets None: no work for it
         return div, s_lp, ent, t_lp
@@ -205,10 +212,11 @@ class _ChunkedDivergence(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # a clear error for double backward (create_graph=True)
     def backward(ctx, g_div, g_lp, _g_ent, _g_tlp):
         h_s, w_s, h_t, w_t, y, lse_s, lse_t, stat, div_grad_h = ctx.saved_tensors
-        alpha, temperature, chunk_size = ctx.alpha, ctx.temperature, ctx.chunk_size
+        alpha, factor, temperature, chunk_size = ctx.alpha, ctx.factor, ctx.temperature, ctx.chunk_size
+        no_grads = (None,) * 10  # one per input of forward
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if (g_div is None and g_lp is None) or not (need_h or need_w):
-            return None, None, None, None, None, None, None, None, None
+            return no_grads
         n, compute, device = h_s.shape[0], lse_s.dtype, h_s.device
         grad_h = None
         if need_h:  # written chunk by chunk, or added to the forward's projection
@@ -218,7 +226,7 @@ class _ChunkedDivergence(torch.autograd.Function):
                 grad_h.addcmul_(div_grad_h, g_div.to(compute)[:, None], value=1.0 / temperature)
             g_div = None
             if g_lp is None:
-                return grad_h.to(h_s.dtype), None, None, None, None, None, None, None, None
+                return (grad_h.to(h_s.dtype),) + no_grads[1:]
         # Fold 1/T into the per-token coefficients: they then give ∂L/∂(h·Wᵀ) directly.
         teacher_needed = g_div is not None
         g_div = (g_div if g_div is not None else torch.zeros_like(lse_s)).to(compute) / temperature
@@ -241,7 +249,7 @@ class _ChunkedDivergence(torch.autograd.Function):
                 x_s = head_s.logits(h_s[lo:hi], temperature, buf.get("s", c))
                 x_t = head_t.logits(h_t[lo:hi].to(device), temperature, buf.get("t", c)) if teacher_needed else None
                 grad = chunk_math.backward(x_s, x_t, lse_s[lo:hi], lse_t[lo:hi], stat[lo:hi],
-                                           g_div[lo:hi], g_lp[lo:hi], y[lo:hi], alpha)
+                                           g_div[lo:hi], g_lp[lo:hi], y[lo:hi], alpha, factor)
                 if grad is not None:
                     project(grad, lo, hi)
                     continue
@@ -260,17 +268,18 @@ class _ChunkedDivergence(torch.autograd.Function):
                 q = torch.exp(log_q, out=buf.get("q", c))
                 f = torch.sub(log_q, log_p, out=log_p)
                 grad = _affine_rows(f, gd, -(stat[lo:hi, None] * gd + gl)).mul_(q)
-            else:  # G = q ⊙ (gd·(r − Σ q·r)/α − gl) + gl·onehot,  r = log q − log m
+            else:  # G = q ⊙ (gd·c(1−α)·(r − Σ q·r) − gl) + gl·onehot,  r = log q − log m
                 q = torch.exp(log_q, out=buf.get("q", c))
                 log_m = _log_mixture(log_p.exp_(), q, alpha, buf.get("m", c))
                 r = torch.sub(log_q, log_m, out=log_m)
-                grad = _affine_rows(r, gd / alpha, -(stat[lo:hi, None] * gd / alpha + gl)).mul_(q)
+                gj = gd * ((1.0 - alpha) * factor)
+                grad = _affine_rows(r, gj, -(stat[lo:hi, None] * gj + gl)).mul_(q)
             grad.scatter_add_(1, y[lo:hi, None], gl)
             project(grad, lo, hi)
         return (
             grad_h.to(h_s.dtype) if need_h else None,
             grad_w.to(w_s.dtype) if need_w else None,
-            None, None, None, None, None, None, None,
+            *no_grads[2:],
         )
 
 

@@ -18,6 +18,8 @@ from .recipes import check_recipe
 SHARD_CHOICES = ("auto", "none", "fsdp")  # see unisd.sharding
 COMPILE_CHOICES = ("auto", "on", "off")  # see unisd.chunk_math
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # see unisd.models.training_dtype
+GJSD_SCALE_CHOICES = ("normalized", "research")  # see unisd.losses
+LOSS_REDUCTION_CHOICES = ("token", "sequence")  # see unisd.reduction
 
 
 @dataclass
@@ -74,6 +76,12 @@ class RunConfig:
     loss_temperature: float | None = None  # None: the sampling temperature, as in the method
     divergence_chunk_size: int = 1024  # tokens per chunk of the vocabulary projection (memory vs speed)
     compile_divergence: str = "auto"  # fuse each chunk's vocabulary math (torch.compile): auto = on CUDA
+    # 0 < alpha < 1: "normalized" divides the JSD by alpha(1-alpha) (continuous with the KLs at the ends);
+    # "research" is the research code's unscaled JSD, so its clip caps and loss weights mean the same
+    gjsd_scale: str = "normalized"
+    # "token": mean over the step's loss tokens; "sequence": mean over each sequence's tokens, then over
+    # the step's sequences (the research code's); both are independent of the micro-batch split
+    loss_reduction: str = "token"
     # bookkeeping
     save_every: int = 0  # 0: only at the end of the run
     eval_task: str | None = None
@@ -113,6 +121,10 @@ class RunConfig:
             (self.shard in SHARD_CHOICES, f"--shard must be one of {', '.join(SHARD_CHOICES)}, got '{self.shard}'"),
             (self.compile_divergence in COMPILE_CHOICES,
              f"compile_divergence must be one of {', '.join(COMPILE_CHOICES)}, got '{self.compile_divergence}'"),
+            (self.gjsd_scale in GJSD_SCALE_CHOICES,
+             f"gjsd_scale must be one of {', '.join(GJSD_SCALE_CHOICES)}, got '{self.gjsd_scale}'"),
+            (self.loss_reduction in LOSS_REDUCTION_CHOICES,
+             f"loss_reduction must be one of {', '.join(LOSS_REDUCTION_CHOICES)}, got '{self.loss_reduction}'"),
         ]
         for ok, message in checks:
             if not ok:

@@ -7,8 +7,9 @@ One optimiser step:
      reference — and under any extra contexts the selected components ask for;
   4. per micro-batch, the student scores the same completion under its own prompt (with grad); the
      per-token divergence goes through the components (clip → weights → extra terms);
-  5. the summed loss is divided by the number of loss tokens of the *whole* step, so the update does
-     not depend on how the step is split into micro-batches;
+  5. the summed loss is divided by the number of loss tokens (or, under ``loss_reduction =
+     "sequence"``, each sequence by its own and the sum by the number of sequences) of the *whole*
+     step, so the update does not depend on how the step is split into micro-batches;
   6. clip the gradient norm, AdamW, cosine schedule; components' ``on_step_end``; metrics; checkpoint.
 """
 
@@ -26,7 +27,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from . import atomic, distributed, rundir, sharding
+from . import atomic, distributed, reduction, rundir, sharding
 from .checkpoint import (
     choose_checkpoint,
     gather_component_states,
@@ -284,10 +285,12 @@ def distill_step(run: Run, examples: list[Example], completions: list[Completion
                 if completions[i].truncated:
                     mask[row] = 0.0
         teacher_out.append(teacher_pass(run, ex, ids, mask))
-    # The denominator is the loss-token count of the whole optimiser step, over every process.
-    num_tokens = distributed.sum_scalar(float(sum(t["mask"].sum() for t in teacher_out)))
-
-    totals = _StepTotals(num_tokens)
+    # The denominator counts the whole optimiser step, over every process: its loss tokens, or its
+    # sequences under loss_reduction = "sequence".
+    masks = [t["mask"] for t in teacher_out]
+    num_tokens = reduction.step_denominator(masks, "token")
+    count = num_tokens if cfg.loss_reduction == "token" else reduction.step_denominator(masks, cfg.loss_reduction)
+    totals = _StepTotals(count)
     # A teacher that keeps its own (sharded) copy needs its lm-head gathered for the student's micro-batches.
     separate_teacher = teacher_model(run) if teacher_model(run) is not run.model else None
     with sharding.gathered(separate_teacher):
@@ -304,15 +307,15 @@ def distill_step(run: Run, examples: list[Example], completions: list[Completion
 
 @dataclass
 class _StepTotals:
-    """Per-token sums of one optimiser step, each already divided by the step's loss-token count."""
+    """Per-token sums of one optimiser step, each already divided by the step's denominator."""
 
-    num_tokens: float
+    count: float  # the step's loss tokens, or its sequences with a loss token (see unisd.reduction)
     sums: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "divergence": 0.0, "weight": 0.0})
     extras: dict[str, float] = field(default_factory=dict)  # components' extra loss terms, by name
 
     @property
     def denominator(self) -> float:
-        return max(self.num_tokens, 1.0)
+        return max(self.count, 1.0)
 
     def add(self, name: str, value: torch.Tensor, extra: bool = False) -> None:
         into = self.extras if extra else self.sums
@@ -329,7 +332,7 @@ def _student_outputs(run: Run, packed: Any, teacher_hidden: torch.Tensor, mask: 
     outputs = chunked_token_outputs(
         student_hidden, lm_head_weight(run.model), teacher_hidden, run.teacher.head_weight(),
         packed.targets.to(mask.device), mask, alpha=cfg.alpha, temperature=cfg.divergence_temperature,
-        chunk_size=cfg.divergence_chunk_size, compile=cfg.compile_divergence,
+        chunk_size=cfg.divergence_chunk_size, compile=cfg.compile_divergence, gjsd_scale=cfg.gjsd_scale,
     )
     return student_hidden, outputs.divergence, outputs.student_logp, outputs.entropy
 
@@ -356,16 +359,17 @@ def _micro_step(run: Run, batch: StepBatch, t: dict[str, Any], totals: _StepTota
     for w in _call_all(run.components, "token_weights", scores, batch):
         weights = weights * w.to(div.device)
     distill_weight = math.prod(float(getattr(c, "distill_weight", 1.0)) for c in run.components)
-    loss_sum = distill_weight * (div * weights * mask).sum()
+    factors = reduction.token_factors(mask, run.config.loss_reduction)  # the mask, or mask / sequence length
+    loss_sum = distill_weight * (div * weights * factors).sum()
     for extras in _call_all(run.components, "extra_losses", scores, batch):
         for name, per_token in extras.items():
-            term = (per_token * mask).sum()
+            term = (per_token * factors).sum()
             loss_sum = loss_sum + term
             totals.add(name, term, extra=True)
     (loss_sum / totals.denominator).backward()
     totals.add("loss", loss_sum)
-    totals.add("divergence", (scores.divergence * mask).sum())
-    totals.add("weight", (weights * mask).sum())
+    totals.add("divergence", (scores.divergence * factors).sum())
+    totals.add("weight", (weights * factors).sum())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ the forward and reverse KL that α=0 and α=1 select. We divide by α(1−α):
     D_α = JSD_α / (α(1−α))   →  KL(teacher‖student) as α→0,  KL(student‖teacher) as α→1
 
 so the loss is continuous on [0, 1] and α only changes *which* divergence, not its scale. At
-0 < α < 1 this is the research code's value times 1/(α(1−α)).
+0 < α < 1 this is the research code's value times 1/(α(1−α)) (4× at α = 0.5). ``scale="research"``
+returns the unscaled JSD_α instead (the ends are the plain KLs either way), so a clip cap or a loss
+weight taken from the paper means the same thing.
 """
 
 from __future__ import annotations
@@ -22,14 +24,22 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .config import GJSD_SCALE_CHOICES
+from .errors import UsageError
+
 
 def generalized_jsd(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     alpha: float = 0.0,
     temperature: float = 1.0,
+    scale: str = "normalized",
 ) -> torch.Tensor:
-    """Per-token divergence ``[...]`` from logits ``[..., V]``; gradient flows to the student only."""
+    """Per-token divergence ``[...]`` from logits ``[..., V]``; gradient flows to the student only.
+
+    ``scale``: ``normalized`` divides the JSD (0 < α < 1) by α(1−α), ``research`` leaves it unscaled.
+    """
+    check_gjsd_scale(scale)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if temperature <= 0:
@@ -43,7 +53,17 @@ def generalized_jsd(
         return kl(log_q, log_p)
     log_m = torch.logsumexp(torch.stack([log_p + math.log(alpha), log_q + math.log1p(-alpha)]), dim=0)
     jsd = alpha * kl(log_p, log_m) + (1.0 - alpha) * kl(log_q, log_m)
-    return jsd / (alpha * (1.0 - alpha))
+    return jsd * jsd_factor(alpha, scale)
+
+
+def jsd_factor(alpha: float, scale: str) -> float:
+    """What the raw JSD_α (0 < α < 1) is multiplied by: 1/(α(1−α)) when ``normalized``, 1 when ``research``."""
+    return 1.0 / (alpha * (1.0 - alpha)) if scale == "normalized" else 1.0
+
+
+def check_gjsd_scale(scale: str) -> None:
+    if scale not in GJSD_SCALE_CHOICES:
+        raise UsageError(f"gjsd_scale must be one of {', '.join(GJSD_SCALE_CHOICES)}, got {scale!r}")
 
 
 def kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
@@ -79,6 +99,7 @@ def token_outputs(
     mask: torch.Tensor,
     alpha: float = 0.0,
     temperature: float = 1.0,
+    gjsd_scale: str = "normalized",
 ) -> TokenOutputs:
     """Divergence, log-probs and entropy from final hidden states ``[B, C, H]`` and lm-head weights ``[V, H]``.
 
@@ -92,7 +113,7 @@ def token_outputs(
     compute = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
     logits_s = h_s.to(compute) @ student_head.to(compute).T  # [N, V]
     logits_t = (h_t.to(compute) @ teacher_head.to(compute).T).detach()
-    div = generalized_jsd(logits_s, logits_t, alpha, temperature)
+    div = generalized_jsd(logits_s, logits_t, alpha, temperature, gjsd_scale)
     logp_s = torch.log_softmax(logits_s / temperature, -1)
     s_lp = logp_s.gather(-1, y.unsqueeze(-1)).squeeze(-1)
     ent = -(logp_s.detach().exp() * logp_s.detach()).sum(-1)
