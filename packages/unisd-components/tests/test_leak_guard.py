@@ -13,9 +13,10 @@ from unisd.config import RunConfig
 from unisd.demo import DemoTask
 from unisd.errors import OptionError
 from unisd.loop import Run, distill_step
+from unisd.models import apply_lora
 from unisd.plugins import get_plugin_manager
 from unisd.reporting import Reporter
-from unisd.rollout import Completion
+from unisd.rollout import Completion, HFBackend
 from unisd.tasks import Example
 from unisd.teacher import default_teacher
 from unisd.testing import make_tiny_model, make_tokenizer
@@ -116,3 +117,51 @@ def test_step_runs_composed_with_clip_and_leaked_tokens_get_no_gradient(tokenize
     torch.testing.assert_close(guarded * both, alone * len(clean.ids), rtol=1e-4, atol=1e-6)
     _, unguarded = grads(tiny_run(tokenizer, [Clip(make_options(Clip, options))]), [leaky, clean])
     assert not torch.allclose(guarded, unguarded)
+
+
+def lora_run(tokenizer, components):
+    model = apply_lora(make_tiny_model(tokenizer, hidden=32, seed=3), 4, 8, 0.0)
+    torch.manual_seed(0)
+    with torch.no_grad():  # B starts at zero: move the student away from the teacher so there is a gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    run = Run(RunConfig(lora=True, lora_dropout=0.0, batch_size=4, grad_accum=1, temperature=1.0), model, tokenizer,
+              DemoTask(), [EX], components, None, Reporter())
+    run.teacher = default_teacher(model, lora=True)
+    for c in components:
+        if hasattr(c, "setup"):
+            c.setup(run)
+    return run
+
+
+def test_lookahead_guards_the_eos_where_the_teacher_would_go_on_copying(tokenizer, monkeypatch):
+    seen = []
+
+    def continue_with_template(self, prompts, params):
+        seen.extend(prompts)
+        return [Completion(tokenizer("\n\nThis is an example for a", add_special_tokens=False)["input_ids"], True)
+                for _ in prompts]
+
+    comp = LeakGuard(make_options(LeakGuard, {"lookahead": "8"}))
+    run = lora_run(tokenizer, [comp])
+    monkeypatch.setattr(HFBackend, "generate", continue_with_template)
+    texts = ["CLOUD TABLE", "CLOUD TABLE\n\nThis is an example for a"]
+    w, (clean, leaky) = weights_for(comp, tokenizer, texts)
+    assert w[0, : len(clean) - 1].tolist() == [1.0] * (len(clean) - 1) and w[0, len(clean) - 1] == 0.0  # its EOS
+    # Only the clean completion is continued, from the teacher's prompt, without its EOS.
+    assert seen == [run.teacher_ids(EX) + clean[:-1]]
+    assert comp.metrics()["teacher_start_fraction"] == 0.5 and comp.metrics()["leaking_fraction"] == 0.5
+    off = guard(tokenizer)
+    assert weights_for(off, tokenizer, texts)[0][0].tolist() == [1.0] * w.shape[1]  # lookahead 0: not looked at
+
+
+def test_lookahead_between_forward_and_backward_leaves_the_gradient_alone(tokenizer):
+    """The teacher generates (adapter off) after the student's forward; the gradient must not notice."""
+    completions = [Completion(ids_of(tokenizer, "CLOUD TABLE"), False), Completion(ids_of(tokenizer, "46"), False)]
+    comp = LeakGuard(make_options(LeakGuard, {"lookahead": "6"}))
+    _, looked = grads(lora_run(tokenizer, [comp]), completions)
+    assert comp.metrics()["teacher_start_fraction"] == 0.0  # a random model does not write the template
+    _, plain = grads(lora_run(tokenizer, []), completions)
+    assert plain.abs().sum() > 0
+    torch.testing.assert_close(looked, plain)

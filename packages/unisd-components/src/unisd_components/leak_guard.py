@@ -23,11 +23,16 @@ other component: weights multiply with agreement's, and clip's transform acts be
 * ``span``: only the leaked tokens and the whitespace before them.
 * ``completion``: every token of a leaking completion.
 
-What it does not do: the hooks see per-token divergences, not the teacher's distribution, so at a
-position where the student stopped cleanly the teacher's probability of *starting* the template
-still reaches the student (under forward KL it is mass to cover). A single next token ("\\n", "This")
-cannot be told apart from ordinary text anyway; the guard acts once the leak is visible in a sample,
-which is what stops it from feeding itself. Masked tokens stay in the step's loss-token count (the
+Where a leak starts: the hooks see per-token divergences, not the teacher's distribution, and a
+single next token ("\\n", "This") cannot be told apart from ordinary text. So at the position where
+the student stopped cleanly (EOS), the teacher's probability of going on with the template reaches
+the student (under forward KL it is mass to cover), and that is how a leak first gets sampled.
+``lookahead`` (tokens, 0: off) checks this where it happens: the teacher, with its own prompt,
+greedily continues each completion that ended with EOS (without the EOS) for that many tokens; when
+the continuation leaks, the EOS position is guarded too, so the student is not pulled from stopping
+toward the copy. It costs one short teacher generation per completion and is refused under sharding
+(the processes would make different numbers of ``generate`` calls). Other positions are not looked
+ahead from. Masked tokens stay in the step's loss-token count (the
 denominator is fixed before components act, as for agreement's weights), so a masked token lowers
 the step's loss rather than re-weighting the others. Extra terms (contrastive, matching) are summed
 over the loss mask by the loop and are not weighted by the guard.
@@ -40,9 +45,12 @@ from typing import Any, ClassVar
 
 import torch
 
+from unisd import sharding
 from unisd.components import option
+from unisd.errors import ConfigError
 from unisd.hookspecs import hookimpl
 from unisd.leakage import MIN_TEMPLATE_WORDS, NGRAM, detect_leak, token_range
+from unisd.rollout import HFBackend, SamplingParams, eos_ids_of
 from unisd.tasks import Example
 
 SCOPES = ("rest", "span", "completion")
@@ -62,30 +70,42 @@ class LeakGuard:
         min_template_words: int = option(MIN_TEMPLATE_WORDS, "Shortest prefix of a template phrase, in words, that "
                                                              "counts as a leak.")
         ngram: int = option(NGRAM, "Length, in words, of a reference span whose copy counts as a leak.")
+        lookahead: int = option(0, "Tokens the teacher greedily continues a completion that ended by itself; when "
+                                   "that continuation leaks, the EOS position is guarded too (0: off).")
 
         def __post_init__(self) -> None:
             if not 0.0 <= self.weight < 1.0:
                 raise ValueError(f"leak-guard.weight must be in [0, 1), got {self.weight} (1 would guard nothing)")
             if self.min_template_words < 1 or self.ngram < 1:
                 raise ValueError("leak-guard.min_template_words and leak-guard.ngram must be >= 1")
+            if self.lookahead < 0:
+                raise ValueError(f"leak-guard.lookahead must be >= 0, got {self.lookahead}")
 
     def __init__(self, options: Options | None = None):
         self.options = options or self.Options()
         self.tokenizer: Any = None
         self.task: Any = None
+        self.run: Any = None
         self._step = -1
-        self._completions = self._leaking = 0
+        self._completions = self._leaking = self._starts = 0
         self._tokens = self._guarded = 0.0
 
     def setup(self, run: Any) -> None:
         # The task picks the teacher template whose phrases count as leaks (None: the generic one).
         self.tokenizer, self.task = run.tokenizer, run.task
+        self.run = run  # its teacher is read at each step: a component (EMA) may replace it after setup
+        if self.options.lookahead and sharding.is_sharded(run.model):
+            raise ConfigError("leak-guard.lookahead is not supported with sharding (--shard fsdp) yet; "
+                              "use -o leak-guard.lookahead=0")
+
+    def _leak(self, text: str, example: Example) -> Any:
+        return detect_leak(text, example, self.task, min_template_words=self.options.min_template_words,
+                           ngram=self.options.ngram)
 
     def guarded_positions(self, example: Example, ids: list[int]) -> list[int]:
         """Token indices of the completion ``ids`` (answering ``example``) whose divergence is guarded."""
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        leak = detect_leak(text, example, self.task, min_template_words=self.options.min_template_words,
-                           ngram=self.options.ngram)
+        leak = self._leak(text, example)
         if not leak.leaked:
             return []
         if self.options.scope == "completion":
@@ -100,28 +120,56 @@ class LeakGuard:
             return list(range(ranges[0].start, len(ids)))
         return sorted({t for r in ranges for t in r})
 
+    @torch.no_grad()
+    def teacher_would_leak(self, examples: list[Example], completions: list[list[int]]) -> list[bool]:
+        """For each completion that ended with EOS: does the teacher's greedy continuation of it leak?"""
+        eos = eos_ids_of(self.tokenizer, self.run.model)
+        rows = [i for i, ids in enumerate(completions) if len(ids) > 1 and ids[-1] in eos]
+        out = [False] * len(completions)
+        if not rows:
+            return out
+        prompts = [self.run.teacher_ids(examples[i]) + list(completions[i][:-1]) for i in rows]
+        with self.run.teacher.as_model() as model:
+            continued = HFBackend(model, self.tokenizer).generate(prompts, SamplingParams(0.0, 1.0, self.options.lookahead))
+        for i, extra in zip(rows, continued, strict=True):
+            ids = list(completions[i][:-1])
+            out[i] = self._leak(self.tokenizer.decode(ids + list(extra.ids), skip_special_tokens=True),
+                                examples[i]).leaked
+        return out
+
     def token_weights(self, scores: Any, batch: Any) -> torch.Tensor:
+        if batch.step != self._step:  # statistics cover one optimiser step
+            self._step, self._completions, self._leaking, self._starts = batch.step, 0, 0, 0
+            self._tokens = self._guarded = 0.0
         weights = torch.ones_like(scores.mask)  # [B, C]
-        leaking = 0
-        for row, (example, ids) in enumerate(zip(batch.examples, batch.completions, strict=True)):
-            positions = self.guarded_positions(example, list(ids))
+        completions = [list(ids) for ids in batch.completions]
+        guarded = [self.guarded_positions(ex, ids) for ex, ids in zip(batch.examples, completions, strict=True)]
+        self._leaking += sum(bool(positions) for positions in guarded)
+        if self.options.lookahead:
+            clean = [i for i, positions in enumerate(guarded) if not positions]
+            starts = self.teacher_would_leak([batch.examples[i] for i in clean], [completions[i] for i in clean])
+            for i, would in zip(clean, starts, strict=True):
+                if would:  # the teacher would rather go on copying than stop: leave its EOS target alone
+                    guarded[i] = [len(completions[i]) - 1]
+                    self._starts += 1
+        for row, positions in enumerate(guarded):
             if positions:
                 weights[row, positions] = self.options.weight
-                leaking += 1
-        if batch.step != self._step:  # statistics cover one optimiser step
-            self._step, self._completions, self._leaking, self._tokens, self._guarded = batch.step, 0, 0, 0.0, 0.0
         self._completions += len(batch.examples)
-        self._leaking += leaking
         self._tokens += float(scores.mask.sum())
         self._guarded += float(((weights < 1) & (scores.mask > 0)).sum())
         return weights
 
     def metrics(self) -> dict[str, float]:
-        """Share of the step's completions that leaked, and of its loss tokens that were guarded."""
+        """Share of the step's completions that leaked, of its loss tokens that were guarded, and (with
+        ``lookahead``) of its clean completions' EOS guarded because the teacher would go on copying."""
         if not self._completions:
             return {}
-        return {"leaking_fraction": self._leaking / self._completions,
-                "guarded_fraction": self._guarded / max(self._tokens, 1.0)}
+        out = {"leaking_fraction": self._leaking / self._completions,
+               "guarded_fraction": self._guarded / max(self._tokens, 1.0)}
+        if self.options.lookahead:
+            out["teacher_start_fraction"] = self._starts / self._completions
+        return out
 
 
 @hookimpl
