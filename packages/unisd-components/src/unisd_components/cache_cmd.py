@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,13 @@ def register(app: typer.Typer) -> None:
         num_negatives: int = typer.Option(4, "--num-negatives", help="Negatives per example."),
         kind: str = typer.Option("auto", "--kind", help="mcqa, code, tooluse, generic, or auto (from the data)."),
         limit: int = typer.Option(None, "--limit", help="Only the first N examples."),
-        max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Token budget per negative."),
+        max_new_tokens: int = typer.Option(
+            None, "--max-new-tokens",
+            help="Token budget per negative (default: the method's 1024 for MCQA, code and tool use; "
+                 "otherwise the task's completion budget plus room for the JSON)."),
+        max_retries: int = typer.Option(2, "--max-retries", help="Regenerations of a rejected sample."),
+        backend: str = typer.Option("auto", "--backend", help="hf, vllm (guided JSON), or auto (vllm on a GPU if installed)."),
+        batch_examples: int = typer.Option(8, "--batch-examples", help="Examples sampled together."),
         temperature: float = typer.Option(0.7, "--temperature", help="Sampling temperature."),
         seed: int = typer.Option(42, "--seed", help="Random seed."),
     ) -> None:
@@ -40,57 +48,117 @@ def register(app: typer.Typer) -> None:
         from unisd.cli.errors import cli_errors
 
         with cli_errors():
-            _run(ctx.obj, model, task, data, split, output, num_negatives, kind, limit, max_new_tokens, temperature, seed)
+            _run(ctx.obj, Request(model, task, data, split, output, num_negatives, kind, limit, max_new_tokens,
+                                  max_retries, backend, batch_examples, temperature, seed))
 
 
-def _run(pm: Any, model: str, task_name: str | None, data: Path | None, split: str, output: Path | None,
-         num_negatives: int, kind: str, limit: int | None, max_new_tokens: int, temperature: float, seed: int) -> None:
-    import torch
-    from rich.console import Console
-    from rich.progress import Progress
+@dataclass
+class Request:
+    """The command's settings, as given."""
 
+    model: str
+    task: str | None
+    data: Path | None
+    split: str
+    output: Path | None
+    num_negatives: int
+    kind: str
+    limit: int | None
+    max_new_tokens: int | None
+    max_retries: int
+    backend: str
+    batch_examples: int
+    temperature: float
+    seed: int
+
+
+def _check(req: Request) -> None:
+    """Refuse inconsistent settings before anything loads."""
     from unisd.errors import ConfigError
+
+    from .negatives import KINDS
+    from .negatives_gen import BACKENDS
+
+    if (req.task is None) == (req.data is None):
+        raise ConfigError("give exactly one of --task NAME or --data FILE.jsonl")
+    if req.kind not in KINDS:
+        raise ConfigError(f"--kind {req.kind}: expected one of {', '.join(KINDS)}")
+    if req.backend not in BACKENDS:
+        raise ConfigError(f"--backend {req.backend}: expected one of {', '.join(BACKENDS)}")
+    for flag, value, low in (("--num-negatives", req.num_negatives, 1), ("--max-retries", req.max_retries, 0),
+                             ("--batch-examples", req.batch_examples, 1), ("--max-new-tokens", req.max_new_tokens, 1)):
+        if value is not None and value < low:
+            raise ConfigError(f"{flag} must be ≥ {low}")
+
+
+def _say(text: str) -> None:
+    """One plain line, flushed: readable in a log or a pipe (no progress bar redraws)."""
+    print(text, flush=True)
+
+
+class _Progress:
+    """Plain progress lines: after the first batch, then at most every ``every`` seconds, and at the end."""
+
+    def __init__(self, todo: int, every: float = 10.0):
+        self.todo, self.every = todo, every
+        self.start = self.last = time.monotonic()
+        self.lines = 0
+
+    def __call__(self, stats: Any) -> None:
+        now = time.monotonic()
+        if self.lines and now - self.last < self.every and stats.written < self.todo:
+            return
+        self.last, self.lines = now, self.lines + 1
+        rejected = sum(stats.rejected.values())
+        _say(f"negatives: {stats.written}/{self.todo} example(s) done, {stats.without} without a negative, "
+             f"{rejected} sample(s) rejected, {now - self.start:.0f}s")
+
+
+def _run(pm: Any, req: Request) -> None:
+    import torch
+
     from unisd.models import load_model, load_tokenizer, resolve_model
-    from unisd.prompts import encode, render_chat
-    from unisd.rollout import HFBackend, SamplingParams
+    from unisd.rollout import SamplingParams
     from unisd.tasks import load_jsonl_examples
 
-    from .negatives import KINDS, build_negatives, default_cache_path
+    from .negatives import build_negatives, default_cache_path, negative_budget, negative_kind
+    from .negatives_gen import hf_generator, pick_backend, vllm_generator
 
-    if (task_name is None) == (data is None):
-        raise ConfigError("give exactly one of --task NAME or --data FILE.jsonl")
-    if kind not in KINDS:
-        raise ConfigError(f"--kind {kind}: expected one of {', '.join(KINDS)}")
-    if num_negatives < 1:
-        raise ConfigError("--num-negatives must be ≥ 1")
+    _check(req)
     task = None
-    if data is not None:
-        examples = load_jsonl_examples(data, limit=limit)
+    if req.data is not None:
+        examples = load_jsonl_examples(req.data, limit=req.limit)
     else:
-        task = pm.registries.tasks.get(task_name)()
-        examples = task.load(split, limit=limit)
-    output = output or default_cache_path(model, str(data) if data is not None else task_name)
+        task = pm.registries.tasks.get(req.task)()
+        examples = task.load(req.split, limit=req.limit)
+    output = req.output or default_cache_path(req.model, str(req.data) if req.data is not None else req.task)
 
-    console = Console()
-    torch.manual_seed(seed)
-    source = resolve_model(model, progress=console.print)
+    # A task that writes its own negatives (Task.negative) needs no model for those examples.
+    own = [e for e in examples if task is not None and task.negative(e)]
+    if own:
+        _say(f"negatives: task {req.task} supplies its own negatives for {len(own)} of {len(examples)} example(s); "
+             "the contrastive component uses them without a cache")
+    examples = [e for e in examples if not (task is not None and task.negative(e))]
+    if not examples:
+        return
+
+    kinds = {negative_kind(e, task, req.kind) for e in examples}
+    budget = req.max_new_tokens or max(negative_budget(task, k) for k in kinds)
+    backend = pick_backend(req.backend)
+    torch.manual_seed(req.seed)
+    source = resolve_model(req.model, progress=_say)
     tokenizer = load_tokenizer(source)
-    lm = load_model(source)
-    backend = HFBackend(lm, tokenizer)
-    params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens)
-
-    def generate(texts: list[str]) -> list[str]:
-        prompts = [encode(tokenizer, render_chat(tokenizer, t)) for t in texts]
-        return [tokenizer.decode(c.ids, skip_special_tokens=True) for c in backend.generate(prompts, params)]
-
-    with Progress(console=console, disable=not console.is_terminal) as bar:
-        def progress(items):
-            tid = bar.add_task("negatives", total=len(items))
-            for item in items:
-                yield item
-                bar.advance(tid)
-
-        stats = build_negatives(examples, generate, output, num_negatives=num_negatives, kind=kind, task=task,
-                                progress=progress)
-    console.print(f"negatives: {stats['written']} example(s) written, {stats['skipped']} already done -> {output}",
-                  highlight=False)
+    params = SamplingParams(temperature=req.temperature, max_new_tokens=budget)
+    if backend == "vllm":
+        generate = vllm_generator(source, tokenizer, params, req.seed)
+    else:
+        generate = hf_generator(load_model(source), tokenizer, params)
+    _say(f"negatives: {len(examples)} example(s) x {req.num_negatives}, up to {budget} new tokens each, "
+         f"backend {backend} -> {output}")
+    stats = build_negatives(examples, generate, output, num_negatives=req.num_negatives, kind=req.kind, task=task,
+                            max_retries=req.max_retries, batch_examples=req.batch_examples,
+                            progress=_Progress(len(examples)))
+    rejected = ", ".join(f"{n} {reason}" for reason, n in sorted(stats["rejected"].items())) or "none"
+    _say(f"negatives: {stats['written']} example(s) written, {stats['skipped']} already done, "
+         f"{stats['without']} without any valid negative -> {output}")
+    _say(f"negatives: {stats['negatives']} negative(s) cached; rejected samples: {rejected}")

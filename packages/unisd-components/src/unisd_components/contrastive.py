@@ -8,13 +8,13 @@ positive) and b (teacher, negative):
     c_t = relu(margin + |s − g| − |s − b|)
 
 pulls the student towards the positive teacher and away from the negative one. Negatives come from
-``meta["negative_reference"]`` or from the cache of ``unisd cache negatives``. Examples without one
-are reported and contribute no contrastive term; they are not dropped from training (§7.14).
+``meta["negative_reference"]``, from the task itself (``Task.negative``, e.g. the demo's), or from the
+cache of ``unisd cache negatives``. Examples without one are reported and contribute no contrastive
+term; they are not dropped from training (§7.14).
 """
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,9 +23,10 @@ import torch
 
 from unisd.components import option
 from unisd.errors import UsageError
+from unisd.prompts import DemonstrationText
 from unisd.tasks import Example, teacher_text_with
 
-from .negatives import default_cache_path, read_cache
+from .negatives import choose_negative, default_cache_path, read_cache
 
 CONTEXT = "negative"
 
@@ -81,24 +82,24 @@ class Contrastive:
             )
 
     def attach(self, examples: list[Example], cached: dict[str, list[dict]]) -> None:
+        """One negative per example for the run: meta, the task's own, then the cache (see choose_negative)."""
         self.negatives, self.missing = {}, []
         for ex in examples:
-            direct = ex.meta.get("negative_reference")
-            choices = [n["reference"] for n in cached.get(ex.id, []) if n.get("reference", "").strip()]
-            if isinstance(direct, str) and direct.strip():
-                self.negatives[ex.id] = direct
-            elif choices:
-                # One negative per example for the run, chosen independently of the data order.
-                self.negatives[ex.id] = random.Random(f"{self.options.seed}:{ex.id}").choice(choices)
-            else:
+            negative = choose_negative(ex, cached.get(ex.id, []), self.task, self.options.seed)
+            if negative is None:
                 self.missing.append(ex.id)
+            else:
+                self.negatives[ex.id] = negative
 
     def teacher_contexts(self, example: Example) -> dict[str, str]:
         negative = self.negatives.get(example.id)
-        # Every row of a batch needs the context; rows without a negative get the student text and
-        # a zero contrastive term (see extra_losses).
-        text = teacher_text_with(self.task, example, negative) if negative is not None else example.prompt
-        return {CONTEXT: text}
+        if negative is None:
+            # Every row of a batch needs the context; rows without a negative get the student text
+            # and a zero contrastive term (see extra_losses).
+            return {CONTEXT: example.prompt}
+        # Budgeted like the positive prompt: an over-long negative is shortened, the problem kept whole.
+        task = self.task
+        return {CONTEXT: DemonstrationText(lambda ref: teacher_text_with(task, example, ref), negative)}
 
     def extra_losses(self, scores: Any, batch: Any) -> dict[str, torch.Tensor]:
         s = scores.student_logp  # [B, C], with grad

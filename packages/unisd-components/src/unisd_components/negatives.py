@@ -7,22 +7,29 @@ For each training example the model is asked for ``num_negatives`` convincing *w
 * tool use: a corrupted tool-call trajectory, cycling through corruption types;
 * anything else (``--data`` files): a plausible but wrong answer.
 
-Each negative is stored with ``reference``: the text that replaces the gold reference in the
-*same* teacher template as the positive prompt, so the two teacher prompts differ only in the
-demonstration (§7.9). The cache is JSONL, one line per example, appended as it goes, so an
-interrupted build resumes where it stopped.
+Each negative is stored with its parts (reasoning, answer, target) and ``reference``: the text
+that replaces the gold reference in the *same* teacher template as the positive prompt, rendered
+by the task exactly as it renders its own references, so the two teacher prompts differ only in
+the demonstration's content (§7.9). Every sample is validated before it is cached (parsed, not the
+reference, bounded length, no degenerate repetition) and rejected ones are regenerated a bounded
+number of times. The cache is JSONL, one line per example, appended as it goes, so an interrupted
+build resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from unisd.errors import DataError
 from unisd.models import cache_dir
-from unisd.prompts import reference_with_reasoning
+from unisd.prompts import render_like, strip_fence
 from unisd.tasks import Example
 
 from .contexts.fewshot import family_of
@@ -69,7 +76,7 @@ def wrong_targets(example: Example, n: int) -> list[str]:
     correct = str(example.meta.get("correct_letter", "")).strip()
     wrong = [lt for lt in letters if lt != correct]
     if not wrong:
-        raise ValueError(
+        raise DataError(
             f"example {example.id!r}: MCQA negatives need meta 'correct_letter' and 'num_choices' (or 'choices')"
         )
     return [wrong[i % len(wrong)] for i in range(n)]
@@ -114,7 +121,8 @@ def negative_prompts(example: Example, kind: str, n: int) -> list[tuple[str, str
         ) for c in (names[i % len(names)] for i in range(n))]
     return [(
         f"{example.prompt}\n\nWrite a response that looks convincing but is WRONG in a subtle way "
-        f"(attempt {i + 1}). Do not admit the mistake.\n\n{JSON_FORMAT}",
+        f"(attempt {i + 1}). Do not admit the mistake. Keep the reasoning to one short sentence and give the "
+        f"answer in the form the task asks for.\n\n{JSON_FORMAT}",
         f"wrong-{i + 1}",
     ) for i in range(n)]
 
@@ -124,32 +132,154 @@ def _function_name(code: str) -> str | None:
     return m.group(1) if m else None
 
 
+# -- parsing ---------------------------------------------------------------------------------------
+
+
+def json_object_end(text: str) -> int | None:
+    """The index just past the first complete top-level JSON object of ``text``, or None while it is open.
+
+    Braces inside JSON strings (and escaped quotes) are skipped, so ``{"answer": "x}"}`` ends at its
+    last brace. Used to stop a sample as soon as its object closes, and to parse it.
+    """
+    start = text.find("{")
+    if start < 0:
+        return None
+    depth, in_string, escaped = 0, False, False
+    for i in range(start, len(text)):
+        ch = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return None
+
+
+@dataclass
+class ParsedOutput:
+    """A sample's ``reasoning`` and ``answer``; ``json`` says whether they came from a JSON object
+    (else ``answer`` is the raw text, the fallback for backends without guided decoding)."""
+
+    reasoning: str
+    answer: str
+    json: bool
+
+
+def parse_sample(text: str) -> ParsedOutput:
+    """The first complete JSON object's ``reasoning`` and ``answer``, else the raw text as the answer."""
+    start = text.find("{")
+    while start >= 0:
+        end = json_object_end(text[start:])
+        if end is None:
+            break
+        try:
+            data = json.loads(text[start:start + end])
+        except json.JSONDecodeError:
+            data = None
+        if isinstance(data, dict):
+            return ParsedOutput(_text(data.get("reasoning")), _text(data.get("answer")), True)
+        start = text.find("{", start + 1)
+    return ParsedOutput("", text.strip(), False)
+
+
+def _text(value: Any) -> str:
+    return value.strip() if isinstance(value, str) else ("" if value is None else json.dumps(value))
+
+
 def parse_output(text: str) -> tuple[str, str]:
     """``(reasoning, answer)`` from the model's JSON, or ``("", text)`` when it is not JSON."""
-    for candidate in re.findall(r"\{.*\}", text, flags=re.DOTALL)[:1]:
-        try:
-            data = json.loads(candidate)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(data, dict):
-            return str(data.get("reasoning", "")).strip(), str(data.get("answer", "")).strip()
-    return "", text.strip()
+    parsed = parse_sample(text)
+    return parsed.reasoning, parsed.answer
 
 
-def _strip_fence(code: str) -> str:
-    m = re.search(r"```(?:python)?\n(.*?)```", code, flags=re.DOTALL)
-    return (m.group(1) if m else code).strip()
+# -- rendering ---------------------------------------------------------------------------------------
 
 
-def negative_reference(kind: str, target: str, reasoning: str, answer: str) -> str:
-    """The negative demonstration laid out exactly like the positive reference of that kind."""
-    if kind == "mcqa":  # the wrong letter, whatever the model wrote in "answer"
-        return reference_with_reasoning(target, reasoning)
+def render_negative(example: Example, kind: str, target: str, reasoning: str, answer: str, task: Any = None) -> str:
+    """A negative demonstration rendered exactly as the task renders the example's reference.
+
+    The task's :meth:`~unisd.tasks.Task.render_reference` does it (fenced code for MBPP,
+    ``Reasoning:/Answer:`` for MCQA); without a task (``--data`` files) the example's own reference
+    gives the layout. So the positive and negative teacher prompts differ only in content (§7.9).
+    """
+    if kind == "mcqa":
+        answer = target  # the wrong letter, whatever letter the model wrote
+    elif kind == "code":
+        answer = strip_fence(answer) or strip_fence(reasoning)
+    elif not answer:
+        answer = reasoning
+    if task is not None and hasattr(task, "render_reference"):
+        return task.render_reference(example, answer, reasoning)
+    return render_like(example.reference, answer, reasoning)
+
+
+# -- validation --------------------------------------------------------------------------------------
+
+# A negative may be longer than its reference (a wrong argument instead of a bare letter, an extra
+# helper), but not without bound: a rambling sample teaches the teacher prompt nothing about the task.
+LENGTH_FACTOR = 3
+LENGTH_SLACK = 400  # characters, so very short references (a letter, a number) still allow a sentence
+REPEAT_RUN = 16  # the same short unit this many times in a row is degenerate ("ha ha ha ...", emoji runs)
+REPEAT_LINE = 4  # the same non-blank line this many times in a row
+_REPEATED_UNIT = re.compile(r"(\S.{0,19}?)\1{" + str(REPEAT_RUN - 1) + ",}", flags=re.DOTALL)
+
+
+def _normalised(text: str) -> str:
+    return " ".join(text.split())
+
+
+def is_degenerate(text: str) -> bool:
+    """Degenerate repetition: a short unit (with a visible character) repeated ``REPEAT_RUN`` times in
+    a row, or one line ``REPEAT_LINE`` times in a row. Indentation (runs of spaces) does not count."""
+    if _REPEATED_UNIT.search(text):
+        return True
+    run, previous = 0, None
+    for line in (ln.strip() for ln in text.splitlines()):
+        run = run + 1 if line and line == previous else 1
+        previous = line
+        if line and run >= REPEAT_LINE:
+            return True
+    return False
+
+
+def rejection(example: Example, kind: str, parsed: ParsedOutput, rendered: str) -> str | None:
+    """Why a sample is not a usable negative (a short reason, counted in the report), or None if it is.
+
+    Checks, in order: it parsed (a JSON object; raw text only for code holding a fenced block),
+    code compiles, it is not the reference, its length is bounded relative to the reference, and it
+    is not degenerate repetition.
+    """
+    content = parsed.answer or parsed.reasoning
+    if not content.strip():
+        return "empty"
+    if not parsed.json and not (kind == "code" and "```" in parsed.answer):
+        return "not JSON"
     if kind == "code":
-        return _strip_fence(answer) or reasoning
-    if kind == "tooluse":
-        return answer or reasoning
-    return answer or reasoning
+        try:
+            compile(strip_fence(content), "<negative>", "exec")
+        except (SyntaxError, ValueError):
+            return "not valid Python"
+    if _normalised(rendered) == _normalised(example.reference):
+        return "same as the reference"
+    limit = max(LENGTH_FACTOR * len(example.reference), len(example.reference) + LENGTH_SLACK)
+    if len(rendered) > limit:
+        return "too long"
+    if is_degenerate(f"{parsed.reasoning}\n{parsed.answer}"):
+        return "degenerate repetition"
+    return None
+
+
+# -- the cache ---------------------------------------------------------------------------------------
 
 
 def read_cache(path: str | Path) -> dict[str, list[dict]]:
@@ -171,6 +301,110 @@ def read_cache(path: str | Path) -> dict[str, list[dict]]:
     return out
 
 
+def cached_reference(example: Example, entry: dict, task: Any = None) -> str:
+    """A cached negative's demonstration, re-rendered from its parts by the task when they are stored
+    (caches written before the task's layout changed stay usable), else its stored reference."""
+    if "answer" in entry and entry.get("kind"):
+        return render_negative(example, entry["kind"], str(entry.get("target", "")), str(entry.get("reasoning", "")),
+                               str(entry["answer"]), task)
+    return str(entry.get("reference", ""))
+
+
+def choose_negative(example: Example, cached: list[dict], task: Any = None, seed: int = 42) -> str | None:
+    """The one negative demonstration of ``example`` for a run, or None.
+
+    In order: ``meta["negative_reference"]``, the task's own :meth:`~unisd.tasks.Task.negative`
+    (e.g. the demo's deterministic wrong answers: no model, no cache), then one cached negative
+    chosen with a seed independent of the data order.
+    """
+    direct = example.meta.get("negative_reference")
+    if isinstance(direct, str) and direct.strip():
+        return direct
+    own = task.negative(example) if task is not None and hasattr(task, "negative") else None
+    if isinstance(own, str) and own.strip():
+        return own
+    choices = [ref for ref in (cached_reference(example, n, task) for n in cached) if ref.strip()]
+    return random.Random(f"{seed}:{example.id}").choice(choices) if choices else None
+
+
+# -- building ----------------------------------------------------------------------------------------
+
+# The method samples negatives with 1024 new tokens for its datasets (§6.1); other tasks get their
+# own completion budget plus room for the JSON wrapper and a short reasoning.
+METHOD_MAX_NEW_TOKENS = 1024
+JSON_ALLOWANCE = 48
+DEFAULT_MAX_NEW_TOKENS = 256  # --data files: the run's default completion budget
+JSON_SCHEMA = {
+    "type": "object",
+    "properties": {"reasoning": {"type": "string"}, "answer": {"type": "string"}},
+    "required": ["reasoning", "answer"],
+}
+
+
+def negative_budget(task: Any, kind: str) -> int:
+    """New tokens per negative: the method's 1024 for its kinds, else the task's budget plus the JSON's."""
+    if kind in ("mcqa", "code", "tooluse"):
+        return METHOD_MAX_NEW_TOKENS
+    base = getattr(task, "max_new_tokens", None) if task is not None else None
+    return int(base or DEFAULT_MAX_NEW_TOKENS) + JSON_ALLOWANCE
+
+
+@dataclass
+class BuildStats:
+    """What a build did: examples written (and how many of them got no negative), skipped, rejections."""
+
+    total: int = 0
+    skipped: int = 0
+    written: int = 0
+    negatives: int = 0
+    without: int = 0  # written examples with no valid negative
+    rejected: Counter = field(default_factory=Counter)  # reason -> samples
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped, "written": self.written, "negatives": self.negatives,
+                "without": self.without, "rejected": dict(self.rejected)}
+
+
+@dataclass
+class _Slot:
+    """One negative to write: its example, kind, generation prompt and target."""
+
+    example: Example
+    kind: str
+    prompt: str
+    target: str
+
+
+def _sample_slots(slots: list[_Slot], generate: Callable[[list[str]], list[str]], task: Any, max_retries: int,
+                  stats: BuildStats) -> dict[str, list[dict]]:
+    """Generate every slot, validate each sample, and regenerate rejected ones up to ``max_retries`` times."""
+    accepted: dict[str, list[dict]] = {}
+    pending = list(slots)
+    for _ in range(max_retries + 1):
+        if not pending:
+            break
+        texts = generate([s.prompt for s in pending])
+        retry = []
+        for slot, text in zip(pending, texts, strict=True):
+            parsed = parse_sample(text)
+            rendered = render_negative(slot.example, slot.kind, slot.target, parsed.reasoning, parsed.answer, task)
+            reason = rejection(slot.example, slot.kind, parsed, rendered)
+            if reason is None:
+                accepted.setdefault(slot.example.id, []).append(
+                    {"kind": slot.kind, "target": slot.target, "reasoning": parsed.reasoning,
+                     "answer": parsed.answer, "reference": rendered})
+            else:
+                stats.rejected[reason] += 1
+                retry.append(slot)
+        pending = retry
+    return accepted
+
+
+def _batches(items: Sequence[Example], size: int) -> Iterator[Sequence[Example]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
 def build_negatives(
     examples: Sequence[Example],
     generate: Callable[[list[str]], list[str]],
@@ -179,31 +413,40 @@ def build_negatives(
     num_negatives: int = 4,
     kind: str = "auto",
     task: Any = None,
-    progress: Callable[[Iterable], Iterable] | None = None,
-) -> dict[str, int]:
-    """Generate negatives for every example not yet in ``output``, appending one line per example."""
+    max_retries: int = 2,
+    batch_examples: int = 8,
+    progress: Callable[[BuildStats], None] | None = None,
+) -> dict[str, Any]:
+    """Generate negatives for every example not yet in ``output``, appending one line per example.
+
+    Examples are generated ``batch_examples`` at a time (all their samples in one call); each sample
+    is validated (:func:`rejection`) and a rejected one is regenerated up to ``max_retries`` times.
+    An example left without any valid negative is still written (empty), so a resumed build does not
+    redo it; the returned ``without`` counts them. ``progress`` is called after each batch.
+    """
     output = Path(output)
     done = set(read_cache(output))
     todo = [e for e in examples if e.id not in done]
+    stats = BuildStats(total=len(examples), skipped=len(examples) - len(todo))
     output.parent.mkdir(parents=True, exist_ok=True)
-    written = 0
     # A line cut by an interruption has no newline: start on a fresh line so the next record is whole.
     cut = output.is_file() and output.stat().st_size > 0 and not output.read_bytes().endswith(b"\n")
     with output.open("a", encoding="utf-8") as fh:
         if cut:
             fh.write("\n")
-        for ex in (progress(todo) if progress else todo):
-            k = negative_kind(ex, task, kind)
-            prompts = negative_prompts(ex, k, num_negatives)
-            texts = generate([p for p, _ in prompts])
-            negatives = []
-            for (_, target), text in zip(prompts, texts, strict=True):
-                reasoning, answer = parse_output(text)
-                ref = negative_reference(k, target, reasoning, answer)
-                if ref.strip():
-                    negatives.append({"kind": k, "target": target, "reasoning": reasoning, "answer": answer,
-                                      "reference": ref})
-            fh.write(json.dumps({"id": ex.id, "negatives": negatives}) + "\n")
-            fh.flush()  # resumable: each finished example is on disk
-            written += 1
-    return {"skipped": len(examples) - len(todo), "written": written}
+        for batch in _batches(todo, max(1, batch_examples)):
+            slots = []
+            for ex in batch:
+                k = negative_kind(ex, task, kind)
+                slots += [_Slot(ex, k, p, t) for p, t in negative_prompts(ex, k, num_negatives)]
+            accepted = _sample_slots(slots, generate, task, max_retries, stats)
+            for ex in batch:
+                negatives = accepted.get(ex.id, [])
+                fh.write(json.dumps({"id": ex.id, "negatives": negatives}) + "\n")
+                stats.written += 1
+                stats.negatives += len(negatives)
+                stats.without += not negatives
+            fh.flush()  # resumable: each finished batch is on disk
+            if progress is not None:
+                progress(stats)
+    return stats.as_dict()
