@@ -29,6 +29,7 @@ from unisd.tasks import Example, Score, Task, iter_jsonl_lines
 
 from .protocols import DEFAULT, check_protocol, retry_rounds, retry_unparsed, use_protocol
 from .protocols import describe as describe_protocol
+from .retention import RETENTION, base_of, check_same_vocabulary, measure, prompts_task_of
 
 SAMPLING_TEMPERATURE = 0.7  # the method's sampling temperature, used for pass@k with --samples > 1
 MISSING_POLICIES = ("error", "fail")
@@ -36,7 +37,7 @@ MISSING_VERDICT = "missing"
 SCORING_ERROR_VERDICT = "scoring-error"
 OUTPUT_FILES = ("results.json", "predictions.jsonl")
 COUNT_METRICS = ("items", "completions", "items_without_prediction", "problems", "samples_per_problem",
-                 "retries/items", "retries/recovered")
+                 "retries/items", "retries/recovered", "tokens_forward", "tokens_reverse")
 STDERR_METRICS = ("accuracy", "pass@1")  # means of per-item 0/1 scores: binomial standard error
 HEADLINE_METRICS = ("pass@1", "accuracy")
 VERSIONED = {"unisd": "unisd-core", "unisd_eval": "unisd-eval", "torch": "torch", "transformers": "transformers"}
@@ -350,9 +351,47 @@ def print_table(console: Console, task: str, metrics: dict[str, Any]) -> None:
 # The command
 
 
+def run_retention(pm: Any, model: str, base: str | None, prompts_from: str | None, split: str | None,
+                  limit: int | None, max_new_tokens: int | None, data_file: Path | None, batch_size: int,
+                  output: Path, console: Console) -> None:
+    """``unisd eval retention``: the trained model against its base on a task's prompts (§5.5)."""
+    from unisd.models import load_model, load_tokenizer, resolve_model
+
+    began = time.perf_counter()
+    base_ref = base_of(model, base)
+    task_name, why = prompts_task_of(model, prompts_from)
+    task_obj: Task = pm.registries.tasks.get(task_name)()
+    split = split or task_obj.eval_split
+    examples = task_obj.load(split, path=str(data_file) if data_file else None, limit=limit)
+    if not examples:
+        raise DataError(f"task '{task_name}' split '{split}' has no examples")
+    console.print(f"Retention of {model} against {base_ref} on {len(examples)} prompts of task '{task_name}' "
+                  f"split '{split}' ({why})", highlight=False)
+    source = resolve_model(model, progress=console.print)
+    base_source = resolve_model(base_ref, progress=console.print)
+    tokenizer = load_tokenizer(source)
+    trained, base_model = load_model(source), load_model(base_source)
+    check_same_vocabulary(trained, base_model, model, base_ref)
+    max_new = max_new_tokens or task_obj.max_new_tokens
+    metrics, items = measure(trained, base_model, tokenizer, examples, max_new, batch_size)
+    metrics = integer_counts(metrics)
+    results = {
+        "task": RETENTION, "prompts": {"task": task_name, "split": split, "source": why}, "metrics": metrics,
+        "config": {"model": model, "base": base_ref, "limit": limit, "max_new_tokens": max_new, "temperature": 0.0,
+                   "data_file": str(data_file) if data_file else None, "batch_size": batch_size},
+        "environment": environment(Path.cwd()),
+        "timings": {"total_s": time.perf_counter() - began},
+    }
+    atomic.write_text(output / "predictions.jsonl", "".join(json_line(r) + "\n" for r in items))
+    atomic.write_text(output / "results.json", json.dumps(results, indent=2, default=str) + "\n")
+    print_table(console, RETENTION, metrics)
+    console.print(f"Wrote {output / 'results.json'} and {output / 'predictions.jsonl'}", highlight=False)
+
+
 def eval_command(
     ctx: typer.Context,
-    task: str = typer.Argument(..., help="A registered task, e.g. humaneval, mbpp, gsm8k (see `unisd plugins`)."),
+    task: str = typer.Argument(..., help="A registered task, e.g. humaneval, mbpp, gsm8k (see `unisd plugins`), "
+                               "or 'retention': the model against its base (--base) on a task's prompts."),
     model: str = typer.Option(None, "--model", help="HF hub id, local HF directory, .gguf file, or 'smollm2'."),
     predictions: Path = typer.Option(None, "--predictions", help='JSONL of {"id": ..., "completion": ...} to score.'),
     split: str = typer.Option(None, "--split", help="Dataset split (default: the task's evaluation split)."),
@@ -365,6 +404,9 @@ def eval_command(
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Generation budget (default: the task's)."),
     data_file: Path = typer.Option(None, "--data-file", help="Local JSON/JSONL/CSV/Parquet file in the hub layout."),
     batch_size: int = typer.Option(16, "--batch-size", help="Generation batch size."),
+    base: str = typer.Option(None, "--base", help="retention: the base model (default: the one an adapter records)."),
+    prompts_from: str = typer.Option(None, "--prompts-from", help="retention: the task whose prompts to use "
+                                     "(default: the run's task, else demo)."),
     protocol: str = typer.Option(DEFAULT, "--protocol", help="Scoring protocol: 'default', or 'research' (the "
                                  "research code's MCQA extraction order and tool-use retries, for comparing "
                                  "with the paper)."),
@@ -383,8 +425,16 @@ def eval_command(
         if missing not in MISSING_POLICIES:
             raise UsageError(f"--missing must be one of {', '.join(MISSING_POLICIES)}, got {missing!r}")
         check_protocol(protocol)
+        if (base or prompts_from) and task != RETENTION:
+            raise UsageError(f"--base and --prompts-from apply to `unisd eval {RETENTION}`, not to task {task!r}")
         output = output or Path("runs") / f"eval-{task}-{time.strftime('%Y%m%d-%H%M%S')}"
         check_output(output, overwrite)  # before the dataset, the model and scoring: fail in seconds
+        if task == RETENTION:
+            if model is None or predictions is not None:
+                raise UsageError(f"`unisd eval {RETENTION}` needs --model RUN/final (and --base BASE), not --predictions")
+            run_retention(pm, model, base, prompts_from, split, limit, max_new_tokens, data_file, batch_size,
+                          output, console)
+            return
         task_obj: Task = use_protocol(pm.registries.tasks.get(task)(), protocol)
         split = split or task_obj.eval_split
         examples = task_obj.load(split, path=str(data_file) if data_file else None, limit=limit)
