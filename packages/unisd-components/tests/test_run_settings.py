@@ -76,6 +76,7 @@ def test_paper_recipe_sets_the_runners_budgets_and_tooluse_masking(resolved):
     result, cfg = resolved(["--task", "tooluse", "--recipe", "paper"])
     assert result.exit_code == 0, result.output
     assert (cfg.max_prompt_tokens, cfg.max_new_tokens, cfg.mask_truncated) == (3072, 1024, True)
+    assert (cfg.loss_reduction, cfg.gjsd_scale) == ("sequence", "research")
     assert cfg.recipe == "paper"
 
 

@@ -6,7 +6,8 @@ training set, truncated completions masked for tool use, and a halved batch for 
 two places because they vary along two axes:
 
 * a **preset** (``Preset.run``) carries what the runner set *per method* — UniSD*'s halved batch;
-* the **paper recipe** (``--recipe paper``) carries what it set for *every* method, per task. Putting
+* the **paper recipe** (``--recipe paper``) carries what it set for *every* method, per task (and the
+  research trainer's loss reduction and JSD scale, which our defaults change on purpose). Putting
   those in each method preset would make a preset run and a plain run (or a plugin component) differ
   in budget as well as in method, could not say "full MBPP, but only for MBPP", and would silently turn
   the 24-token demo into a 1024-token run for anyone who picks a preset.
@@ -24,8 +25,11 @@ from .errors import ConfigError
 PAPER = "paper"
 RECIPES = (PAPER,)
 
-# Every training job of the runner: --max_prompt_length 3072 --max_completion_length 1024.
-PAPER_COMMON: dict[str, Any] = {"max_prompt_tokens": 3072, "max_new_tokens": 1024}
+# Every training job of the runner: --max_prompt_length 3072 --max_completion_length 1024; and the
+# research trainer's loss arithmetic (§1.7, §1.5): a per-sequence mean, and the unscaled JSD at 0 < α < 1
+# (the runner's α is 0, where the scale changes nothing, but a clip cap or weight then means the same).
+PAPER_COMMON: dict[str, Any] = {"max_prompt_tokens": 3072, "max_new_tokens": 1024, "loss_reduction": "sequence",
+                                "gjsd_scale": "research"}
 # Per dataset: tooluse gets --mask_truncated_completions (mbpp's --mbpp_config full is a task, below).
 PAPER_BY_TASK: dict[str, dict[str, Any]] = {"tooluse": {"mask_truncated": True}}
 # The runner trained MBPP on the full config (374 rows), our "mbpp" task is the sanitized one (120).
