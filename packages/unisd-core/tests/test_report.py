@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from unisd.cli import report_cmd
 from unisd.config import RunConfig, dump_config
+from unisd.errors import UsageError
 from unisd.ops.report import collect, find_runs, load_run, main_metric
 from unisd.plugins import get_plugin_manager
 
@@ -111,12 +112,12 @@ def test_table_deltas_against_baseline(runs, tmp_path):
     assert float(rows["base/m"]["delta demo/accuracy"]) == 0.0
     assert rows["clip/m"]["demo/accuracy"] == "" and rows["clip/m"]["delta demo/accuracy"] == ""
     md = (out / "results.md").read_text()
-    assert "| run | task | method | components | steps |" in md
+    assert "| run | task | method | seed | components | steps |" in md
     assert "0.375 (+0.125)" in md and "0.2 (-0.1)" in md
-    assert "Main metric: `demo/accuracy`" in md and "baseline run `base/m`" in md
+    assert "Main metric: `after/student_accuracy`" in md and "baseline run `base/m`" in md
     report = json.loads((out / "report.json").read_text())
-    assert report["metric"] == "demo/accuracy" and len(report["runs"]) == 3
-    for name in ("curves_loss.png", "curves_divergence.png", "components.png", "ablation.png"):
+    assert report["metric"] == "after/student_accuracy" and len(report["runs"]) == 3
+    for name in ("curves_loss.png", "curves_ema.png", "ablation.png"):
         assert (out / name).read_bytes()[:8] == PNG, name
     import matplotlib.image
 
@@ -133,10 +134,13 @@ def test_baseline_outside_the_given_runs_is_added(runs):
 def test_main_metric_choice(runs):
     root, base, ema, clip = runs
     summaries, _ = collect([root])
-    assert main_metric(summaries) == "demo/accuracy"
+    assert main_metric(summaries) == "after/student_accuracy"  # held-out student accuracy first
+    assert main_metric([load_run(ema)], None) == "after/student_accuracy"
     assert main_metric(summaries, "after/privileged_gap") == "after/privileged_gap"
+    assert main_metric(summaries, "demo/accuracy") == "demo/accuracy"
+    assert main_metric(summaries, "learning_rate") == "learning_rate"  # any metrics.jsonl key: its last value
     assert main_metric([load_run(clip)]) == "final_loss"
-    with pytest.raises(Exception, match="--metric nope"):
+    with pytest.raises(UsageError, match="--metric nope: no run has it.*Available: demo/accuracy"):
         main_metric(summaries, "nope")
 
 
@@ -165,3 +169,210 @@ def test_bad_inputs_exit_2(runs, tmp_path, args, message):
     result = CliRunner().invoke(make_app(), ["report", *[a.format(**paths) for a in args], "--no-plots",
                                              "--output", str(tmp_path / "o")])
     assert result.exit_code == 2 and message in result.output
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeds: groups, mean ± t-interval checked by hand, evaluation metrics as first-class metrics, plots
+
+# Held-out student accuracy after training of each (method, seed); before training every run has
+# student 0.0 and teacher-with-reference 0.625 (the base model, greedy: the same for every seed).
+AFTER = {"plain": {1: 0.125, 2: 0.1875, 3: 0.25}, "ema": {1: 0.25, 2: 0.3125, 3: 0.4375}}
+T_975_DF2 = 4.302652729749464  # Student t, two-sided 95%, 2 degrees of freedom (any t table: 4.303)
+
+
+def make_seed_run(root, method, seed):
+    """A run as `unisd sweep` with seeds = [1, 2, 3] writes it: METHOD/demo/m-sSEED."""
+    path = root / method / "demo" / f"m-s{seed}"
+    path.mkdir(parents=True)
+    components = {"ema": {"beta": 0.9}} if method == "ema" else {}
+    cfg = RunConfig(model="m", task="demo", steps=4, seed=seed, components=components, eval_task="demo",
+                    eval_every=2, output=str(path))
+    (path / "config.toml").write_text(dump_config(cfg))
+    after = AFTER[method][seed]
+    lines = []
+    for step in range(1, 5):
+        rec = {"step": step, "loss": 1.0 / step + seed / 100, "divergence": 0.5 / step, "nonfinite_skipped": 0}
+        if method == "ema":
+            rec["ema/teacher_drift"] = 0.01 * step * seed
+        if step % 2 == 0:  # --eval-every 2: the student climbs to its after-training accuracy
+            rec |= {"eval/demo/student_accuracy": after * step / 4, "eval/demo/teacher_accuracy": 0.625,
+                    "eval/demo/privileged_gap": 0.625 - after * step / 4, "eval/demo/n": 16}
+        lines.append(json.dumps(rec))
+    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (path / "eval").mkdir()
+    for name, student in (("before", 0.0), ("after", after)):
+        (path / "eval" / f"{name}.json").write_text(json.dumps(
+            {"student_accuracy": student, "teacher_accuracy": 0.625, "privileged_gap": 0.625 - student, "n": 16}))
+    return path
+
+
+@pytest.fixture
+def seeded(tmp_path):
+    root = tmp_path / "sweep"
+    for method in AFTER:
+        for seed in (1, 2, 3):
+            make_seed_run(root, method, seed)
+    return root
+
+
+def hand_stats(values):
+    """Mean, sample sd and 95% t half-width written out for three values."""
+    a, b, c = values
+    mean = (a + b + c) / 3
+    sd = math.sqrt(((a - mean) ** 2 + (b - mean) ** 2 + (c - mean) ** 2) / (3 - 1))
+    return mean, sd, T_975_DF2 * sd / math.sqrt(3)
+
+
+def test_t_quantile_matches_tables():
+    from unisd.ops.stats import t_quantile
+
+    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 9: 2.262, 10: 2.228, 30: 2.042, 120: 1.980}
+    for df, value in table.items():
+        assert t_quantile(0.95, df) == pytest.approx(value, abs=5e-4), df
+    assert t_quantile(0.95, 2) == pytest.approx(T_975_DF2, rel=1e-12)
+    assert t_quantile(0.99, 4) == pytest.approx(4.604, abs=5e-4)
+
+
+def test_t_quantile_agrees_with_scipy_where_installed():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    from unisd.ops.stats import t_quantile
+
+    for df in (1, 2, 3, 7, 20, 63, 500):
+        for conf in (0.8, 0.95, 0.99):
+            assert t_quantile(conf, df) == pytest.approx(scipy_stats.t.ppf((1 + conf) / 2, df), rel=1e-9)
+
+
+def test_summarize_edge_cases():
+    from unisd.ops.stats import summarize
+
+    assert summarize([]).n == 0 and math.isnan(summarize([]).mean)
+    one = summarize([0.5, math.nan])  # a missing value is not a seed
+    assert one.n == 1 and one.mean == 0.5 and math.isnan(one.sd) and math.isnan(one.half_width)
+    same = summarize([0.25, 0.25, 0.25])
+    assert same.sd == 0.0 and same.half_width == 0.0
+
+
+def test_report_groups_seeds_and_prints_mean_sd_and_t_interval(seeded, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(make_app(), ["report", str(seeded), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert "Main metric: after/student_accuracy" in text and "Student t" in text
+    for method in AFTER:
+        mean, sd, half = hand_stats([AFTER[method][s] for s in (1, 2, 3)])
+        assert f"{method}/demo/m  (n=3; seeds 1, 2, 3)" in text
+        line = next(ln for ln in text.splitlines() if ln.strip().startswith("after/student_accuracy")
+                    and f"mean {mean:.3g} " in ln)
+        assert f"sd {sd:.3g}" in line and f"95% CI [{mean - half:.3g}, {mean + half:.3g}]" in line
+    # plain: 0.1875 ± 4.303 · 0.0625/√3 → [0.0322, 0.343]; printed to 3 significant digits
+    assert "mean 0.188   sd 0.0625  95% CI [0.0322, 0.343]" in text
+
+    rows = {(r["group"], r["metric"]): r for r in csv.DictReader(io.StringIO((out / "groups.csv").read_text()))}
+    for method in AFTER:
+        mean, sd, half = hand_stats([AFTER[method][s] for s in (1, 2, 3)])
+        row = rows[(f"{method}/demo/m", "after/student_accuracy")]
+        assert int(row["n"]) == 3 and row["seeds"] == "1 2 3"
+        assert float(row["mean"]) == pytest.approx(mean, rel=1e-12)
+        assert float(row["sd"]) == pytest.approx(sd, rel=1e-12)
+        assert float(row["ci_low"]) == pytest.approx(mean - half, rel=1e-9)
+        assert float(row["ci_high"]) == pytest.approx(mean + half, rel=1e-9)
+        # fraction of the gap closed = (after − before) / (teacher − before) = after / 0.625 here
+        closed = rows[(f"{method}/demo/m", "after/gap_closed")]
+        assert float(closed["mean"]) == pytest.approx(mean / 0.625, rel=1e-12)
+        assert float(closed["ci_high"]) - float(closed["mean"]) == pytest.approx(half / 0.625, rel=1e-9)
+        # the training loss is reported beside them: final losses 0.25 + seed/100
+        loss = rows[(f"{method}/demo/m", "final_loss")]
+        assert float(loss["mean"]) == pytest.approx(0.27) and float(loss["sd"]) == pytest.approx(0.01)
+    base = rows[("untrained (before training)", "after/student_accuracy")]
+    assert float(base["mean"]) == 0.0 and float(base["sd"]) == 0.0 and int(base["n"]) == 3
+
+    md = (out / "results.md").read_text()
+    mean, sd, half = hand_stats([AFTER["ema"][s] for s in (1, 2, 3)])
+    assert f"| ema/demo/m | ema | 1, 2, 3 | 3 | {mean:.3g} | {sd:.3g} | [{mean - half:.3g}, {mean + half:.3g}] |" in md
+    assert "Student t" in md and "2 group(s)" in md
+    report = json.loads((out / "report.json").read_text())
+    assert {g["group"] for g in report["groups"]} == {"plain/demo/m", "ema/demo/m", "untrained (before training)"}
+
+
+def test_eval_metrics_logged_during_training_are_first_class(seeded, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(make_app(), ["report", str(seeded), "--output", str(out),
+                                             "--metric", "eval/demo/student_accuracy"])
+    assert result.exit_code == 0, result.output
+    assert "Main metric: eval/demo/student_accuracy" in result.output
+    rows = {(r["group"], r["metric"]): r for r in csv.DictReader(io.StringIO((out / "groups.csv").read_text()))}
+    mean, _, _ = hand_stats([AFTER["ema"][s] for s in (1, 2, 3)])  # the last logged value: step 4
+    assert float(rows[("ema/demo/m", "eval/demo/student_accuracy")]["mean"]) == pytest.approx(mean)
+    runs = {r["run"]: r for r in csv.DictReader(io.StringIO((out / "results.csv").read_text()))}
+    assert float(runs["ema/demo/m-s3"]["eval/demo/student_accuracy"]) == 0.4375
+    assert runs["ema/demo/m-s3"]["seed"] == "3" and runs["ema/demo/m-s3"]["group"] == "ema/demo/m"
+    assert (out / "curves_eval_demo.png").read_bytes()[:8] == PNG
+
+
+def test_plots_error_bars_data_range_and_curve_families(seeded, tmp_path):
+    from matplotlib.container import ErrorbarContainer
+
+    from unisd.ops.plots import ablation_figure, families, group_styles, require_matplotlib
+    from unisd.ops.report import group_runs
+
+    plt = require_matplotlib()
+    runs, _ = collect([seeded])
+    groups = group_runs(runs)
+    assert [g.label for g in groups] == ["untrained (before training)", "ema/demo/m", "plain/demo/m"]
+    styles = group_styles(groups)
+    assert len({(s["color"], s["linestyle"], s["marker"]) for s in styles.values()}) == 3
+
+    fig = ablation_figure(plt, groups, None, "after/student_accuracy", styles)
+    ax = fig.axes[0]
+    bars = next(c for c in ax.containers if getattr(c, "errorbar", None) is not None)
+    assert isinstance(bars.errorbar, ErrorbarContainer)
+    # each error bar spans mean ± half-width (the untrained base has no spread: a zero-length bar)
+    segments = bars.errorbar.lines[2][0].get_segments()
+    for group, seg in zip(groups, segments, strict=True):
+        st = group.stats("after/student_accuracy")
+        assert seg[0][0] == pytest.approx(st.mean - st.half_width) and seg[1][0] == pytest.approx(st.mean + st.half_width)
+    texts = [t.get_text() for t in ax.texts]
+    assert "0.188 ± 0.155  (n=3)" in texts  # 3 significant digits
+    assert ax.get_xlim()[0] == 0.0  # the untrained base sits at 0: the axis starts there
+    assert ax.get_xlabel() == "after/student_accuracy"
+    plt.close(fig)
+
+    # Close values: the axis follows the data instead of starting at 0
+    trained = [g for g in groups if not g.untrained]
+    fig = ablation_figure(plt, trained, None, "after/teacher_accuracy", styles)
+    assert fig is not None
+    fig2 = ablation_figure(plt, trained, None, "final_loss", styles)
+    left = fig2.axes[0].get_xlim()[0]
+    assert 0.2 < left < 0.26 and "does not start at 0" in fig2.axes[0].get_xlabel()
+    plt.close("all")
+
+    fams = families(trained)
+    assert fams["eval/demo"] == ["eval/demo/student_accuracy", "eval/demo/privileged_gap"]  # constants dropped
+    assert fams["loss"] == ["loss", "divergence"] and "nonfinite_skipped" not in str(fams)
+    assert fams["ema"] == ["ema/teacher_drift"]
+
+
+def test_report_writes_readable_pngs(seeded, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(make_app(), ["report", str(seeded), "--output", str(out),
+                                             "--baseline", str(seeded / "plain" / "demo" / "m-s1")])
+    assert result.exit_code == 0, result.output
+    import matplotlib.image
+
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == ["ablation.png", "curves_ema.png", "curves_eval_demo.png", "curves_loss.png"]
+    for name in names:
+        assert matplotlib.image.imread(out / name).shape[0] > 200, name
+    md = (out / "results.md").read_text()
+    assert "| plain/demo/m | plain | 1, 2, 3 | 3 |" in md
+    assert "| ema/demo/m | ema | 1, 2, 3 | 3 | 0.333 |" in md and "| +0.146 |" in md  # Δ vs the baseline group
+
+
+def test_strip_seed_names():
+    from unisd.ops.report import strip_seed
+
+    assert strip_seed("plain/demo/m-s1", 1) == "plain/demo/m"
+    assert strip_seed("a/seed12_alpha0.0/m", 12) == "a/alpha0.0/m"
+    assert strip_seed("a/alpha0.0_seed3/m", 3) == "a/alpha0.0/m"
+    assert strip_seed("a/seed3/m", 3) == "a/m"
+    assert strip_seed("runs-s1", 2) == "runs-s1"  # another seed's suffix is part of the name

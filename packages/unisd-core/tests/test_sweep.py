@@ -166,6 +166,45 @@ def test_grid_axes_and_layout(tmp_path):
     assert job.depends == ["cache:model:org-m2"]
 
 
+def test_seeds_axis_one_run_per_seed_in_seed_major_order(tmp_path):
+    sweep = write(tmp_path / "s.toml", """
+        models = ["smollm2"]
+        tasks = ["demo"]
+        presets = ["p-one", "p-two"]
+        seeds = [7, 3]
+        [run]
+        steps = 2
+    """)
+    spec = load_sweep(sweep)
+    assert spec.seeds == [7, 3]
+    jobs = plan(spec, make_pm())
+    train = [j for j in jobs if j.phase == "train"]
+    # every method at the first seed before any at the second: a sweep cut short still compares methods
+    assert [j.id for j in train] == ["train:p-one/demo/smollm2-s7", "train:p-two/demo/smollm2-s7",
+                                     "train:p-one/demo/smollm2-s3", "train:p-two/demo/smollm2-s3"]
+    assert [j.config.seed for j in train] == [7, 7, 3, 3]
+    assert [j.meta["seed"] for j in train] == [7, 7, 3, 3]
+    assert train[2].run_dir == tmp_path / "runs" / "s" / "p-one" / "demo" / "smollm2-s3"
+    assert train[2].config_path == tmp_path / "runs" / "s" / "jobs" / "p-one" / "demo" / "smollm2-s3.toml"
+    assert train[2].label == "p-one | demo | smollm2 | seed 3"
+    evals = [j for j in jobs if j.phase == "eval"]
+    assert [j.depends for j in evals] == [[j.id] for j in train]
+    # without seeds: one run per combination, named as before, with the configured seed
+    plain = plan(load_sweep(write(tmp_path / "p.toml", 'models = ["smollm2"]\ntasks = ["demo"]\n[run]\nseed = 5\n')),
+                 make_pm())
+    assert [(j.id, j.config.seed) for j in plain if j.phase == "train"] == [("train:plain/demo/smollm2", 5)]
+
+
+def test_dry_run_shows_the_seeds(tmp_path):
+    sweep = write(tmp_path / "s.toml", 'models = ["smollm2"]\ntasks = ["demo"]\nseeds = [1, 2]\n')
+    result = CliRunner().invoke(app_with(make_pm(), eval_command=True), ["sweep", str(sweep), "--dry-run",
+                                                                         "--devices", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "2 train (2 seeds each: 1, 2), 2 eval" in result.output
+    assert "[run] plain | demo | smollm2 | seed 2" in result.output and "seed=2" in result.output
+    assert f"--output {tmp_path / 'runs' / 's' / 'plain' / 'demo' / 'smollm2-s2'}" in result.output
+
+
 def test_contrastive_methods_get_one_negatives_cache_job_per_model_and_dataset(tmp_path):
     sweep = write(tmp_path / "s.toml", """
         models = ["smollm2"]
@@ -196,6 +235,12 @@ def test_contrastive_methods_get_one_negatives_cache_job_per_model_and_dataset(t
     ('models = ["m"]\ntasks = ["demo"]\npresets = ["p-too"]\n', UnknownNameError, "p-two"),
     ('models = ["m"]\ntasks = ["demo"]\n[methods.x]\nwith = ["scale"]\noptions = { "scale.fator" = 1 }\n',
      OptionError, "factor"),
+    ('models = ["m"]\ntasks = ["demo"]\nseeds = [1, 1]\n', ConfigError, "seeds lists a seed twice"),
+    ('models = ["m"]\ntasks = ["demo"]\nseeds = ["1"]\n', ConfigError, "list of integers"),
+    ('models = ["m"]\ntasks = ["demo"]\nseeds = []\n', ConfigError, "non-empty"),
+    ('models = ["m"]\ntasks = ["demo"]\nseeds = [1]\n[grid]\nseed = [1, 2]\n', ConfigError, "keep one"),
+    ('models = ["m"]\ntasks = ["demo"]\nseeds = [1]\n[methods.x]\nrun = { seed = 3 }\n', ConfigError,
+     r"\[methods.x\] run"),
 ])
 def test_bad_sweep_files_fail_with_clear_errors(tmp_path, text, error, match):
     sweep = write(tmp_path / "s.toml", text)
@@ -302,6 +347,21 @@ def test_fake_sweep_runs_then_skips_everything(tmp_path, monkeypatch):
     statuses = runner2.run()
     assert [s.status for s in statuses.values()] == ["skipped", "skipped"]
     assert not any(line.startswith("[start]") for line in lines2)
+
+
+def test_fake_sweep_with_seeds_resumes_where_it_stopped(tmp_path, monkeypatch):
+    text = sweep_text(tmp_path).replace("[grid]\nalpha = [0.0, 1.0]\n", "") + "seeds = [1, 2]\n"
+    text = "seeds = [1, 2]\n" + text.replace("seeds = [1, 2]\n", "")  # a top-level key, before any table
+    runner, root, _ = fake_runner(tmp_path, text, monkeypatch)
+    done = root / "plain" / "toy" / "model-s1"
+    runner.jobs = [j for j in runner.jobs if j.run_dir == done]  # as if stopped after the first seed
+    assert {s.status for s in runner.run().values()} == {"done"}
+    assert json.loads((done / "sweep_job.json").read_text())["seed"] == 1
+    runner, _, lines = fake_runner(tmp_path, text, monkeypatch)
+    statuses = runner.run()
+    assert statuses["train:plain/toy/model-s1"].status == "skipped"
+    assert statuses["train:plain/toy/model-s2"].status == "done"
+    assert (root / "plain" / "toy" / "model-s2" / "final").is_dir()
 
 
 def test_oom_is_retried_once_with_half_batch_and_logged(tmp_path, monkeypatch):
@@ -411,45 +471,54 @@ def test_interrupt_stops_children_writes_state_and_rerun_resumes(tmp_path, monke
 
 # ----------------------------------------------------------------------------------------------
 # The real thing on a tiny model: train jobs run `python -m unisd train`, a rerun skips them all,
-# and `unisd report` turns the runs into tables and plots.
+# and `unisd report` turns the runs into tables and plots: 2 methods × 2 seeds × 2 steps.
 
 
-def test_tiny_sweep_completes_skips_on_rerun_and_reports(tmp_path):
+def test_tiny_sweep_with_seeds_completes_skips_on_rerun_and_reports_groups(tmp_path):
     make_tiny_model_dir(tmp_path / "tiny")
     write_jsonl(tmp_path / "toy.jsonl", toy_records(4))
     sweep = write(tmp_path / "tiny.toml", """
         models = ["tiny"]
         data = ["toy.jsonl"]
+        seeds = [1, 2]
         [run]
         steps = 2
         batch_size = 2
         grad_accum = 1
         max_new_tokens = 6
         lora_r = 4
-        [grid]
-        alpha = [0.0, 1.0]
+        [methods.forward]
+        run = { alpha = 0.0 }
+        [methods.reverse]
+        run = { alpha = 1.0 }
     """)
     pm = get_plugin_manager(load_entry_points=False)
     app = app_with(pm)
     result = CliRunner().invoke(app, ["sweep", str(sweep), "--devices", "cpu,cpu"])  # two jobs at once
     assert result.exit_code == 0, result.output
-    assert result.output.count("[done] train") == 2
+    assert result.output.count("[done] train") == 4
     root = tmp_path / "runs" / "tiny"
-    runs = sorted(p.parent for p in root.glob("plain/toy/*/tiny/final"))
-    assert [r.parent.name for r in runs] == ["alpha0.0", "alpha1.0"]
+    runs = sorted(p.parent for p in root.glob("*/toy/tiny-s*/final"))
+    assert [r.relative_to(root).as_posix() for r in runs] == [
+        "forward/toy/tiny-s1", "forward/toy/tiny-s2", "reverse/toy/tiny-s1", "reverse/toy/tiny-s2"]
     for run in runs:
         assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+        seed = int(run.name[-1])
+        assert f"seed = {seed}\n" in (run / "config.toml").read_text()
 
     again = CliRunner().invoke(app, ["sweep", str(sweep), "--devices", "cpu"])
     assert again.exit_code == 0, again.output
-    assert "Skipping 2 job(s)" in again.output and "[start]" not in again.output
+    assert "Skipping 4 job(s)" in again.output and "[start]" not in again.output
 
     out = tmp_path / "report"
     rep = CliRunner().invoke(app, ["report", str(root), "--baseline", str(runs[0]), "--output", str(out)])
     assert rep.exit_code == 0, rep.output
+    assert "Main metric: final_loss" in rep.output  # no held-out evaluation in this sweep: the loss
+    assert "forward/toy/tiny  (n=2; seeds 1, 2)" in rep.output
+    assert "reverse/toy/tiny  (n=2; seeds 1, 2)" in rep.output
     md = (out / "results.md").read_text()
-    assert "alpha0.0" in md and "alpha1.0" in md
+    assert "| forward/toy/tiny | forward | 1, 2 | 2 |" in md and "| reverse/toy/tiny | reverse | 1, 2 | 2 |" in md
     csv_lines = (out / "results.csv").read_text().splitlines()
-    assert len(csv_lines) == 3
-    for png in ("curves_loss.png", "curves_divergence.png", "ablation.png"):
+    assert len(csv_lines) == 5
+    for png in ("curves_loss.png", "ablation.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

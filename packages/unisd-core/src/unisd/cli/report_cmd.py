@@ -17,14 +17,18 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
         runs: list[Path] = typer.Argument(..., help="Run directories, or folders holding them (e.g. a sweep's output root)."),
         baseline: Path = typer.Option(None, "--baseline", help="The run every delta is computed against."),
         output: Path = typer.Option(Path("report"), "--output", help="Folder for results.md/.csv, report.json and the PNGs."),
-        metric: str = typer.Option(None, "--metric", help="Main score of the ablation chart, e.g. demo/accuracy "
-                                   "(default: the first accuracy found, else the final loss)."),
+        metric: str = typer.Option(None, "--metric", help="Main score of the ablation chart: after/student_accuracy, "
+                                   "after/gap_closed, eval/TASK/student_accuracy, TASK/accuracy, final_loss or any "
+                                   "metrics.jsonl key (default: held-out student accuracy, else the final loss)."),
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw PNG figures (needs matplotlib: unisd-core[report])."),
     ) -> None:
-        """Collect runs into a results table with deltas vs a baseline, and plot curves and an ablation chart."""
+        """Collect runs into results tables and plots. Runs that differ only in seed form a group, reported
+        as n, mean, sd and a 95% Student-t interval over seeds (printed, and in results.md/groups.csv)."""
         with cli_errors():
             summaries, base = collect(list(runs), baseline)
-            written = write_report(summaries, base, output, metric=metric, plots=plots)
+            written, summary = write_report(summaries, base, output, metric=metric, plots=plots)
+        for line in summary:
+            typer.echo(line)
         typer.echo(f"Reported {len(summaries)} run(s):")
         for path in written:
             typer.echo(f"  {path}")

@@ -31,7 +31,7 @@ def describe(job: Job) -> str:
     ) or "none"
     cfg = job.config
     return (f"components: {comps} | steps={cfg.steps} batch_size={cfg.batch_size} grad_accum={cfg.grad_accum} "
-            f"alpha={cfg.alpha} lr={cfg.lr}")
+            f"alpha={cfg.alpha} lr={cfg.lr} seed={cfg.seed}")
 
 
 def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
@@ -56,8 +56,9 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
             slots = parse_devices(devices)
             eval_ok = has_command(app, "eval")
             counts = {p: sum(j.phase == p for j in jobs) for p in PHASES}
-            typer.echo(f"Sweep {sweep_file}: {counts['train']} train, {counts['eval']} eval, {counts['cache']} cache "
-                       f"job(s) on {','.join(slots)} → {spec.output_root}")
+            seeds = f" ({len(spec.seeds)} seeds each: {', '.join(map(str, spec.seeds))})" if spec.seeds else ""
+            typer.echo(f"Sweep {sweep_file}: {counts['train']} train{seeds}, {counts['eval']} eval, {counts['cache']} "
+                       f"cache job(s) on {','.join(slots)} → {spec.output_root}")
             if dry_run:
                 _print_plan(jobs, slots, eval_ok, spec.output_root)
                 return

@@ -1,15 +1,35 @@
-"""PNG figures of a report (matplotlib, Agg backend): training curves, component metrics, ablation bars."""
+"""PNG figures of a report (matplotlib, Agg backend), one per metric family, drawn per *group* of seeds.
+
+* ``ablation.png``: the main metric per group: a bar at the mean, an error bar for the 95% interval,
+  each seed as a dot, the numbers written beside it (3 significant digits). The axis range follows the
+  data, so small differences stay visible (the axis says when it does not start at 0).
+* ``curves_loss.png``: training loss, divergence (when it differs from the loss) and the loss terms
+  components add (``loss/…``).
+* ``curves_eval_TASK.png``: evaluations during training (student and teacher accuracy, privileged gap),
+  starting from eval/before.json at step 0 where it measured the same task.
+* ``curves_FAMILY.png``: each component's metrics (``ema/…``, ``agreement/…``).
+
+Curves show a group's mean over seeds with a band for its 95% interval. A group keeps one colour, line
+style and marker in every figure; a metric that never changes (in any run), or repeats another of its
+family exactly, is left out.
+"""
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from .report import RunSummary, value_of
+from .report import Group, RunSummary, num
+from .stats import CONFIDENCE, summarize
 
-MAX_PANELS = 24  # per-component metrics beyond this are left to the CSV/metrics.jsonl
+MAX_PANELS = 6  # per figure; further metrics of a family are in metrics.jsonl / the CSV
+LINESTYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+UNTRAINED_STYLE = {"color": "0.45", "linestyle": ":", "marker": "x"}
+HELD_OUT_ORDER = ("student_accuracy", "teacher_accuracy", "privileged_gap", "gap_closed")
 
 
 class MissingDependencyError(UsageError):
@@ -31,8 +51,30 @@ def require_matplotlib() -> Any:
     return plt
 
 
-def _series(run: RunSummary, key: str) -> tuple[list[float], list[float]]:
-    xs, ys = [], []
+def group_styles(groups: list[Group]) -> dict[str, dict[str, str]]:
+    """Colour, line style and marker of each group, the same in every figure. Styles and markers cycle at
+    other periods than the 10 colours, so overlapping lines (and groups beyond ten) stay distinguishable."""
+    styles: dict[str, dict[str, str]] = {}
+    i = 0
+    for group in groups:
+        if group.untrained:
+            styles[group.label] = dict(UNTRAINED_STYLE)
+            continue
+        styles[group.label] = {"color": f"C{i % 10}", "linestyle": LINESTYLES[i % len(LINESTYLES)],
+                               "marker": MARKERS[i % len(MARKERS)]}
+        i += 1
+    return styles
+
+
+# ----------------------------------------------------------------------------------------------
+# Series
+
+
+def _series(run: RunSummary, key: str) -> dict[float, float]:
+    """step → value of ``key`` in metrics.jsonl. An evaluation series (``eval/TASK/KEY``) on the run's own
+    task gets step 0 from eval/before.json and its last step from eval/after.json when they are missing:
+    the same evaluation (items, limit, greedy decoding), measured before and after the loop."""
+    points: dict[float, float] = {}
     for rec in run.records:
         value = rec.get(key)
         if isinstance(value, str):
@@ -41,102 +83,189 @@ def _series(run: RunSummary, key: str) -> tuple[list[float], list[float]]:
             except ValueError:
                 continue
         if isinstance(value, int | float) and not isinstance(value, bool) and "step" in rec:
-            xs.append(float(rec["step"]))
-            ys.append(float(value))
-    return xs, ys
+            points[float(rec["step"])] = float(value)
+    match = re.fullmatch(r"eval/(.+)/([^/]+)", key)
+    if points and match and match[1] == run.task and run.config.get("eval_task") == run.task:
+        if f"before/{match[2]}" in run.scores:
+            points.setdefault(0.0, run.scores[f"before/{match[2]}"])
+        if f"after/{match[2]}" in run.scores and run.steps:
+            points.setdefault(float(run.steps), run.scores[f"after/{match[2]}"])
+    return dict(sorted(points.items()))
 
 
-def _curves(plt: Any, runs: list[RunSummary], key: str, path: Path) -> Path | None:
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    drawn = 0
-    for run in runs:
-        xs, ys = _series(run, key)
-        if xs:
-            ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=run.name)
-            drawn += 1
-    if not drawn:
-        plt.close(fig)
-        return None
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel(key)
-    ax.set_title(f"training {key}")
-    ax.grid(alpha=0.3)
-    if drawn <= 12:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+def band(group: Group, key: str) -> tuple[list[float], list[float], list[float], list[float], int]:
+    """Steps, mean, interval low/high across the group's seeds at each step, and the most seeds at a step."""
+    per_run = [_series(r, key) for r in group.runs]
+    steps = sorted({x for s in per_run for x in s})
+    xs, mean, low, high, most = [], [], [], [], 0
+    for x in steps:
+        st = summarize([s[x] for s in per_run if x in s], CONFIDENCE)
+        if st.n == 0:
+            continue
+        xs.append(x)
+        mean.append(st.mean)
+        low.append(st.low if st.n > 1 else st.mean)
+        high.append(st.high if st.n > 1 else st.mean)
+        most = max(most, st.n)
+    return xs, mean, low, high, most
 
 
-def component_keys(runs: list[RunSummary]) -> list[str]:
-    """Per-component metrics: the ``name/key`` entries of metrics.jsonl."""
-    keys = {k for r in runs for rec in r.records for k in rec if "/" in k}
-    return sorted(keys)
+def is_constant(groups: list[Group], key: str) -> bool:
+    """Whether ``key`` has one value in every run and step (or none at all): nothing to plot."""
+    values = {round(v, 12) for g in groups for r in g.runs for v in _series(r, key).values() if math.isfinite(v)}
+    return len(values) <= 1
 
 
-def _components(plt: Any, runs: list[RunSummary], path: Path) -> Path | None:
-    keys = component_keys(runs)[:MAX_PANELS]
-    if not keys:
-        return None
-    cols = min(3, len(keys))
-    rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
-    for ax, key in zip(axes.flat, keys, strict=False):
-        for i, run in enumerate(runs):  # one colour per run across panels, so one legend serves all
-            xs, ys = _series(run, key)
-            if xs:
-                ax.plot(xs, ys, color=f"C{i % 10}", marker="." if len(xs) < 30 else None)
-        ax.set_title(key, fontsize=9)
+def _same_series(groups: list[Group], a: str, b: str) -> bool:
+    """Whether two metrics have the same values in every run (e.g. loss = divergence without components)."""
+    return all(_series(r, a) == _series(r, b) for g in groups for r in g.runs)
+
+
+def families(groups: list[Group]) -> dict[str, list[str]]:
+    """Metric families of metrics.jsonl that vary: ``loss`` (loss, divergence, loss/…), ``eval/TASK``, and
+    each component's prefix; keys in a stable order (held-out metrics in their usual order first)."""
+    keys = {k for g in groups for r in g.runs for rec in r.records for k in rec}
+    out: dict[str, list[str]] = {"loss": [k for k in ("loss", "divergence") if k in keys]}
+    for key in sorted(k for k in keys if "/" in k):
+        family = key.rsplit("/", 1)[0]
+        out.setdefault(family, []).append(key)
+
+    def order(key: str) -> tuple[int, str]:
+        last = key.rsplit("/", 1)[-1]
+        return (HELD_OUT_ORDER.index(last) if last in HELD_OUT_ORDER else len(HELD_OUT_ORDER), key)
+
+    varying = {}
+    for family, members in out.items():
+        kept: list[str] = []
+        for key in members:  # a constant, or a copy of a series already shown, adds nothing
+            if not is_constant(groups, key) and not any(_same_series(groups, key, k) for k in kept):
+                kept.append(key)
+        if kept:
+            varying[family] = kept if family == "loss" else sorted(kept, key=order)
+    return varying
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures
+
+
+def curves_figure(plt: Any, groups: list[Group], keys: list[str], title: str,
+                  styles: dict[str, dict[str, str]]) -> Any:
+    """One panel per key, stacked with a shared step axis; a line (mean) and band (interval) per group."""
+    from matplotlib.ticker import MaxNLocator
+
+    keys = keys[:MAX_PANELS]
+    height = 0.8 + 2.4 * len(keys)
+    legend_h = _legend_height(len(groups))
+    fig, axes = plt.subplots(len(keys), 1, figsize=(8, height + legend_h), sharex=True, squeeze=False)
+    for ax, key in zip(axes[:, 0], keys, strict=True):
+        for i, group in enumerate(groups):
+            xs, mean, low, high, most = band(group, key)
+            if not xs:
+                continue
+            style = styles[group.label]
+            # Hollow markers of different shapes, placed at staggered steps: where two groups' lines
+            # coincide, both stay visible.
+            every = max(1, len(xs) // 12)
+            ax.plot(xs, mean, color=style["color"], linestyle=style["linestyle"], marker=style["marker"],
+                    markersize=6, markerfacecolor="none", markeredgewidth=1.2, linewidth=1.4,
+                    markevery=(i % every, every), label=f"{group.label} (n={most})")
+            if most > 1:
+                ax.fill_between(xs, low, high, color=style["color"], alpha=0.15, linewidth=0)
+        ax.set_ylabel(key.rsplit("/", 1)[-1] if "/" in key else key)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
-        ax.axis("off")
-    from matplotlib.lines import Line2D
-
-    handles = [Line2D([], [], color=f"C{i % 10}") for i in range(len(runs))]
-    labels = [run.name for run in runs]
-    if len(labels) <= 12:
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7)
-        fig.tight_layout(rect=(0, 0.08, 1, 1))
-    else:
-        fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    axes[-1, 0].set_xlabel("optimiser step")
+    axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0, 0].set_title(f"{title}: mean over seeds, band = {CONFIDENCE * 100:g}% CI (Student t)", fontsize=10)
+    _legend_below(fig, axes[0, 0], legend_h)
+    return fig
 
 
-def _ablation(plt: Any, runs: list[RunSummary], baseline: RunSummary | None, metric: str, path: Path) -> Path | None:
-    pairs = [(r, value_of(r, metric)) for r in runs]
-    pairs = [(r, v) for r, v in pairs if not math.isnan(v)]
-    if not pairs:
+def _legend_height(entries: int) -> float:
+    """Inches under the axes for a legend of three columns."""
+    return 0.25 + 0.2 * math.ceil(entries / 3)
+
+
+def _legend_below(fig: Any, ax: Any, height: float) -> None:
+    """The legend in a band under the axes, where it never covers data or the numbers beside the bars."""
+    handles, labels = ax.get_legend_handles_labels()
+    bottom = height / fig.get_figheight()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, bottom if handles else 0, 1, 1))
+
+
+def _axis_range(lows: list[float], highs: list[float]) -> tuple[float, float, bool]:
+    """The value axis of the bar chart: from the data, padded; from 0 only when 0 is near the data
+    compared with its spread (else bars of 0.70 and 0.74 would look equal). Also says if 0 was left out."""
+    lo, hi = min(lows), max(highs)
+    span = hi - lo if hi > lo else max(abs(hi), 1e-3) * 0.2
+    left = lo - 0.2 * span
+    if lo >= 0 and (left < 0 or lo <= 0.5 * span):
+        left = 0.0
+    right = hi + 0.35 * (hi - left)  # room for the numbers written beside the bars
+    return left, right, left > 0 or hi < 0
+
+
+def ablation_figure(plt: Any, groups: list[Group], baseline: RunSummary | None, metric: str,
+                    styles: dict[str, dict[str, str]]) -> Any | None:
+    """Bars at each group's mean of ``metric`` with its 95% interval as error bars and each seed as a dot."""
+    items = [(g, g.stats(metric), [v for v in g.values(metric) if math.isfinite(v)]) for g in groups]
+    items = [(g, st, vals) for g, st, vals in items if st.n > 0]
+    if not items:
         return None
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(pairs) + 1.5))
-    names = [r.name for r, _ in pairs]
-    values = [v for _, v in pairs]
-    colors = ["tab:orange" if baseline is not None and r is baseline else "tab:blue" for r, _ in pairs]
-    bars = ax.barh(range(len(pairs)), values, color=colors)
-    ax.set_yticks(range(len(pairs)), names, fontsize=7)
+    half = [st.half_width if st.n > 1 else 0.0 for _, st, _ in items]
+    lows = [min(st.mean - h, *vals) for (_, st, vals), h in zip(items, half, strict=True)]
+    highs = [max(st.mean + h, *vals) for (_, st, vals), h in zip(items, half, strict=True)]
+    left, right, cut = _axis_range(lows, highs)
+    legend_h = _legend_height(2)
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(items) + 1.8 + legend_h))
+    ys = list(range(len(items)))
+    means = [st.mean for _, st, _ in items]
+    # Bars grow from 0 when it is in view, else from the axis edge nearest to it.
+    base = 0.0 if left <= 0 <= right else (left if left > 0 else right)
+    ax.barh(ys, [m - base for m in means], left=base, xerr=half, height=0.6, alpha=0.85,
+            color=[styles[g.label]["color"] for g, _, _ in items],
+            error_kw={"ecolor": "black", "capsize": 4, "elinewidth": 1.2})
+    for y, (_, _, vals) in zip(ys, items, strict=True):
+        ax.scatter(vals, [y] * len(vals), s=14, color="white", edgecolor="black", linewidth=0.8, zorder=3)
+    for y, (_, st, _), h, top in zip(ys, items, half, highs, strict=True):
+        text = num(st.mean) + (f" ± {num(h)}" if st.n > 1 else "") + f"  (n={st.n})"
+        ax.annotate(text, (top, y), xytext=(5, 0), textcoords="offset points", va="center", fontsize=8)
+    ax.scatter([], [], s=14, color="white", edgecolor="black", label="one seed")
+    base = next((g for g, _, _ in items if baseline is not None and baseline in g.runs), None)
+    if base is not None:
+        ax.axvline(base.stats(metric).mean, color="black", linestyle="--", linewidth=1, label="baseline mean")
+    ax.set_yticks(ys, [g.label for g, _, _ in items], fontsize=8)
     ax.invert_yaxis()
-    for bar, value in zip(bars, values, strict=True):
-        ax.annotate(f"{value:.4g}", (bar.get_width(), bar.get_y() + bar.get_height() / 2), xytext=(3, 0),
-                    textcoords="offset points", va="center", fontsize=7)
-    if baseline is not None and not math.isnan(value_of(baseline, metric)):
-        ax.axvline(value_of(baseline, metric), color="tab:orange", linestyle="--", linewidth=1)
-    ax.set_xlabel(metric)
-    ax.set_title(f"ablation: {metric}" + (f" (baseline: {baseline.name})" if baseline else ""))
-    fig.tight_layout()
+    ax.set_xlim(left, right)
+    ax.set_xlabel(metric + ("  (axis does not start at 0)" if cut else ""))
+    ax.set_title(f"{metric} by group: mean, {CONFIDENCE * 100:g}% CI over seeds (Student t)", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    _legend_below(fig, ax, legend_h)
+    return fig
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def plot_all(runs: list[RunSummary], baseline: RunSummary | None, metric: str, output: Path) -> list[Path]:
+def _file_name(family: str) -> str:
+    return "curves_" + re.sub(r"[^A-Za-z0-9._-]+", "_", family) + ".png"
+
+
+def plot_all(groups: list[Group], baseline: RunSummary | None, metric: str, output: Path) -> list[Path]:
     """Write every figure that has data; returns the files written."""
     plt = require_matplotlib()
-    made = [
-        _curves(plt, runs, "loss", output / "curves_loss.png"),
-        _curves(plt, runs, "divergence", output / "curves_divergence.png"),
-        _components(plt, runs, output / "components.png"),
-        _ablation(plt, runs, baseline, metric, output / "ablation.png"),
-    ]
-    return [p for p in made if p is not None]
+    styles = group_styles(groups)
+    written = []
+    fig = ablation_figure(plt, groups, baseline, metric, styles)
+    if fig is not None:
+        written.append(_save(plt, fig, output / "ablation.png"))
+    trained = [g for g in groups if not g.untrained]  # the untrained base has no training curves
+    for family, keys in families(trained).items():
+        title = "training loss" if family == "loss" else family
+        written.append(_save(plt, curves_figure(plt, trained, keys, title, styles), output / _file_name(family)))
+    return written

@@ -9,6 +9,7 @@ train on)::
     tasks = ["demo"]                    # registered training tasks ...
     data = ["train.jsonl"]              # ... and/or JSONL files; each is one dataset axis value
     presets = ["ema", "unisd-star"]     # one method per preset
+    seeds = [1, 2, 3]                   # train every combination once per seed (run dirs end in -s1, -s2, ...)
 
     [run]                               # RunConfig settings of every training job (scalars)
     steps = 200
@@ -28,6 +29,10 @@ train on)::
     args = ["--limit", "64"]            # extra arguments passed to `unisd eval`
     untrained = false                   # also evaluate every model before training
 
+``seeds`` repeats every training run with each seed (``RunConfig.seed``); without it each run uses the
+``seed`` of ``[run]`` (default 42) and its directory has no seed suffix, as before. `unisd report` groups
+runs that differ only in seed and reports their mean with a 95% confidence interval.
+
 With neither ``presets`` nor ``[methods.*]`` there is one method, ``plain``: self-distillation alone.
 Settings stack up, later winning: RunConfig defaults < the preset's run settings < ``[run]`` <
 the method's ``run`` < grid values. Relative paths (data files, ``output_root``, model directories)
@@ -35,7 +40,7 @@ are taken relative to the sweep file.
 
 Layout (as the research orchestrator's, see the design notes §6.3)::
 
-    OUTPUT_ROOT/{method}/{dataset}/[{grid values}/]{model}/      one training run (unisd train --output)
+    OUTPUT_ROOT/{method}/{dataset}/[{grid values}/]{model}[-s{seed}]/   one training run (unisd train --output)
     OUTPUT_ROOT/{method}/.../{model}/eval/{TASK}/results.json     its evaluation (unisd eval --output)
     OUTPUT_ROOT/untrained/{model}/eval/{TASK}/results.json        the untrained model ([eval] untrained = true)
     OUTPUT_ROOT/jobs/…/{model}.toml                               the exact config each run trains with
@@ -62,7 +67,7 @@ from ..config import RunConfig, config_from_mapping, read_toml
 from ..errors import ConfigError
 from ..plugins import UnisdPluginManager
 
-TOP_LEVEL = ("output_root", "models", "tasks", "data", "presets", "run", "grid", "methods", "eval")
+TOP_LEVEL = ("output_root", "models", "tasks", "data", "presets", "seeds", "run", "grid", "methods", "eval")
 METHOD_KEYS = ("with", "preset", "options", "run")
 EVAL_KEYS = ("tasks", "args", "untrained")
 # These are the sweep's own axes (or set by the sweep); a [run]/[grid] table must not set them.
@@ -101,6 +106,7 @@ class SweepSpec:
     run: dict[str, Any]
     grid: dict[str, list[Any]]
     eval: EvalSpec
+    seeds: list[int] | None = None  # None: one run per combination, with the configured seed
 
 
 @dataclass
@@ -232,7 +238,28 @@ def load_sweep(path: str | Path, output_root: str | Path | None = None) -> Sweep
         root = _resolve_path(base, str(raw["output_root"]))
     else:
         root = base / "runs" / path.stem
-    return SweepSpec(path, root, models, tasks, data, methods, run, grid, eval_spec)
+    seeds = _seeds(raw, run, grid, methods, where)
+    return SweepSpec(path, root, models, tasks, data, methods, run, grid, eval_spec, seeds)
+
+
+def _seeds(raw: dict[str, Any], run: dict[str, Any], grid: dict[str, list[Any]], methods: list[Method],
+           where: str) -> list[int] | None:
+    """The ``seeds`` axis: distinct integers. It replaces any other way of setting the seed, so a run's
+    seed is never decided by two places at once."""
+    if "seeds" not in raw:
+        return None
+    seeds = raw["seeds"]
+    if (not isinstance(seeds, list) or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+        raise ConfigError(f"{where}: seeds must be a non-empty list of integers ≥ 0, e.g. seeds = [1, 2, 3]; "
+                          f"got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{where}: seeds lists a seed twice: {seeds}")
+    places = [f"[{table}]" for table, values in (("run", run), ("grid", grid)) if "seed" in values]
+    places += [f"[methods.{m.name}] run" for m in methods if "seed" in m.run]
+    if places:
+        raise ConfigError(f"{where}: the seed is set both by seeds = [...] and in {', '.join(places)}; keep one")
+    return list(seeds)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,38 +315,47 @@ def plan(spec: SweepSpec, pm: UnisdPluginManager) -> list[Job]:
             cfg_values = _run_values(method, spec, point, regs)
             selection = _selection(method, point, regs)
             hparam = "_".join(f"{_fmt(k)}{_fmt(v)}" for k, v in point.items())
-            for task, data in datasets:
-                for model in spec.models:
-                    cfg = _config(cfg_values, selection, model, task, data)
-                    dataset = task or data.stem  # type: ignore[union-attr]
-                    if cfg.limit is not None:
-                        dataset += f"-max{cfg.limit}"
-                    rel = Path(method.name) / dataset / (hparam or ".") / model_tag(model)
-                    rel = Path(*[p for p in rel.parts if p != "."])
-                    run_dir = root / rel
-                    if run_dir in by_dir:
-                        raise ConfigError(
-                            f"{spec.path}: two jobs would write {run_dir} ({by_dir[run_dir]}); rename a data file "
-                            "or a model directory so their names differ"
-                        )
-                    cfg.output = str(run_dir)
-                    job_id = f"train:{rel.as_posix()}"
-                    by_dir[run_dir] = job_id
-                    deps = [cache_ids[k] for k in (("model", model), ("task", task)) if k in cache_ids]
-                    negatives = _negatives_job(cfg, root, deps)
-                    if negatives is not None:
-                        if negatives.id not in {j.id for j in cache_jobs}:
-                            cache_jobs.append(negatives)
-                        deps = [*deps, negatives.id]
-                    label = f"{method.name} | {dataset} | {model_tag(model)}" + (f" | {hparam}" if hparam else "")
-                    meta = {"method": method.name, "preset": method.preset, "dataset": dataset, "model": model,
-                            "task": task, "data": str(data) if data else None, "hparams": point}
-                    train = Job(job_id, "train", [], run_dir / "final", label, deps, run_dir, cfg,
-                                root / "jobs" / rel.with_suffix(".toml"), meta)
-                    train.argv = train_argv(train)
-                    train_jobs.append(train)
-                    for ev_task in spec.eval.tasks if spec.eval.tasks is not None else ([task] if task else []):
-                        eval_jobs.append(_eval_job(spec, ev_task, run_dir / "final", run_dir, [job_id], meta, rel))
+            for (task, data), model, seed in itertools.product(datasets, spec.models, spec.seeds or [None]):
+                cfg = _config({**cfg_values, **({"seed": seed} if seed is not None else {})}, selection, model,
+                              task, data)
+                dataset = task or data.stem  # type: ignore[union-attr]
+                if cfg.limit is not None:
+                    dataset += f"-max{cfg.limit}"
+                run_name = model_tag(model) + (f"-s{seed}" if seed is not None else "")
+                rel = Path(method.name) / dataset / (hparam or ".") / run_name
+                rel = Path(*[p for p in rel.parts if p != "."])
+                run_dir = root / rel
+                if run_dir in by_dir:
+                    raise ConfigError(
+                        f"{spec.path}: two jobs would write {run_dir} ({by_dir[run_dir]}); rename a data file "
+                        "or a model directory so their names differ"
+                    )
+                cfg.output = str(run_dir)
+                job_id = f"train:{rel.as_posix()}"
+                by_dir[run_dir] = job_id
+                deps = [cache_ids[k] for k in (("model", model), ("task", task)) if k in cache_ids]
+                negatives = _negatives_job(cfg, root, deps)
+                if negatives is not None:
+                    if negatives.id not in {j.id for j in cache_jobs}:
+                        cache_jobs.append(negatives)
+                    deps = [*deps, negatives.id]
+                label = (f"{method.name} | {dataset} | {model_tag(model)}" + (f" | {hparam}" if hparam else "")
+                         + (f" | seed {seed}" if seed is not None else ""))
+                meta = {"method": method.name, "preset": method.preset, "dataset": dataset, "model": model,
+                        "task": task, "data": str(data) if data else None, "hparams": point, "seed": cfg.seed}
+                # with_name, not with_suffix: a model tag such as Qwen2.5-0.5B has dots of its own.
+                train = Job(job_id, "train", [], run_dir / "final", label, deps, run_dir, cfg,
+                            root / "jobs" / rel.with_name(rel.name + ".toml"), meta)
+                train.argv = train_argv(train)
+                train_jobs.append(train)
+                for ev_task in spec.eval.tasks if spec.eval.tasks is not None else ([task] if task else []):
+                    eval_jobs.append(_eval_job(spec, ev_task, run_dir / "final", run_dir, [job_id], meta, rel))
+    if spec.seeds:
+        # Seed-major order: a sweep stopped part-way has every method at the first seeds, rather than all
+        # seeds of the first methods (sorted() is stable, so the order within a seed is unchanged).
+        rank = {seed: i for i, seed in enumerate(spec.seeds)}
+        train_jobs = sorted(train_jobs, key=lambda j: rank[j.meta["seed"]])
+        eval_jobs = sorted(eval_jobs, key=lambda j: rank[j.meta["seed"]])
     if spec.eval.untrained:
         ev_tasks = spec.eval.tasks if spec.eval.tasks is not None else list(spec.tasks)
         for model in spec.models:
