@@ -142,3 +142,147 @@ def test_real_minilm_retrieval(private_cache):
     donors = retrieval_donors(exs, 1, 1)
     assert donors == {"a": [[1]], "b": [[0]], "c": [[3]], "d": [[2]]}
     assert list((private_cache / "embeddings").glob("embeddings_all-MiniLM-L6-v2_n4_*.pt"))
+
+
+# -- every task's contexts: fenced once, the method's MCQA block, budgeted without losing the problem ----
+
+MBPP_ROWS = [
+    {"task_id": 11 + i, "prompt": f"Write a function number {i}.", "code": f"def f{i}(x):\n    return x + {i}",
+     "test_list": [f"assert f{i}(1) == {1 + i}"], "test_imports": []}
+    for i in range(4)
+]
+MEDMCQA_ROWS = [
+    {"question": f"Which nerve supplies muscle {i}?", "opa": "Ulnar", "opb": "Radial", "opc": "Median",
+     "opd": "Axillary", "cop": i % 4, "exp": "Because of its root values." if i % 2 == 0 else ""}
+    for i in range(4)
+]
+
+
+def task_examples(name, tmp_path):
+    """(task, examples) of MBPP, MedMCQA, the demo and a --data file, built offline from hand rows."""
+    from unisd.demo import DemoTask
+    from unisd.testing import toy_records, write_jsonl
+    from unisd_eval.tasks.mbpp import MBPPTask
+    from unisd_eval.tasks.mcqa import MedMCQATask
+
+    if name == "mbpp":
+        task = MBPPTask()
+        return task, [task.example(row, f"row{i}") for i, row in enumerate(MBPP_ROWS)]
+    if name == "medmcqa":
+        task = MedMCQATask()
+        return task, task.load("train", path=str(write_jsonl(tmp_path / "med.jsonl", MEDMCQA_ROWS)))
+    if name == "demo":
+        return DemoTask(), DemoTask().load("train", limit=6)
+    from unisd.tasks import load_jsonl_examples
+
+    return None, load_jsonl_examples(write_jsonl(tmp_path / "d.jsonl", toy_records(4)))
+
+
+def all_contexts(task, exs):
+    """Every context text the components build for these examples: few-shot (random), induction
+    (meta-prompts and contexts, with a model that copies its prompt) and negatives."""
+    from unisd_components.contexts.induction import plan_prompts
+    from unisd_components.contrastive import Contrastive
+
+    run = SimpleNamespace(examples=exs, task=task, reporter=Reporter(), config=SimpleNamespace(model="tiny"))
+    texts = []
+    for builder in ("random", "induction"):
+        comp = Agreement(make_options(Agreement, {"builder": builder, "num_contexts": 2, "induction_num_demos": 2}),
+                         generate=copying_generate)
+        comp.setup(run)
+        texts += [t for ex in exs for t in comp.teacher_contexts(ex).values()]
+    texts += [prompt for _, prompt in plan_prompts(exs, 2, seed=1, task=task)]
+    contrastive = Contrastive()
+    contrastive.task = task
+    cached = {ex.id: [{"kind": "code", "target": "bug", "reasoning": "",
+                       "answer": "```python\ndef g():\n    return 0\n```", "reference": "x"}] for ex in exs}
+    contrastive.attach(exs, cached if task is not None and task.name == "mbpp" else {})
+    texts += [contrastive.teacher_contexts(ex)["negative"] for ex in exs if ex.id in contrastive.negatives]
+    return texts
+
+
+@pytest.mark.parametrize("name", ["mbpp", "medmcqa", "demo", "data"])
+def test_no_context_of_any_task_fences_code_twice(name, tmp_path):
+    import re
+
+    task, exs = task_examples(name, tmp_path)
+    texts = all_contexts(task, exs)
+    assert texts
+    for text in texts:
+        assert not re.search(r"```\w*[ \t]*\n\s*```\w+", text), text  # a fence opened right inside another
+        assert text.count("```") % 2 == 0, text
+    if name == "mbpp":
+        assert any("Reference Solution:\n```python\ndef f" in t for t in texts)
+        assert any("Solution:\n```python\ndef f" in t for t in texts)
+
+
+def test_mcqa_contexts_show_the_method_block(tmp_path):
+    from unisd_components.contexts.induction import meta_prompt
+    from unisd_components.contexts.retrieval import embedding_text
+
+    task, exs = task_examples("medmcqa", tmp_path)
+    donor, other = exs[0], exs[1]  # exs[0] has an explanation, exs[1] none
+    letter, options = donor.meta["correct_letter"], donor.meta["options"]
+    text = fewshot_context(exs[2], [donor, other], "mcqa")
+    lines = "\n".join(f"{'ABCD'[i]}) {o}" for i, o in enumerate(options))
+    assert (f"### [REFERENCE ONLY #1]\nReference Question:\n{MEDMCQA_ROWS[0]['question']}\n\n{lines}\n\n"
+            f"Reference Answer:\nAnswer: {letter}.\nExplanation: Because of its root values.\n") in text
+    assert f"Reference Answer:\nAnswer: {other.meta['correct_letter']}.\n" in text
+    assert "Explanation: \n" not in text
+    # The donors' student prompts (instructions, output format) are not repeated; the example's own ends it.
+    assert text.count("Answer the following multiple-choice question.") == 1
+    assert text.endswith(SEPARATORS["mcqa"] + exs[2].prompt)
+    assert embedding_text(donor) == MEDMCQA_ROWS[0]["question"]  # retrieval: the question text only
+    induced = meta_prompt([donor], "mcqa")
+    assert f"Question: {MEDMCQA_ROWS[0]['question']}\n{lines}\nCorrect Answer: {letter}\n" in induced
+
+
+def fit(text, budget):
+    """A context through the loop's budgeting (Run.context_ids), decoded."""
+    from unisd.loop import Run
+    from unisd.testing import make_tokenizer
+
+    tok = make_tokenizer()
+    run = SimpleNamespace(tokenizer=tok, teacher_budget=budget, _prompt_cache={}, context_truncations=0)
+    ids = Run.context_ids(run, Example("e", "", "", {}), "ctx", text)
+    assert len(ids) <= budget and run.context_truncations == 1
+    return tok.decode(ids)
+
+
+def test_a_too_long_context_keeps_the_whole_problem():
+    from unisd.prompts import SELF_DISTILLATION_INSTRUCTION
+    from unisd.tasks import teacher_text_with
+    from unisd.testing import make_tokenizer
+    from unisd_components.contrastive import Contrastive
+
+    tok = make_tokenizer()
+    ex = Example("p", "Problem: what is 12 + 34? Reply with only the number.", "46", {})
+    long_negative = " ".join(f"step {i} of a long wrong argument;" for i in range(300))
+    comp = Contrastive()
+    comp.negatives = {ex.id: long_negative}
+    budget = len(tok(teacher_text_with(None, ex, "47"), add_special_tokens=False)["input_ids"]) + 60
+    negative = fit(comp.teacher_contexts(ex)["negative"], budget)
+    assert ex.prompt in negative and SELF_DISTILLATION_INSTRUCTION in negative
+    assert "step 0 of a long wrong argument" in negative and "[...]" in negative
+    donors = [Example(f"d{i}", f"Donor {i}: " + "a long problem statement " * 40, "x " * 200, {}) for i in range(3)]
+    bare = len(tok(fewshot_context(ex, [], "generic"), add_special_tokens=False)["input_ids"])
+    fewshot = fit(fewshot_context(ex, donors, "generic"), bare + 60)
+    assert fewshot.startswith("<|im_start|>user\n" + HEADERS["generic"])
+    assert fewshot.rstrip().endswith(ex.prompt + "<|im_end|>\n<|im_start|>assistant")
+    induced = fit(induction_context(ex, "Be careful. " * 300), budget)
+    assert ex.prompt in induced and induced.count("Be careful.") > 1
+
+
+def test_random_donors_for_200k_examples_take_well_under_a_second():
+    import time
+
+    exs = [Example(f"e{i}", "p", "r", {}) for i in range(200_000)]
+    start = time.perf_counter()
+    donors = random_donors(exs, 3, 1, seed=42)
+    elapsed = time.perf_counter() - start
+    # The old draw filtered the whole list per example (O(N²)): about an hour at this size.
+    assert elapsed < 3.0, elapsed  # ~0.2 s on 2 cores; generous for a loaded machine
+    assert donors == random_donors(exs, 3, 1, seed=42)
+    for i in range(0, 200_000, 997):
+        flat = [j for group in donors[f"e{i}"] for j in group]
+        assert i not in flat and len(set(flat)) == 3 and all(0 <= j < 200_000 for j in flat)
