@@ -110,3 +110,18 @@ def test_recipe_functions():
     assert recipe_settings(None, "mbpp") == {} and recipe_task(None, "mbpp") == "mbpp"
     assert recipe_settings("paper", "gsm8k") == PAPER_COMMON
     assert named_run_settings("paper", "tooluse", {"max_new_tokens": 5})["max_new_tokens"] == 5  # preset wins
+
+
+def test_a_sweep_applies_the_recipe_per_task_under_the_preset_and_run_table(tmp_path):
+    from unisd.ops.sweep import load_sweep, plan
+
+    sweep = tmp_path / "paper.toml"
+    sweep.write_text('models = ["smollm2"]\ntasks = ["mbpp", "tooluse"]\npresets = ["unisd-star"]\n'
+                     '[run]\nrecipe = "paper"\nmax_new_tokens = 64\n', encoding="utf-8")
+    jobs = {(j.meta["task"]): j for j in plan(load_sweep(sweep), get_plugin_manager()) if j.phase == "train"}
+    mbpp, tool = jobs["mbpp"].config, jobs["tooluse"].config
+    assert mbpp.task == "mbpp-full" and tool.task == "tooluse"  # the paper's training set
+    assert mbpp.max_prompt_tokens == tool.max_prompt_tokens == 3072  # the recipe
+    assert mbpp.max_new_tokens == tool.max_new_tokens == 64  # [run] beats the recipe
+    assert tool.mask_truncated and not mbpp.mask_truncated  # per task
+    assert mbpp.batch_size == tool.batch_size == 2  # the preset's run settings

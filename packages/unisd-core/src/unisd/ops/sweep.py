@@ -34,8 +34,8 @@ train on)::
 runs that differ only in seed and reports their mean with a 95% confidence interval.
 
 With neither ``presets`` nor ``[methods.*]`` there is one method, ``plain``: self-distillation alone.
-Settings stack up, later winning: RunConfig defaults < the preset's run settings < ``[run]`` <
-the method's ``run`` < grid values. Relative paths (data files, ``output_root``, model directories)
+Settings stack up, later winning: RunConfig defaults < the recipe's (``recipe = "paper"`` in ``[run]``,
+per task) < the preset's run settings < ``[run]`` < the method's ``run`` < grid values. Relative paths (data files, ``output_root``, model directories)
 are taken relative to the sweep file.
 
 Layout (as the research orchestrator's, see the design notes §6.3)::
@@ -66,6 +66,7 @@ from ..components import make_options, resolve_selection
 from ..config import RunConfig, config_from_mapping, read_toml
 from ..errors import ConfigError
 from ..plugins import UnisdPluginManager
+from ..recipes import recipe_settings, recipe_task
 
 TOP_LEVEL = ("output_root", "models", "tasks", "data", "presets", "seeds", "run", "grid", "methods", "eval")
 METHOD_KEYS = ("with", "preset", "options", "run")
@@ -388,8 +389,12 @@ def _selection(method: Method, point: dict[str, Any], regs: Any) -> dict[str, di
 
 def _config(values: dict[str, Any], selection: dict[str, dict[str, Any]], model: str, task: str | None,
             data: Path | None) -> RunConfig:
+    # A recipe's settings depend on the task, so they join here, under everything else (unisd.recipes).
+    recipe = values.get("recipe")
+    values = {**recipe_settings(recipe, task), **values}
     cfg = config_from_mapping(values, "sweep")
-    cfg = dataclasses.replace(cfg, model=model, task=task, data=str(data) if data else None, components=selection)
+    cfg = dataclasses.replace(cfg, model=model, task=recipe_task(recipe, task), data=str(data) if data else None,
+                              components=selection)
     cfg.validate()
     return cfg
 
