@@ -115,3 +115,6 @@ def test_bad_retention_input_exits_2(app, base_dir, tmp_path):
     result = CliRunner().invoke(app, ["eval", "retention", "--predictions", str(tmp_path / "p.jsonl"),
                                       "--output", str(tmp_path / "c")])
     assert result.exit_code == 2 and "needs --model RUN/final" in result.output
+    result = CliRunner().invoke(app, ["eval", "retention", "--model", str(base_dir), "--base", str(base_dir),
+                                      "--samples", "3", "--output", str(tmp_path / "d")])
+    assert result.exit_code == 2 and "--samples and --protocol do not apply" in result.output

@@ -2,7 +2,8 @@
 
 Writes ``results.json`` (metrics, config, timings, environment) and ``predictions.jsonl`` (one record
 per completion, with the gold reference) into the output directory, each file atomically, and prints
-the metrics as a table with the headline score and its denominator.
+the metrics as a table with the headline score and its denominator. ``unisd eval retention`` measures
+instead how far a trained model moved from its base (:mod:`unisd_eval.retention`).
 """
 
 from __future__ import annotations
@@ -432,6 +433,8 @@ def eval_command(
         if task == RETENTION:
             if model is None or predictions is not None:
                 raise UsageError(f"`unisd eval {RETENTION}` needs --model RUN/final (and --base BASE), not --predictions")
+            if samples != 1 or protocol != DEFAULT:
+                raise UsageError(f"`unisd eval {RETENTION}` compares greedy answers: --samples and --protocol do not apply")
             run_retention(pm, model, base, prompts_from, split, limit, max_new_tokens, data_file, batch_size,
                           output, console)
             return
