@@ -113,7 +113,7 @@ def test_table_deltas_against_baseline(runs, tmp_path):
     assert rows["clip/m"]["demo/accuracy"] == "" and rows["clip/m"]["delta demo/accuracy"] == ""
     md = (out / "results.md").read_text()
     assert "| run | task | method | seed | components | steps |" in md
-    assert "0.375 (+0.125)" in md and "0.2 (-0.1)" in md
+    assert "0.375 (+0.125)" in md and "0.200 (-0.100)" in md
     assert "Main metric: `after/student_accuracy`" in md and "baseline run `base/m`" in md
     report = json.loads((out / "report.json").read_text())
     assert report["metric"] == "after/student_accuracy" and len(report["runs"]) == 3
@@ -260,38 +260,38 @@ def test_report_groups_seeds_and_prints_mean_sd_and_t_interval(seeded, tmp_path)
     assert "Main metric: after/student_accuracy" in text and "Student t" in text
     for method in AFTER:
         mean, sd, half = hand_stats([AFTER[method][s] for s in (1, 2, 3)])
-        assert f"{method}/demo/m  (n=3; seeds 1, 2, 3)" in text
+        assert f"\n{method}  (n=3; seeds 1, 2, 3)" in text
         line = next(ln for ln in text.splitlines() if ln.strip().startswith("after/student_accuracy")
-                    and f"mean {mean:.3g} " in ln)
-        assert f"sd {sd:.3g}" in line and f"95% CI [{mean - half:.3g}, {mean + half:.3g}]" in line
+                    and f"mean {mean:#.3g} " in ln)
+        assert f"sd {sd:#.3g}" in line and f"95% CI [{mean - half:#.3g}, {mean + half:#.3g}]" in line
     # plain: 0.1875 ± 4.303 · 0.0625/√3 → [0.0322, 0.343]; printed to 3 significant digits
     assert "mean 0.188   sd 0.0625  95% CI [0.0322, 0.343]" in text
 
     rows = {(r["group"], r["metric"]): r for r in csv.DictReader(io.StringIO((out / "groups.csv").read_text()))}
     for method in AFTER:
         mean, sd, half = hand_stats([AFTER[method][s] for s in (1, 2, 3)])
-        row = rows[(f"{method}/demo/m", "after/student_accuracy")]
+        row = rows[(method, "after/student_accuracy")]
         assert int(row["n"]) == 3 and row["seeds"] == "1 2 3"
         assert float(row["mean"]) == pytest.approx(mean, rel=1e-12)
         assert float(row["sd"]) == pytest.approx(sd, rel=1e-12)
         assert float(row["ci_low"]) == pytest.approx(mean - half, rel=1e-9)
         assert float(row["ci_high"]) == pytest.approx(mean + half, rel=1e-9)
         # fraction of the gap closed = (after − before) / (teacher − before) = after / 0.625 here
-        closed = rows[(f"{method}/demo/m", "after/gap_closed")]
+        closed = rows[(method, "after/gap_closed")]
         assert float(closed["mean"]) == pytest.approx(mean / 0.625, rel=1e-12)
         assert float(closed["ci_high"]) - float(closed["mean"]) == pytest.approx(half / 0.625, rel=1e-9)
         # the training loss is reported beside them: final losses 0.25 + seed/100
-        loss = rows[(f"{method}/demo/m", "final_loss")]
+        loss = rows[(method, "final_loss")]
         assert float(loss["mean"]) == pytest.approx(0.27) and float(loss["sd"]) == pytest.approx(0.01)
     base = rows[("untrained (before training)", "after/student_accuracy")]
     assert float(base["mean"]) == 0.0 and float(base["sd"]) == 0.0 and int(base["n"]) == 3
 
     md = (out / "results.md").read_text()
     mean, sd, half = hand_stats([AFTER["ema"][s] for s in (1, 2, 3)])
-    assert f"| ema/demo/m | ema | 1, 2, 3 | 3 | {mean:.3g} | {sd:.3g} | [{mean - half:.3g}, {mean + half:.3g}] |" in md
-    assert "Student t" in md and "2 group(s)" in md
+    assert f"| ema | ema | 1, 2, 3 | 3 | {mean:#.3g} | {sd:#.3g} | [{mean - half:#.3g}, {mean + half:#.3g}] |" in md
+    assert "Student t" in md and "2 group(s)" in md and "leave out what every group's runs share: `demo/m`" in md
     report = json.loads((out / "report.json").read_text())
-    assert {g["group"] for g in report["groups"]} == {"plain/demo/m", "ema/demo/m", "untrained (before training)"}
+    assert {g["group"] for g in report["groups"]} == {"plain", "ema", "untrained (before training)"}
 
 
 def test_eval_metrics_logged_during_training_are_first_class(seeded, tmp_path):
@@ -302,10 +302,10 @@ def test_eval_metrics_logged_during_training_are_first_class(seeded, tmp_path):
     assert "Main metric: eval/demo/student_accuracy" in result.output
     rows = {(r["group"], r["metric"]): r for r in csv.DictReader(io.StringIO((out / "groups.csv").read_text()))}
     mean, _, _ = hand_stats([AFTER["ema"][s] for s in (1, 2, 3)])  # the last logged value: step 4
-    assert float(rows[("ema/demo/m", "eval/demo/student_accuracy")]["mean"]) == pytest.approx(mean)
+    assert float(rows[("ema", "eval/demo/student_accuracy")]["mean"]) == pytest.approx(mean)
     runs = {r["run"]: r for r in csv.DictReader(io.StringIO((out / "results.csv").read_text()))}
     assert float(runs["ema/demo/m-s3"]["eval/demo/student_accuracy"]) == 0.4375
-    assert runs["ema/demo/m-s3"]["seed"] == "3" and runs["ema/demo/m-s3"]["group"] == "ema/demo/m"
+    assert runs["ema/demo/m-s3"]["seed"] == "3" and runs["ema/demo/m-s3"]["group"] == "ema"
     assert (out / "curves_eval_demo.png").read_bytes()[:8] == PNG
 
 
@@ -318,7 +318,7 @@ def test_plots_error_bars_data_range_and_curve_families(seeded, tmp_path):
     plt = require_matplotlib()
     runs, _ = collect([seeded])
     groups = group_runs(runs)
-    assert [g.label for g in groups] == ["untrained (before training)", "ema/demo/m", "plain/demo/m"]
+    assert [g.label for g in groups] == ["untrained (before training)", "ema", "plain"]
     styles = group_styles(groups)
     assert len({(s["color"], s["linestyle"], s["marker"]) for s in styles.values()}) == 3
 
@@ -364,8 +364,8 @@ def test_report_writes_readable_pngs(seeded, tmp_path):
     for name in names:
         assert matplotlib.image.imread(out / name).shape[0] > 200, name
     md = (out / "results.md").read_text()
-    assert "| plain/demo/m | plain | 1, 2, 3 | 3 |" in md
-    assert "| ema/demo/m | ema | 1, 2, 3 | 3 | 0.333 |" in md and "| +0.146 |" in md  # Δ vs the baseline group
+    assert "| plain | plain | 1, 2, 3 | 3 |" in md
+    assert "| ema | ema | 1, 2, 3 | 3 | 0.333 |" in md and "| +0.146 |" in md  # Δ vs the baseline group
 
 
 def test_strip_seed_names():

@@ -514,11 +514,29 @@ def test_tiny_sweep_with_seeds_completes_skips_on_rerun_and_reports_groups(tmp_p
     rep = CliRunner().invoke(app, ["report", str(root), "--baseline", str(runs[0]), "--output", str(out)])
     assert rep.exit_code == 0, rep.output
     assert "Main metric: final_loss" in rep.output  # no held-out evaluation in this sweep: the loss
-    assert "forward/toy/tiny  (n=2; seeds 1, 2)" in rep.output
-    assert "reverse/toy/tiny  (n=2; seeds 1, 2)" in rep.output
+    assert "\nforward  (n=2; seeds 1, 2)" in rep.output and "\nreverse  (n=2; seeds 1, 2)" in rep.output
     md = (out / "results.md").read_text()
-    assert "| forward/toy/tiny | forward | 1, 2 | 2 |" in md and "| reverse/toy/tiny | reverse | 1, 2 | 2 |" in md
+    assert "| forward | forward | 1, 2 | 2 |" in md and "| reverse | reverse | 1, 2 | 2 |" in md
     csv_lines = (out / "results.csv").read_text().splitlines()
     assert len(csv_lines) == 5
     for png in ("curves_loss.png", "ablation.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_shipped_ablation_example_plans_seven_methods_at_three_seeds():
+    pytest.importorskip("unisd_components")
+    example = Path(__file__).resolve().parents[3] / "examples" / "ablation-demo.toml"
+    spec = load_sweep(example)
+    jobs = plan(spec, get_plugin_manager())
+    train = [j for j in jobs if j.phase == "train"]
+    methods = ["plain", "ema", "contrastive", "agreement", "matching", "clip", "unisd-star"]
+    assert [j.meta["method"] for j in train[:7]] == methods and len(train) == 21
+    assert {j.config.seed for j in train} == {1, 2, 3}
+    assert {(j.config.steps, j.config.eval_limit, j.config.eval_before_after, j.config.batch_size) for j in train} == {
+        (24, 48, True, 4)}
+    assert next(j for j in train if j.meta["method"] == "plain").config.components == {}
+    assert set(next(j for j in train if j.meta["method"] == "unisd-star").config.components) == {
+        "agreement", "ema", "contrastive", "matching"}
+    assert not [j for j in jobs if j.phase == "eval"]  # before/after.json are the evaluation
+    assert any(j.id.startswith("cache:negatives:") for j in jobs)  # contrastive's negatives come first
+    assert spec.output_root == example.parents[1] / "runs" / "ablation-demo"

@@ -155,11 +155,13 @@ def curves_figure(plt: Any, groups: list[Group], keys: list[str], title: str,
     from matplotlib.ticker import MaxNLocator
 
     keys = keys[:MAX_PANELS]
+    groups = [g for g in groups if any(_series(r, k) for r in g.runs for k in keys)]  # only those with data
     height = 0.8 + 2.4 * len(keys)
     legend_h = _legend_height(len(groups))
     fig, axes = plt.subplots(len(keys), 1, figsize=(8, height + legend_h), sharex=True, squeeze=False)
     for ax, key in zip(axes[:, 0], keys, strict=True):
-        for i, group in enumerate(groups):
+        for group in groups:
+            i = list(styles).index(group.label)  # staggered markers by the group's place in every figure
             xs, mean, low, high, most = band(group, key)
             if not xs:
                 continue
@@ -171,7 +173,9 @@ def curves_figure(plt: Any, groups: list[Group], keys: list[str], title: str,
                     markersize=6, markerfacecolor="none", markeredgewidth=1.2, linewidth=1.4,
                     markevery=(i % every, every), label=f"{group.label} (n={most})")
             if most > 1:
-                ax.fill_between(xs, low, high, color=style["color"], alpha=0.15, linewidth=0)
+                # fainter with many groups, so overlapping bands do not fill the panel
+                ax.fill_between(xs, low, high, color=style["color"], alpha=0.15 if len(groups) <= 3 else 0.07,
+                                linewidth=0)
         ax.set_ylabel(key.rsplit("/", 1)[-1] if "/" in key else key)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("optimiser step")

@@ -46,7 +46,7 @@ RUN_FILES = ("config.toml", "metrics.jsonl", "sweep_job.json")
 SKIP_DIRS = {"checkpoints", "final", "eval", "jobs", "logs", ".cache"}
 # Config keys that differ between the seeds of one experiment (or only say where it was written).
 NOT_IDENTITY = ("seed", "output")
-HELD_OUT = ("student_accuracy", "teacher_accuracy", "privileged_gap", "gap_closed")
+HELD_OUT = ("student_accuracy", "teacher_accuracy", "privileged_gap", "gap_closed")  # after/…, in this order
 EVAL_HEADLINES = ("accuracy", "pass@1")  # the headline of a `unisd eval` results.json
 UNTRAINED = "untrained (before training)"
 SPECIAL = ("final_loss", "final_divergence", "privileged_gap")
@@ -273,6 +273,7 @@ class Group:
     label: str
     runs: list[RunSummary]
     untrained: bool = False  # the before-training numbers of other runs
+    shared: str = ""  # run-name parts every group has, left out of the label (e.g. "demo/smollm2")
 
     @property
     def method(self) -> str:
@@ -317,6 +318,7 @@ def group_runs(runs: list[RunSummary], baseline: RunSummary | None = None) -> li
     for run in runs:
         by_identity.setdefault(run.identity, []).append(run)
     groups = [Group(_label(members), members) for members in by_identity.values()]
+    _drop_shared_parts(groups)
     if baseline is not None:
         groups.sort(key=lambda g: baseline not in g.runs)
     groups = untrained_groups(runs) + groups
@@ -328,6 +330,22 @@ def group_runs(runs: list[RunSummary], baseline: RunSummary | None = None) -> li
         for run in group.runs:
             run.group = group.label
     return groups
+
+
+def _drop_shared_parts(groups: list[Group]) -> None:
+    """Leave out of the labels the path parts every group shares (``plain/demo/smollm2`` and
+    ``ema/demo/smollm2`` become ``plain`` and ``ema``): chart labels stay short. The parts left out
+    are recorded in each group's ``shared``."""
+    split = [g.label.split("/") for g in groups]
+    if len(groups) < 2 or len({len(parts) for parts in split}) != 1:
+        return
+    keep = [i for i in range(len(split[0])) if len({parts[i] for parts in split}) > 1]
+    if not keep:
+        return
+    shared = "/".join(part for i, part in enumerate(split[0]) if i not in keep)
+    for group, parts in zip(groups, split, strict=True):
+        group.label = "/".join(parts[i] for i in keep)
+        group.shared = shared
 
 
 def untrained_groups(runs: list[RunSummary]) -> list[Group]:
@@ -425,11 +443,16 @@ def main_metric(runs: list[RunSummary], requested: str | None = None) -> str:
 
 
 def headline_columns(runs: list[RunSummary], metric: str) -> list[str]:
-    """The columns worth a reader's attention: the main metric, held-out metrics, the training loss."""
+    """The columns worth a reader's attention: the main metric, held-out metrics, the training loss.
+
+    The last evaluation during training (``eval/TASK/…``) is shown only where after.json lacks that
+    metric (where both exist they are usually the same measurement), and before-training numbers are
+    the untrained base's group rather than a column."""
     columns = score_columns(runs)
     wanted = [metric]
-    wanted += [f"after/{k}" for k in HELD_OUT] + ["before/student_accuracy"]
-    wanted += [c for c in columns if c.startswith("eval/") and c.rsplit("/", 1)[-1] in HELD_OUT]
+    wanted += [f"after/{k}" for k in HELD_OUT]
+    have_after = {k for k in HELD_OUT if any(f"after/{k}" in r.scores for r in runs)}
+    wanted += [c for c in columns if c.startswith("eval/") and c.rsplit("/", 1)[-1] in set(HELD_OUT) - have_after]
     wanted += [c for c in columns if c.split("/")[0] not in ("eval", "after", "before")
                and c.rsplit("/", 1)[-1] in EVAL_HEADLINES]
     wanted.append("final_loss")
@@ -458,9 +481,12 @@ def table_rows(runs: list[RunSummary], baseline: RunSummary | None) -> tuple[lis
     return numeric, rows
 
 
-def num(value: float, digits: int = 3) -> str:
-    """A number to ``digits`` significant digits ('' for NaN)."""
-    return "" if math.isnan(value) else f"{value:.{digits}g}"
+def num(value: float, digits: int = 3, sign: bool = False) -> str:
+    """A number to ``digits`` significant digits, trailing zeros kept so columns line up (0.520, 0.00);
+    '' for NaN."""
+    if math.isnan(value):
+        return ""
+    return f"{value:{'+' if sign else ''}#.{digits}g}".replace(".e", "e")
 
 
 def _fmt(value: Any) -> str:
@@ -515,7 +541,7 @@ def _group_tables(groups: list[Group], columns: list[str], metric: str, base: Gr
         st = g.stats(metric)
         delta = ""
         if base is not None and g is not base and st.n and base.stats(metric).n:
-            delta = f"{st.mean - base.stats(metric).mean:+.3g}"
+            delta = num(st.mean - base.stats(metric).mean, sign=True)
         seeds = ", ".join(str(s) for s in g.seeds if s is not None)
         ci = f"[{num(st.low)}, {num(st.high)}]" if st.n > 1 else ""
         rows.append([g.label, g.method, seeds, str(st.n), num(st.mean), num(st.sd), ci, delta])
@@ -535,7 +561,7 @@ def _run_table(runs: list[RunSummary], baseline: RunSummary | None, columns: lis
         for col in columns:
             text, value = num(value_of(r, col)), value_of(r, col)
             if baseline is not None and text and not math.isnan(value_of(baseline, col)):
-                text += f" ({value - value_of(baseline, col):+.3g})"
+                text += f" ({num(value - value_of(baseline, col), sign=True)})"
             cells.append(text)
         rows.append(cells)
     return _md_table(head, rows)
@@ -550,6 +576,9 @@ def to_markdown(runs: list[RunSummary], baseline: RunSummary | None, metric: str
     lines = ["# Results", ""]
     lines.append(f"{len(runs)} run(s) in {sum(not g.untrained for g in groups)} group(s); runs that differ only in "
                  "their seed (every other setting in config.toml equal) form a group.")
+    shared = next((g.shared for g in groups if g.shared), "")
+    if shared:
+        lines.append(f"Group names leave out what every group's runs share: `{shared}`.")
     lines.append(f"Main metric: `{metric}`.")
     if baseline is not None:
         lines.append(f"Deltas are against the baseline run `{baseline.name}` (per run) and its group (means).")
@@ -572,6 +601,9 @@ def summary_text(groups: list[Group], metric: str, columns: list[str]) -> list[s
     """What `unisd report` prints: per group, n seeds and mean, sd and interval of each headline metric."""
     pct = f"{CONFIDENCE * 100:g}%"
     lines = [f"Main metric: {metric}. Per group: n seeds, mean, sd, {pct} CI (Student t over seeds)."]
+    shared = next((g.shared for g in groups if g.shared), "")
+    if shared:
+        lines.append(f"(every group's runs are {shared}; group names leave that out)")
     width = max((len(c) for c in columns), default=10)
     for g in groups:
         seeds = [s for s in g.seeds if s is not None]

@@ -86,6 +86,8 @@ def summarize(values: Iterable[float], confidence: float = CONFIDENCE) -> Summar
     mean = math.fsum(xs) / n
     if n == 1:
         return Summary(1, mean, math.nan, math.nan, confidence)
+    if all(x == xs[0] for x in xs):  # exactly 0, not the rounding residue of the mean (1e-16)
+        return Summary(n, xs[0], 0.0, 0.0, confidence)
     sd = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1))
     return Summary(n, mean, sd, t_quantile(confidence, n - 1) * sd / math.sqrt(n), confidence)
 

@@ -57,6 +57,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,8 +236,8 @@ def load_sweep(path: str | Path, output_root: str | Path | None = None) -> Sweep
 
     if output_root is not None:
         root = Path(output_root)
-    elif "output_root" in raw:
-        root = _resolve_path(base, str(raw["output_root"]))
+    elif "output_root" in raw:  # normalised: "../runs/x" next to examples/ prints as runs/x
+        root = Path(os.path.normpath(_resolve_path(base, str(raw["output_root"]))))
     else:
         root = base / "runs" / path.stem
     seeds = _seeds(raw, run, grid, methods, where)
