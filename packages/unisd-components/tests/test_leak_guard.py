@@ -165,3 +165,22 @@ def test_lookahead_between_forward_and_backward_leaves_the_gradient_alone(tokeni
     _, plain = grads(lora_run(tokenizer, []), completions)
     assert plain.abs().sum() > 0
     torch.testing.assert_close(looked, plain)
+
+
+def test_with_leak_guard_and_clip_from_the_command_line(tiny_model_dir, data_file, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from unisd.cli.app import make_app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(make_app(get_plugin_manager()), [
+        "train", "--model", str(tiny_model_dir), "--data", str(data_file), "--steps", "1", "--batch-size", "2",
+        "--grad-accum", "1", "--max-new-tokens", "4", "--with", "leak-guard", "--with", "clip",
+        "-o", "leak-guard.scope=span", "--output", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["leak-guard/leaking_fraction"] == record["leakage"] == 0.0  # a random model copies nothing
+    assert record["leak-guard/guarded_fraction"] == 0.0 and "clip/fraction" in record
