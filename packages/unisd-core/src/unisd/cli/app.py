@@ -6,7 +6,7 @@ import typer
 
 from .. import __version__
 from ..plugins import UnisdPluginManager
-from . import doctor_cmd, plugins_cmd, report_cmd, sweep_cmd, train_cmd
+from . import doctor_cmd, export_cmd, plugins_cmd, report_cmd, sweep_cmd, train_cmd
 
 HELP = """On-policy self-distillation of LLMs, with composable mechanisms.
 
@@ -17,6 +17,7 @@ Examples:
   unisd train --task demo --with ema --with clip -o clip.max_value=5
   unisd train --resume runs/x          # continue a run exactly
   unisd plugins --json                 # what is installed, from which package
+  unisd export runs/x -o merged        # one merged model for serving, with a model card
 """
 
 
@@ -61,5 +62,6 @@ def make_app(pm: UnisdPluginManager) -> typer.Typer:
     doctor_cmd.register(app, pm)
     report_cmd.register(app, pm)
     sweep_cmd.register(app, pm)
+    export_cmd.register(app, pm)
     pm.hook.register_commands(app=app)
     return app
