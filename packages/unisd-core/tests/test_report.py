@@ -309,6 +309,16 @@ def test_eval_metrics_logged_during_training_are_first_class(seeded, tmp_path):
     assert (out / "curves_eval_demo.png").read_bytes()[:8] == PNG
 
 
+def test_unknown_metric_exits_2_naming_the_available_ones(seeded, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(make_app(), ["report", str(seeded), "--output", str(out), "--metric",
+                                             "eval/demo/student_acc"])
+    assert result.exit_code == 2
+    assert "--metric eval/demo/student_acc: no run has it" in result.output
+    assert "eval/demo/student_accuracy" in result.output and "after/gap_closed" in result.output
+    assert not out.exists()  # refused before anything is written
+
+
 def test_plots_error_bars_data_range_and_curve_families(seeded, tmp_path):
     from matplotlib.container import ErrorbarContainer
 
@@ -376,3 +386,17 @@ def test_strip_seed_names():
     assert strip_seed("a/alpha0.0_seed3/m", 3) == "a/alpha0.0/m"
     assert strip_seed("a/seed3/m", 3) == "a/m"
     assert strip_seed("runs-s1", 2) == "runs-s1"  # another seed's suffix is part of the name
+
+
+def test_groups_split_on_any_setting_but_the_seed(seeded):
+    extra = make_seed_run(seeded / "x", "plain", 1)  # plain's settings, but a different learning rate
+    text = (extra / "config.toml").read_text().replace("lr = 2e-05", "lr = 0.001")
+    assert text != (extra / "config.toml").read_text()
+    (extra / "config.toml").write_text(text)
+    twin = make_seed_run(seeded / "y", "plain", 2)  # equal settings, another sweep method: its own group
+    (twin / "sweep_job.json").write_text(json.dumps({"method": "control", "seed": 2}))
+    runs, _ = collect([seeded])
+    from unisd.ops.report import group_runs
+
+    sizes = {g.label: len(g.runs) for g in group_runs(runs) if not g.untrained}
+    assert sorted(sizes.values()) == [1, 1, 3, 3] and len(sizes) == 4

@@ -45,7 +45,7 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
         cleanup: bool = typer.Option(False, "--cleanup", help="Delete each run's checkpoints/ once its evaluations are "
                                      "done (final/ is kept). Off by default: nothing is ever deleted."),
     ) -> None:
-        """Run a sweep: models × tasks × presets/components × option grids; phases cache → train → eval.
+        """Run a sweep: models × tasks × presets/components × option grids × seeds; phases cache → train → eval.
 
         Finished jobs are skipped, so rerunning the same command resumes an interrupted sweep.
         Failed jobs are listed with their commands in OUTPUT_ROOT/failed_jobs.md.

@@ -188,6 +188,8 @@ def _describe(run: RunSummary, config: dict[str, Any], job: dict[str, Any]) -> N
     source = config or job
     if source:
         same = {k: v for k, v in source.items() if k not in NOT_IDENTITY}
+        # Two sweep methods with equal settings are still two methods (e.g. a control under another name).
+        same["__sweep_method__"] = job.get("method")
         run.identity = json.dumps(same, sort_keys=True, default=str)
     else:
         run.identity = str(run.path)  # nothing says what it is: a group of its own

@@ -8,6 +8,7 @@ precision. No table, no approximation.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ def t_two_sided_mass(t: float, df: int) -> float:
     return math.sin(theta) * total
 
 
+@functools.lru_cache(maxsize=256)  # curves ask for the same few (confidence, df) at every step
 def t_quantile(confidence: float, df: int) -> float:
     """The two-sided critical value: ``t`` with P(|T| ≤ t) = ``confidence`` (e.g. 4.303 for 0.95, df 2)."""
     if not 0 < confidence < 1:
