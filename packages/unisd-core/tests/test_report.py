@@ -400,3 +400,16 @@ def test_groups_split_on_any_setting_but_the_seed(seeded):
 
     sizes = {g.label: len(g.runs) for g in group_runs(runs) if not g.untrained}
     assert sorted(sizes.values()) == [1, 1, 3, 3] and len(sizes) == 4
+
+
+def test_attempts_moved_aside_by_the_sweep_are_not_runs_and_repeated_seeds_are_flagged(seeded, tmp_path):
+    import shutil
+
+    shutil.copytree(seeded / "plain" / "demo" / "m-s1", seeded / "plain" / "demo" / "m-s1.partial-1")
+    shutil.copytree(seeded / "ema" / "demo" / "m-s1", seeded / "ema" / "demo" / "m-s1.oom-2")
+    assert len(find_runs([seeded])) == 6
+    shutil.copytree(seeded / "ema" / "demo" / "m-s1", seeded / "ema" / "demo" / "m-s1-copy")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(make_app(), ["report", str(seeded), "--output", str(out), "--no-plots"])
+    assert result.exit_code == 0, result.output
+    assert "has runs with the same seed (1, 1, 2, 3)" in (out / "results.md").read_text()

@@ -44,6 +44,8 @@ from .stats import CONFIDENCE, Summary, interval_description, summarize
 
 RUN_FILES = ("config.toml", "metrics.jsonl", "sweep_job.json")
 SKIP_DIRS = {"checkpoints", "final", "eval", "jobs", "logs", ".cache"}
+# Failed attempts `unisd sweep` moved aside (NAME.partial-N, NAME.oom-N): the retry is the run.
+ASIDE = re.compile(r".+\.(partial|oom)-\d+")
 # Config keys that differ between the seeds of one experiment (or only say where it was written).
 NOT_IDENTITY = ("seed", "output")
 HELD_OUT = ("student_accuracy", "teacher_accuracy", "privileged_gap", "gap_closed")  # after/…, in this order
@@ -136,7 +138,8 @@ def find_runs(paths: list[Path]) -> list[Path]:
             continue
         below = []
         for dirpath, dirnames, _ in os.walk(path):
-            dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
+            dirnames[:] = sorted(d for d in dirnames
+                                 if d not in SKIP_DIRS and not d.startswith(".") and not ASIDE.fullmatch(d))
             here = Path(dirpath)
             if here != path and is_run_dir(here):
                 below.append(here)
@@ -594,6 +597,11 @@ def to_markdown(runs: list[RunSummary], baseline: RunSummary | None, metric: str
         lines.append("")
     lines += _run_table(runs, baseline, columns)
     notes = [f"- `{r.name}`: {n}" for r in runs for n in r.notes]
+    for g in groups:  # the interval assumes independent seeds: say so when one is counted twice
+        seeds = [s for s in g.seeds if s is not None]
+        if not g.untrained and len(set(seeds)) < len(seeds):
+            notes.append(f"- group `{g.label}` has runs with the same seed ({', '.join(map(str, seeds))}): "
+                         "they are not independent repetitions")
     if notes:
         lines += ["", "Notes:", *notes]
     return "\n".join(lines) + "\n"
