@@ -144,7 +144,8 @@ def test_cache_negatives_command_then_train_with_it(tiny_model_dir, tmp_path, mo
     assert first.exit_code == 0, first.output
     assert seen["max_new_tokens"] == DEFAULT_MAX_NEW_TOKENS + JSON_ALLOWANCE  # --data: no task budget to take
     assert seen["calls"] == [6, 1]  # all 3 examples x 2 at once, then the one rejected sample again
-    assert "negatives: 3/3 example(s) done, 0 without a negative, 1 sample(s) rejected" in first.output
+    assert "negatives: 0/3 example(s) done, 0 without a negative, 6 sample(s) generated, 1 rejected" in first.output
+    assert "negatives: 3/3 example(s) done, 0 without a negative, 7 sample(s) generated, 1 rejected" in first.output
     assert "3 example(s) written, 0 already done, 0 without any valid negative" in first.output
     assert "rejected samples: 1 degenerate repetition" in first.output
     again = runner.invoke(app, args, catch_exceptions=False)

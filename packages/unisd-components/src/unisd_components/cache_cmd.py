@@ -97,7 +97,8 @@ def _say(text: str) -> None:
 
 
 class _Progress:
-    """Plain progress lines: after the first batch, then at most every ``every`` seconds, and at the end."""
+    """Plain progress lines: after the first generation call, then at most every ``every`` seconds, and
+    when the last example is done."""
 
     def __init__(self, todo: int, every: float = 10.0):
         self.todo, self.every = todo, every
@@ -111,7 +112,7 @@ class _Progress:
         self.last, self.lines = now, self.lines + 1
         rejected = sum(stats.rejected.values())
         _say(f"negatives: {stats.written}/{self.todo} example(s) done, {stats.without} without a negative, "
-             f"{rejected} sample(s) rejected, {now - self.start:.0f}s")
+             f"{stats.sampled} sample(s) generated, {rejected} rejected, {now - self.start:.0f}s")
 
 
 def _run(pm: Any, req: Request) -> None:
@@ -134,11 +135,11 @@ def _run(pm: Any, req: Request) -> None:
     output = req.output or default_cache_path(req.model, str(req.data) if req.data is not None else req.task)
 
     # A task that writes its own negatives (Task.negative) needs no model for those examples.
-    own = [e for e in examples if task is not None and task.negative(e)]
+    own = {e.id for e in examples if task is not None and task.negative(e)}
     if own:
         _say(f"negatives: task {req.task} supplies its own negatives for {len(own)} of {len(examples)} example(s); "
              "the contrastive component uses them without a cache")
-    examples = [e for e in examples if not (task is not None and task.negative(e))]
+        examples = [e for e in examples if e.id not in own]
     if not examples:
         return
 

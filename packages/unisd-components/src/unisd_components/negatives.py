@@ -355,13 +355,14 @@ class BuildStats:
 
     total: int = 0
     skipped: int = 0
+    sampled: int = 0  # samples generated, retries included
     written: int = 0
     negatives: int = 0
     without: int = 0  # written examples with no valid negative
     rejected: Counter = field(default_factory=Counter)  # reason -> samples
 
     def as_dict(self) -> dict[str, Any]:
-        return {"skipped": self.skipped, "written": self.written, "negatives": self.negatives,
+        return {"skipped": self.skipped, "written": self.written, "sampled": self.sampled, "negatives": self.negatives,
                 "without": self.without, "rejected": dict(self.rejected)}
 
 
@@ -376,14 +377,18 @@ class _Slot:
 
 
 def _sample_slots(slots: list[_Slot], generate: Callable[[list[str]], list[str]], task: Any, max_retries: int,
-                  stats: BuildStats) -> dict[str, list[dict]]:
-    """Generate every slot, validate each sample, and regenerate rejected ones up to ``max_retries`` times."""
+                  stats: BuildStats, progress: Callable[[BuildStats], None] | None) -> dict[str, list[dict]]:
+    """Generate every slot, validate each sample, and regenerate rejected ones up to ``max_retries`` times.
+
+    ``progress`` hears after every generation call: on a CPU one call can take minutes.
+    """
     accepted: dict[str, list[dict]] = {}
     pending = list(slots)
     for _ in range(max_retries + 1):
         if not pending:
             break
         texts = generate([s.prompt for s in pending])
+        stats.sampled += len(texts)
         retry = []
         for slot, text in zip(pending, texts, strict=True):
             parsed = parse_sample(text)
@@ -397,6 +402,8 @@ def _sample_slots(slots: list[_Slot], generate: Callable[[list[str]], list[str]]
                 stats.rejected[reason] += 1
                 retry.append(slot)
         pending = retry
+        if progress is not None:
+            progress(stats)
     return accepted
 
 
@@ -422,7 +429,8 @@ def build_negatives(
     Examples are generated ``batch_examples`` at a time (all their samples in one call); each sample
     is validated (:func:`rejection`) and a rejected one is regenerated up to ``max_retries`` times.
     An example left without any valid negative is still written (empty), so a resumed build does not
-    redo it; the returned ``without`` counts them. ``progress`` is called after each batch.
+    redo it; the returned ``without`` counts them. ``progress`` is called after every generation call
+    and every batch.
     """
     output = Path(output)
     done = set(read_cache(output))
@@ -439,7 +447,7 @@ def build_negatives(
             for ex in batch:
                 k = negative_kind(ex, task, kind)
                 slots += [_Slot(ex, k, p, t) for p, t in negative_prompts(ex, k, num_negatives)]
-            accepted = _sample_slots(slots, generate, task, max_retries, stats)
+            accepted = _sample_slots(slots, generate, task, max_retries, stats, progress)
             for ex in batch:
                 negatives = accepted.get(ex.id, [])
                 fh.write(json.dumps({"id": ex.id, "negatives": negatives}) + "\n")
