@@ -41,6 +41,16 @@ def test_mbpp_load_prompt_reference_and_meta(data_files):
     assert MBPPTask().load("test", path=str(data_files["mbpp"]), limit=1)[0].id == "2"
 
 
+def test_mbpp_renders_every_reference_one_way(data_files):
+    task = MBPPTask()
+    ex = task.load("test", path=str(data_files["mbpp"]))[0]
+    code = ex.meta["code"]
+    assert not code.startswith("```") and ex.reference == f"```python\n{code}\n```"
+    # A model's answer, fenced or not, comes out exactly like the gold reference: fenced once.
+    for answer in ("def f():\n    return 2", "```python\ndef f():\n    return 2\n```", "```\ndef f():\n    return 2```"):
+        assert task.render_reference(ex, answer, "some reasoning") == "```python\ndef f():\n    return 2\n```"
+
+
 def test_mbpp_references_pass_and_wrong_answers_fail(data_files, quick_sandbox):
     task = MBPPTask(quick_sandbox)
     examples = task.load("test", path=str(data_files["mbpp"]))

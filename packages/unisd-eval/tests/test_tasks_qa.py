@@ -97,6 +97,18 @@ def test_medmcqa_skips_unlabelled_rows_but_counts_them(data_files):
     _check_max_and_min(task, examples)
 
 
+def test_mcqa_meta_holds_the_parts_of_the_method_block(data_files):
+    task = MedMCQATask()
+    first, second = task.load("validation", path=str(data_files["medmcqa"]))
+    assert first.meta["question_text"] == MEDMCQA[0]["question"].strip()
+    assert sorted(first.meta["options"]) == sorted(MEDMCQA[0][k] for k in ("opa", "opb", "opc", "opd"))
+    assert first.meta["options"]["ABCD".index(first.meta["correct_letter"])] == MEDMCQA[0]["opc"]
+    assert first.meta["explanation"] == (MEDMCQA[0].get("exp") or "").strip()
+    # One renderer for the gold reference and a negative: a bare letter stays bare (no stray reasoning).
+    assert task.render_reference(second, "A", "a wrong argument") == "A"
+    assert task.render_reference(first, first.meta["correct_letter"], first.meta["explanation"]) == first.reference
+
+
 def test_gpqa_csv_and_is_eval_only(data_files):
     task = GPQATask()
     assert task.train_split is None
