@@ -102,9 +102,14 @@ def assign_instructions(examples: Sequence[Example], records: Sequence[dict], nu
                         seed: int) -> dict[str, list[str]]:
     """Per example, K instructions drawn uniformly with replacement (seeded), never one induced from it."""
     rng = random.Random(seed)
+    usable = [r for r in records if r["instruction"]]
+    everyone = [r["instruction"] for r in usable]
+    # Only the few examples that were demonstrations (≤ prompts × demos) need a filtered list; the
+    # rest share one, so a large data set (MedMCQA's 180k) costs O(N), not O(N × prompts).
+    demo_of: set[str] = {i for r in usable for i in r["demo_ids"]}
     out: dict[str, list[str]] = {}
     for ex in examples:
-        allowed = [r["instruction"] for r in records if ex.id not in r["demo_ids"] and r["instruction"]]
+        allowed = everyone if ex.id not in demo_of else [r["instruction"] for r in usable if ex.id not in r["demo_ids"]]
         out[ex.id] = [rng.choice(allowed) if allowed else FALLBACK_INSTRUCTION for _ in range(num_contexts)]
     return out
 
