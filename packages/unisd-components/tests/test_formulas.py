@@ -8,7 +8,7 @@ import torch
 from components_testlib import agree_logp, examples, scores, step_batch
 
 from unisd.components import make_options
-from unisd.errors import OptionError
+from unisd.errors import OptionError, UsageError
 from unisd_components.agreement import Agreement
 from unisd_components.clip import Clip
 from unisd_components.contrastive import Contrastive, hinge
@@ -180,7 +180,9 @@ CLIP_MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
 def clip_run(values):
     comp = Clip(make_options(Clip, values))
     div = torch.tensor(DIV, requires_grad=True)
-    out = comp.transform_divergence(div, step_batch(examples(2), [CLIP_MASK], []))
+    batch = step_batch(examples(2), [CLIP_MASK], [])
+    batch.step_divergence = [div.detach()]  # the loop's no-grad pass over the step (one micro-batch here)
+    out = comp.transform_divergence(div, batch)
     out.sum().backward()
     return comp, out, div.grad
 
@@ -197,6 +199,25 @@ def test_quantile_clip_uses_masked_tokens():
     torch.testing.assert_close(out, torch.tensor([[0.5, 3.0, 3.0], [3.0, 1.0, 0.0]]))
     assert grad[0, 1] == 0.0 and grad[1, 0] == 0.0 and grad[0, 0] == 1.0
     assert comp.metrics() == {"fraction": pytest.approx(2 / 5), "cap": pytest.approx(3.0)}
+
+
+def test_quantile_clip_cap_is_taken_over_the_whole_step():
+    # A second micro-batch of divergences 30, 40 moves the step's median from 3 to 12 (of
+    # [0.5, 12, 3, 20, 1, 30, 40]); its padded entry (99) does not count.
+    comp = Clip(make_options(Clip, {"quantile": "0.5"}))
+    assert comp.needs_step_scores and not Clip(make_options(Clip, {"max_value": "5"})).needs_step_scores
+    second, second_mask = torch.tensor([[30.0, 40.0, 99.0]]), torch.tensor([[1.0, 1.0, 0.0]])
+    batch = step_batch(examples(2), [CLIP_MASK, second_mask], [])
+    batch.step_divergence = [torch.tensor(DIV), second]
+    out = comp.transform_divergence(torch.tensor(DIV), batch)
+    torch.testing.assert_close(out, torch.tensor([[0.5, 12.0, 3.0], [12.0, 1.0, 0.0]]))
+    assert comp.metrics()["cap"] == pytest.approx(12.0)
+
+
+def test_quantile_clip_without_the_steps_divergences_is_a_usage_error():
+    comp = Clip(make_options(Clip, {"quantile": "0.5"}))
+    with pytest.raises(UsageError, match="step_divergence"):
+        comp.transform_divergence(torch.tensor(DIV), step_batch(examples(2), [CLIP_MASK], []))
 
 
 def test_clip_options_are_exclusive_and_checked():

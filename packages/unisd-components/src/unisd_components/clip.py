@@ -1,8 +1,10 @@
 """Divergence clipping: cap each token's divergence (unisd-method.md §2.5).
 
 The cap is static (``max_value``; 10.0 when neither option is set) or the ``quantile`` of the
-micro-batch's loss-token divergences (no grad, at least 1e-6). The two are mutually exclusive.
-Clipping is a hard clamp: a clipped token gets no gradient.
+loss-token divergences of the whole optimiser step, on every process (no grad, at least 1e-6), so
+the update does not depend on how the step is split into micro-batches or processes (the research
+code took it per micro-batch). The two are mutually exclusive. Clipping is a hard clamp: a clipped
+token gets no gradient.
 """
 
 from __future__ import annotations
@@ -12,23 +14,23 @@ from typing import Any, ClassVar
 
 import torch
 
+from unisd import stepstats
 from unisd.components import option
-
-from .agreement import masked_quantile
+from unisd.errors import UsageError
 
 DEFAULT_CAP = 10.0
 MIN_CAP = 1e-6
 
 
 class Clip:
-    """Cap the per-token divergence at a fixed value or at a per-batch quantile."""
+    """Cap the per-token divergence at a fixed value or at a quantile of the step's divergences."""
 
     name: ClassVar[str] = "clip"
 
     @dataclass
     class Options:
         max_value: float | None = option(None, "Static cap of the per-token divergence (10.0 when neither option is set).")
-        quantile: float | None = option(None, "Adaptive cap: this quantile, in (0, 1], of the batch's token divergences.")
+        quantile: float | None = option(None, "Adaptive cap: this quantile, in (0, 1], of the optimiser step's token divergences.")
 
         def __post_init__(self) -> None:
             if self.max_value is not None and self.quantile is not None:
@@ -46,26 +48,36 @@ class Clip:
         self._step = -1
         self._clipped = 0.0
         self._tokens = 0.0
-        self._caps: list[float] = []
+        self._cap: float | None = None
 
-    def cap_for(self, div: torch.Tensor, mask: torch.Tensor) -> float:
-        """The cap for this micro-batch: the static value, or the quantile of its loss tokens."""
+    @property
+    def needs_step_scores(self) -> bool:
+        """An adaptive cap needs the student's divergences of the whole step before any backward pass."""
+        return self.options.quantile is not None
+
+    def cap_for(self, batch: Any) -> float:
+        """The static cap, or the quantile of the step's loss-token divergences (every micro-batch, every
+        process; a collective under a multi-process launch)."""
         if self.options.quantile is None:
             return self.options.max_value if self.options.max_value is not None else DEFAULT_CAP
-        return max(masked_quantile(div.detach()[mask > 0], self.options.quantile), MIN_CAP)
+        if not getattr(batch, "step_divergence", None):
+            raise UsageError("clip.quantile needs the step's divergences (StepBatch.step_divergence), which the "
+                             "loop provides to components with needs_step_scores")
+        cap = stepstats.step_quantile(batch.step_divergence, batch.step_masks, self.options.quantile)
+        return max(cap if cap is not None else 0.0, MIN_CAP)
 
     def transform_divergence(self, div: torch.Tensor, batch: Any) -> torch.Tensor:
         mask = batch.step_masks[batch.micro_index].to(div.device) if batch.step_masks else torch.ones_like(div)
-        cap = self.cap_for(div, mask)
+        cap = self.cap_for(batch)
         if batch.step != self._step:  # statistics cover one optimiser step
-            self._step, self._clipped, self._tokens, self._caps = batch.step, 0.0, 0.0, []
+            self._step, self._clipped, self._tokens = batch.step, 0.0, 0.0
         self._clipped += float(((div.detach() > cap) & (mask > 0)).sum())
         self._tokens += float(mask.sum())
-        self._caps.append(cap)
+        self._cap = cap
         return torch.clamp(div, max=cap)  # hard clamp: zero gradient where clipped
 
     def metrics(self) -> dict[str, float]:
-        """Fraction of the step's loss tokens that were clipped, and the cap (mean over micro-batches)."""
-        if not self._caps:
+        """Fraction of the step's loss tokens that were clipped, and the step's cap."""
+        if self._cap is None:
             return {}
-        return {"fraction": self._clipped / max(self._tokens, 1.0), "cap": sum(self._caps) / len(self._caps)}
+        return {"fraction": self._clipped / max(self._tokens, 1.0), "cap": self._cap}

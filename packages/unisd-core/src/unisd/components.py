@@ -60,7 +60,10 @@ class Component(Protocol):
         Logged to metrics.jsonl after each optimiser step, prefixed by the component name.
 
     Class attributes: ``distill_weight`` (float, default 1.0) scales the divergence term, 0 replaces
-    it; ``needs_hidden`` (bool) asks the loop for final hidden states in ``scores``.
+    it; ``needs_hidden`` (bool) asks the loop for final hidden states in ``scores``;
+    ``needs_step_scores`` (bool) asks for the student's divergence and entropy of every micro-batch of
+    the step (``StepBatch.step_divergence``/``step_entropy``, no grad) before the first backward, for
+    thresholds that must not depend on the micro-batch split.
     """
 
     name: ClassVar[str]

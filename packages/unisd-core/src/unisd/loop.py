@@ -67,9 +67,13 @@ class StepBatch:
     num_tokens: float  # loss tokens in the whole optimiser step (the loss denominator)
     micro_index: int
     # Teacher token log-probs and masks of *every* micro-batch of this step, for statistics
-    # (quantiles, normalisation) that must not depend on the micro-batch split.
+    # (quantiles, normalisation) that must not depend on the micro-batch split (see unisd.stepstats).
     step_teacher_logp: list[dict[str, torch.Tensor]] = field(default_factory=list)
     step_masks: list[torch.Tensor] = field(default_factory=list)
+    # The student's divergence and entropy [B, C] of every micro-batch (no grad), only when a selected
+    # component sets ``needs_step_scores``: the student's own statistics then also cover the step.
+    step_divergence: list[torch.Tensor] = field(default_factory=list)
+    step_entropy: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -294,10 +298,13 @@ def distill_step(run: Run, examples: list[Example], completions: list[Completion
     # A teacher that keeps its own (sharded) copy needs its lm-head gathered for the student's micro-batches.
     separate_teacher = teacher_model(run) if teacher_model(run) is not run.model else None
     with sharding.gathered(separate_teacher):
+        step_div, step_ent = _step_student_scores(run, [[examples[i] for i in idx] for idx in micro],
+                                                  [[comp_ids[i] for i in idx] for idx in micro], teacher_out)
         for m, idx in enumerate(micro):
             batch = StepBatch(
                 [examples[i] for i in idx], [comp_ids[i] for i in idx], run.step + 1, num_tokens, m,
                 step_teacher_logp=[o["logp"] for o in teacher_out], step_masks=[o["mask"] for o in teacher_out],
+                step_divergence=step_div, step_entropy=step_ent,
             )
             _micro_step(run, batch, teacher_out[m], totals)
     stats = {**totals.sums, "loss_tokens": num_tokens}
@@ -335,6 +342,24 @@ def _student_outputs(run: Run, packed: Any, teacher_hidden: torch.Tensor, mask: 
         chunk_size=cfg.divergence_chunk_size, compile=cfg.compile_divergence, gjsd_scale=cfg.gjsd_scale,
     )
     return student_hidden, outputs.divergence, outputs.student_logp, outputs.entropy
+
+
+@torch.no_grad()
+def _step_student_scores(run: Run, examples: list[list[Example]], completions: list[list[list[int]]],
+                         teacher_out: list[dict[str, Any]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The student's divergence and entropy ``[B, C]`` of every micro-batch, before any backward pass,
+    for components whose thresholds must cover the whole step (``needs_step_scores``: a clip quantile,
+    an entropy mask). It costs one more student forward per micro-batch, so it runs only when asked."""
+    if not any(getattr(c, "needs_step_scores", False) for c in run.components):
+        return [], []
+    divergences, entropies = [], []
+    for ex, ids, t in zip(examples, completions, teacher_out, strict=True):
+        packed = pack([run.student_ids(e) for e in ex], ids, run.pad_id)
+        mask = t["mask"].to(t["hidden"]["main"].device)
+        _, div, _, ent = sharding.forward_call(run.model, _student_outputs, run, packed, t["hidden"]["main"], mask)
+        divergences.append(div.detach())
+        entropies.append(ent.detach())
+    return divergences, entropies
 
 
 def _micro_step(run: Run, batch: StepBatch, t: dict[str, Any], totals: _StepTotals) -> None:

@@ -1,7 +1,9 @@
-"""``entropy-mask``: keep only the top-ρ highest-entropy loss tokens of each micro-batch.
+"""``entropy-mask``: keep only the top-ρ highest-entropy loss tokens of each optimiser step.
 
-With ``thr`` the (1−ρ) quantile of the student's entropies over the micro-batch's loss tokens, the
-token weight is ``1[H_t ≥ thr]``. ρ = 1 keeps every token (the mask is off).
+With ``thr`` the (1−ρ) quantile of the student's entropies over the loss tokens of the whole step
+(every micro-batch, every process), the token weight is ``1[H_t ≥ thr]``. ρ = 1 keeps every token
+(the mask is off). Taking the quantile per micro-batch would make the update depend on
+``--grad-accum``; ``needs_step_scores`` asks the loop for the step's entropies before any backward.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from unisd import stepstats
 from unisd.components import option
+from unisd.errors import UsageError
 
 
 class EntropyMask:
@@ -34,16 +38,26 @@ class EntropyMask:
         self._threshold = 0.0
         self._step = -1
 
+    @property
+    def needs_step_scores(self) -> bool:
+        """The threshold is a quantile of the student's entropies over the whole step."""
+        return self.options.rho < 1.0
+
+    def threshold(self, batch: Any) -> float:
+        """The (1−ρ) quantile of the step's loss-token entropies (-inf: keep everything)."""
+        if self.options.rho >= 1.0:
+            return float("-inf")
+        if not getattr(batch, "step_entropy", None):
+            raise UsageError("entropy-mask needs the step's entropies (StepBatch.step_entropy), which the loop "
+                             "provides to components with needs_step_scores")
+        value = stepstats.step_quantile(batch.step_entropy, batch.step_masks, 1.0 - self.options.rho)
+        return float("-inf") if value is None else value
+
     def token_weights(self, scores: Any, batch: Any) -> torch.Tensor:
         entropy = scores.entropy.detach()  # [B, C]
         mask = scores.mask.to(entropy.device) > 0
-        values = entropy[mask]
-        if values.numel() == 0 or self.options.rho >= 1.0:
-            keep = torch.ones_like(entropy)
-            threshold = float("-inf")
-        else:
-            threshold = float(torch.quantile(values.double(), 1.0 - self.options.rho))
-            keep = (entropy >= threshold).to(entropy.dtype)
+        threshold = self.threshold(batch)
+        keep = (entropy >= threshold).to(entropy.dtype)
         if batch.step != self._step:  # statistics cover one optimiser step
             self._step, self._kept, self._tokens = batch.step, 0.0, 0.0
         self._kept += float((keep > 0)[mask].sum())
@@ -52,7 +66,7 @@ class EntropyMask:
         return keep
 
     def metrics(self) -> dict[str, float]:
-        """Fraction of loss tokens kept in the last step and the last entropy threshold."""
+        """Fraction of loss tokens kept in the last step and its entropy threshold."""
         if not self._tokens:
             return {}
         return {"kept_fraction": self._kept / self._tokens, "threshold": self._threshold}
