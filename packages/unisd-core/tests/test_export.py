@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import typer
 from typer.testing import CliRunner
 
 from unisd.cli.app import make_app
+from unisd.cli.command_line import command_line
 from unisd.errors import UsageError
 from unisd.export import push_run
 from unisd.model_card import is_unisd_card, render_model_card
@@ -119,3 +121,38 @@ def test_card_reports_held_out_metrics(tmp_path):
     assert "base_model: org/base" in card and "`ema` (beta=0.9)" in card
     assert "| student accuracy | 0.000 | 0.188 |" in card and "Held-out items: 48" in card
     assert "unisd train --steps 60" in card
+
+
+def test_training_writes_a_model_card_naming_its_command(trained_run):
+    card = (trained_run / "final" / "README.md").read_text()
+    assert "More Information Needed" not in card and "```bash\nunisd " in card and "--steps 2" in card
+
+
+def test_push_to_hub_with_a_malformed_id_is_refused_before_training(tiny_llama, tmp_path):
+    from unisd.testing import toy_records, write_jsonl
+
+    data = write_jsonl(tmp_path / "train.jsonl", toy_records(4))
+    result = CliRunner().invoke(make_app(get_plugin_manager()), [
+        "train", "--model", str(tiny_llama), "--data", str(data), "--steps", "1", "--output", str(tmp_path / "run"),
+        "--push-to-hub", "not a repo",
+    ])
+    assert result.exit_code == 2 and "repository id" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_command_line_is_rebuilt_from_the_given_options_only():
+    app, seen = typer.Typer(), []
+
+    @app.callback()
+    def root() -> None:
+        pass
+
+    @app.command("train")
+    def train(ctx: typer.Context, run: str = typer.Argument("x"), model: str = typer.Option(None, "--model"),
+              steps: int = typer.Option(100, "--steps"), lora: bool = typer.Option(None, "--lora/--full"),
+              with_: list[str] = typer.Option(None, "--with")) -> None:
+        seen.append(command_line(ctx))
+
+    result = CliRunner().invoke(app, ["train", "r 1", "--model", "m", "--full", "--with", "a", "--with", "b"])
+    assert result.exit_code == 0, result.output
+    assert seen == ["unisd train 'r 1' --model m --full --with a --with b"]  # --steps kept its default: left out

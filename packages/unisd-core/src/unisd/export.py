@@ -6,6 +6,7 @@ weights, so ``--merge`` folds the adapter into the base weights. Both write the 
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -75,14 +76,19 @@ def export_run(run_dir: Path, output: Path, merge: bool = True, dtype: str = "au
     return output
 
 
+def check_repo_id(repo: str) -> None:
+    """A Hub repository id is NAME or OWNER/NAME: letters, digits, '-', '_' and '.'."""
+    if not re.fullmatch(r"([\w.-]+/)?[\w.-]+", repo or ""):
+        raise UsageError(f"repository id {repo!r} should look like NAME or OWNER/NAME")
+
+
 def push_run(run_dir: Path, repo: str, merge: bool = False, private: bool = False, token: str | None = None,
              api: Any = None) -> str:
     """Upload the run's model (with its card) to the Hub repository ``repo``; returns the repository's URL.
 
     ``api`` is a ``huggingface_hub.HfApi`` (or a stand-in with ``create_repo`` and ``upload_folder``).
     """
-    if not repo or repo.count("/") > 1 or repo.strip() != repo:
-        raise UsageError(f"repository id {repo!r} should look like NAME or OWNER/NAME")
+    check_repo_id(repo)
     final_dir(run_dir)
     if api is None:
         from huggingface_hub import HfApi

@@ -16,10 +16,13 @@ from .. import distributed
 from ..components import parse_option_flags, resolve_selection
 from ..config import RunConfig, load_config, read_toml
 from ..errors import UsageError
+from ..export import check_repo_id, push_run
 from ..loop import train
+from ..model_card import write_model_card
 from ..plugins import UnisdPluginManager
 from ..recipes import apply_unless_set, named_run_settings, recipe_task
 from ..reporting import RichReporter
+from .command_line import command_line
 from .errors import cli_errors
 
 
@@ -32,6 +35,7 @@ def demo_config() -> RunConfig:
 def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
     @app.command("train")
     def train_command(
+        ctx: typer.Context,
         model: str = typer.Option(None, "--model", help="HF hub id, local HF directory, .gguf file, or 'smollm2' (bundled)."),
         task: str = typer.Option(None, "--task", help="A registered task (see `unisd plugins`)."),
         data: Path = typer.Option(None, "--data", help="JSONL file: one {id, prompt, reference, meta} per line."),
@@ -63,6 +67,7 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
         num_processes: int = typer.Option(1, "--num-processes", help="Data-parallel processes on this machine (relaunches under torch.distributed.run)."),
         shard: str = typer.Option(None, "--shard", help="Multi-process: fsdp shards weights, gradients and optimizer state (FSDP2); none replicates them; auto (default) follows an accelerate FSDP/DeepSpeed config."),
         deepspeed: Path = typer.Option(None, "--deepspeed", help="DeepSpeed JSON config: its ZeRO stage and offload select the equivalent FSDP2 sharding."),
+        push_to_hub: str = typer.Option(None, "--push-to-hub", help="After training, upload final/ and its model card to this Hub repository (OWNER/NAME)."),
     ) -> None:
         """Train a model by on-policy self-distillation (no arguments: the built-in demo)."""
         console = Console(stderr=False)
@@ -79,6 +84,8 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
                 "allow_no_chat_template": allow_no_chat_template,
             }
             given = {k: v for k, v in flags.items() if v is not None}
+            if push_to_hub is not None:
+                check_repo_id(push_to_hub)  # before hours of training, not after
             file_keys: set[str] = set()
             if resume is not None:
                 cfg = _resume_config(resume)
@@ -119,8 +126,11 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
             is_main = distributed.current().is_main
             distributed.shutdown()
             if is_main:
+                write_model_card(run_dir, run_dir / "final", command_line(ctx))
                 console.print(f"Done in {time.perf_counter() - began:.0f} s. Run directory: {run_dir} "
-                              f"(adapter/weights in {run_dir / 'final'})", highlight=False)
+                              f"(adapter/weights and model card in {run_dir / 'final'})", highlight=False)
+                if push_to_hub:
+                    console.print(f"Pushed to {push_run(run_dir, push_to_hub)}", highlight=False)
 
 
 def apply_named_settings(cfg: RunConfig, regs: Any, explicit: set[str], console: Console) -> None:
