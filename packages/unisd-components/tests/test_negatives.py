@@ -33,6 +33,7 @@ from unisd_components.negatives import (
     read_cache,
     rejection,
     render_negative,
+    schema_object_end,
     wrong_targets,
 )
 from unisd_components.negatives_gen import (
@@ -247,6 +248,9 @@ def test_json_object_end_skips_braces_in_strings():
     assert parse_sample('{"answer": "7"} then {"answer": "8"}') == ParsedOutput("", "7", True)
     assert parse_sample("{not json} {\"answer\": \"9\", \"reasoning\": \"r\"}") == ParsedOutput("r", "9", True)
     assert parse_sample("plain 47") == ParsedOutput("", "plain 47", False)
+    # A brace pair of code or prose is not the answer's object.
+    assert parse_sample('x = {} ; {"other": 1} {"answer": "5"}') == ParsedOutput("", "5", True)
+    assert schema_object_end("def f():\n    return {}") is None
 
 
 def why(text, kind="generic", example=Example("n", "What is 12 + 34?", "46", {})):
@@ -304,6 +308,9 @@ def test_sampling_stops_once_the_json_object_closes():
     assert not any(stops[:first]) and all(stops[first:])
     assert json_object_end(tok.decode(ids[:first + 1])) is not None
     assert json_object_end(tok.decode(ids[:first])) is None
+    code = tok("def f(a, b):\n    return {} if a else {1: 2}", add_special_tokens=False)["input_ids"]
+    crit = json_closed_criteria(tok, prompt_width=0)
+    assert not any(bool(crit(torch.tensor([code[:n]]), None)[0]) for n in range(1, len(code) + 1))
 
 
 def test_hf_generator_samples_with_the_tiny_model(tiny_model_dir):

@@ -175,20 +175,39 @@ class ParsedOutput:
     json: bool
 
 
-def parse_sample(text: str) -> ParsedOutput:
-    """The first complete JSON object's ``reasoning`` and ``answer``, else the raw text as the answer."""
+SCHEMA_KEYS = frozenset({"reasoning", "answer"})
+
+
+def _json_objects(text: str) -> Iterator[tuple[int, dict]]:
+    """``(end index, object)`` of every complete JSON object in ``text``, in order of their start."""
     start = text.find("{")
     while start >= 0:
         end = json_object_end(text[start:])
         if end is None:
-            break
+            return
         try:
             data = json.loads(text[start:start + end])
         except json.JSONDecodeError:
             data = None
         if isinstance(data, dict):
-            return ParsedOutput(_text(data.get("reasoning")), _text(data.get("answer")), True)
+            yield start + end, data
         start = text.find("{", start + 1)
+
+
+def schema_object_end(text: str) -> int | None:
+    """The index just past the first complete JSON object holding ``reasoning`` or ``answer``, or None.
+
+    A brace pair in prose or code (``return {}``) is not the answer's object, so it does not count.
+    """
+    return next((end for end, data in _json_objects(text) if SCHEMA_KEYS & data.keys()), None)
+
+
+def parse_sample(text: str) -> ParsedOutput:
+    """The ``reasoning`` and ``answer`` of the first JSON object holding either, else the raw text as
+    the answer (the fallback for output that is not JSON)."""
+    for _, data in _json_objects(text):
+        if SCHEMA_KEYS & data.keys():
+            return ParsedOutput(_text(data.get("reasoning")), _text(data.get("answer")), True)
     return ParsedOutput("", text.strip(), False)
 
 

@@ -22,20 +22,21 @@ import torch
 from unisd.prompts import encode, render_chat
 from unisd.rollout import SamplingParams, eos_ids_of, split_completion
 
-from .negatives import JSON_SCHEMA, json_object_end
+from .negatives import JSON_SCHEMA, schema_object_end
 
 Generate = Callable[[list[str]], list[str]]
 BACKENDS = ("auto", "hf", "vllm")
 
 
 def cut_after_object(text: str) -> str:
-    """``text`` up to the end of its first complete JSON object (the whole text while none closed)."""
-    end = json_object_end(text)
+    """``text`` up to the end of its answer's JSON object (the whole text while none closed)."""
+    end = schema_object_end(text)
     return text if end is None else text[:end]
 
 
 def json_closed_criteria(tokenizer: Any, prompt_width: int) -> Any:
-    """Transformers stopping criteria that are true, per row, once the row's JSON object has closed.
+    """Transformers stopping criteria that are true, per row, once the row's answer object (a JSON
+    object holding ``reasoning`` or ``answer``) has closed; braces of code or prose do not stop it.
 
     A row is only decoded again when its newest token holds a ``}``, so checking costs a one-token
     decode per row per step, not a decode of the whole sample.
@@ -50,7 +51,7 @@ def json_closed_criteria(tokenizer: Any, prompt_width: int) -> Any:
             done = []
             for row, ids in enumerate(input_ids[:, prompt_width:].tolist()):
                 if row not in self.closed and ids and "}" in tokenizer.decode(ids[-1:], skip_special_tokens=True):
-                    if json_object_end(tokenizer.decode(ids, skip_special_tokens=True)) is not None:
+                    if schema_object_end(tokenizer.decode(ids, skip_special_tokens=True)) is not None:
                         self.closed.add(row)
                 done.append(row in self.closed)
             return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
