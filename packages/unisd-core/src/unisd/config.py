@@ -86,6 +86,7 @@ class RunConfig:
     save_every: int = 0  # 0: only at the end of the run
     eval_task: str | None = None
     eval_every: int = 0
+    log_every: int = 0  # when stdout is not a terminal: a plain line every N steps (0: about 20 lines a run)
     eval_limit: int | None = 64
     eval_before_after: bool = False
     dtype: str = "auto"
@@ -117,6 +118,7 @@ class RunConfig:
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (self.save_every >= 0, "--save-every must be ≥ 0"),
             (self.eval_every >= 0, "--eval-every must be ≥ 0"),
+            (self.log_every >= 0, "log_every must be ≥ 0"),
             (self.dtype in DTYPE_CHOICES, f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got '{self.dtype}'"),
             (self.shard in SHARD_CHOICES, f"--shard must be one of {', '.join(SHARD_CHOICES)}, got '{self.shard}'"),
             (self.compile_divergence in COMPILE_CHOICES,

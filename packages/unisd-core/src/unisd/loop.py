@@ -46,7 +46,7 @@ from .leakage import count_leaks
 from .models import apply_lora, load_model, load_tokenizer, loading, resolve_model, training_dtype
 from .plugins import UnisdPluginManager
 from .prompts import budget_teacher_prompt, encode, fit_context, render_chat
-from .reporting import Reporter
+from .reporting import Reporter, startup_summary
 from .rollout import Completion, SamplingParams
 from .runlog import MetricsLog
 from .scoring import Scores, completion_hidden, lm_head_weight, pack
@@ -643,6 +643,10 @@ def _train(
         atomic.write_text(out / "config.toml", dump_config(cfg))
     run.step = start
 
+    if env.is_main:
+        reporter.info(startup_summary(cfg.model, sum(p.numel() for p in trainable),
+                                      sum(p.numel() for p in model.parameters()), len(run.examples), cfg,
+                                      run.components, out))
     gap_task = run.task if cfg.eval_before_after and run.task is not None else None
     if gap_task is not None and start == 0:
         before = privileged_gap(run, gap_task, cfg.eval_limit)

@@ -119,7 +119,7 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
                 apply_named_settings(cfg, regs, set(given) | file_keys, console)
             began = time.perf_counter()
             try:
-                run_dir = train(cfg, pm, RichReporter(console), resume=resume)
+                run_dir = train(cfg, pm, RichReporter(console, every=cfg.log_every), resume=resume)
             except BaseException:
                 distributed.shutdown(clean=False)
                 raise
