@@ -288,6 +288,21 @@ def test_rejected_samples_are_retried_a_bounded_number_of_times(tmp_path):
     assert read_cache(tmp_path / "n.jsonl") == {"ex-0": [], "ex-1": []}
 
 
+def test_a_negative_the_task_scores_correct_is_rejected(tmp_path):
+    from unisd_eval.tasks.mbpp import MBPPTask
+
+    task = MBPPTask()
+    ex = task.example(MBPP_ROW, "row")
+    answers = iter(["def add(a, b):\n    return b + a", BUGGY])  # a correct solution, then a buggy one
+
+    def generate(prompts):
+        return [json.dumps({"reasoning": "", "answer": next(answers)}) for _ in prompts]
+
+    stats = build_negatives([ex], generate, tmp_path / "n.jsonl", num_negatives=1, task=task)
+    assert stats["rejected"] == {"scored correct by the task": 1} and stats["negatives"] == 1
+    assert [n["reference"] for n in read_cache(tmp_path / "n.jsonl")[ex.id]] == [f"```python\n{BUGGY}\n```"]
+
+
 def test_negative_budget_follows_the_method_and_the_task():
     from unisd_eval.tasks.mbpp import MBPPTask
     from unisd_eval.tasks.mcqa import MedMCQATask

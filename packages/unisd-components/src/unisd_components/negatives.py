@@ -395,10 +395,21 @@ class _Slot:
     target: str
 
 
+def _scored_correct(task: Any, candidates: list[tuple[_Slot, str]]) -> list[bool]:
+    """Whether the task scores each rendered negative as a correct answer (e.g. MBPP code that passes
+    its tests): such a "negative" would push the student away from a right answer. All False for a
+    task without a scorer (``--data`` files)."""
+    if not candidates or task is None or not hasattr(task, "score_batch"):
+        return [False] * len(candidates)
+    scores = task.score_batch([slot.example for slot, _ in candidates], [text for _, text in candidates])
+    return [score.value >= 1.0 for score in scores]
+
+
 def _sample_slots(slots: list[_Slot], generate: Callable[[list[str]], list[str]], task: Any, max_retries: int,
                   stats: BuildStats, progress: Callable[[BuildStats], None] | None) -> dict[str, list[dict]]:
     """Generate every slot, validate each sample, and regenerate rejected ones up to ``max_retries`` times.
 
+    A sample must pass :func:`rejection`'s checks and must not be scored correct by the task.
     ``progress`` hears after every generation call: on a CPU one call can take minutes.
     """
     accepted: dict[str, list[dict]] = {}
@@ -408,18 +419,25 @@ def _sample_slots(slots: list[_Slot], generate: Callable[[list[str]], list[str]]
             break
         texts = generate([s.prompt for s in pending])
         stats.sampled += len(texts)
-        retry = []
+        retry, candidates = [], []
         for slot, text in zip(pending, texts, strict=True):
             parsed = parse_sample(text)
             rendered = render_negative(slot.example, slot.kind, slot.target, parsed.reasoning, parsed.answer, task)
             reason = rejection(slot.example, slot.kind, parsed, rendered)
             if reason is None:
-                accepted.setdefault(slot.example.id, []).append(
-                    {"kind": slot.kind, "target": slot.target, "reasoning": parsed.reasoning,
-                     "answer": parsed.answer, "reference": rendered})
+                candidates.append((slot, rendered, parsed))
             else:
                 stats.rejected[reason] += 1
                 retry.append(slot)
+        correct = _scored_correct(task, [(slot, rendered) for slot, rendered, _ in candidates])
+        for (slot, rendered, parsed), is_correct in zip(candidates, correct, strict=True):
+            if is_correct:
+                stats.rejected["scored correct by the task"] += 1
+                retry.append(slot)
+                continue
+            accepted.setdefault(slot.example.id, []).append(
+                {"kind": slot.kind, "target": slot.target, "reasoning": parsed.reasoning,
+                 "answer": parsed.answer, "reference": rendered})
         pending = retry
         if progress is not None:
             progress(stats)
