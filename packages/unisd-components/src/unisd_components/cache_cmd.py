@@ -44,7 +44,8 @@ def register(app: typer.Typer) -> None:
         temperature: float = typer.Option(0.7, "--temperature", help="Sampling temperature."),
         seed: int = typer.Option(42, "--seed", help="Random seed."),
     ) -> None:
-        """Have the model write convincing wrong demonstrations (resumable: finished examples are skipped)."""
+        """Have the model write convincing wrong demonstrations, each validated before it is cached
+        (resumable: finished examples are skipped). A task that supplies its own (demo) needs none."""
         from unisd.cli.errors import cli_errors
 
         with cli_errors():
