@@ -24,7 +24,8 @@ CASES = {
     "matching-repr": {"matching": {"mode": "repr"}},
     "clip-static": {"clip": {"max_value": 0.3}},
     "clip-quantile": {"clip": {"quantile": 0.7}},
-    "all": {**STAR, "clip": {"quantile": 0.7}},
+    "leak-guard": {"leak-guard": {}},
+    "all": {**STAR, "clip": {"quantile": 0.7}, "leak-guard": {}},
 }
 
 
@@ -54,11 +55,20 @@ def negatives_file(tmp_path):
     return write_jsonl(tmp_path / "train.jsonl", records)
 
 
+LEAK = "42 This is an example for a response to the question:"  # copies the teacher's template
+
+
 def completions(tokenizer, n=8):
+    """Random completions of 3-7 tokens; every fourth one copies the teacher template (for leak-guard)."""
     gen = torch.Generator().manual_seed(0)
     eos = tokenizer.eos_token_id
-    return [Completion(torch.randint(10, len(tokenizer) - 1, (2 + i % 5,), generator=gen).tolist() + [eos], False)
-            for i in range(n)]
+    out = []
+    for i in range(n):
+        ids = torch.randint(10, len(tokenizer) - 1, (2 + i % 5,), generator=gen).tolist()
+        if i % 4 == 0:
+            ids = tokenizer.encode(LEAK, add_special_tokens=False)
+        out.append(Completion(ids + [eos], False))
+    return out
 
 
 def one_step(model_dir, data, components, batch_size, **overrides):
@@ -93,6 +103,8 @@ def test_component_update_does_not_depend_on_the_micro_batch_split(sharp_model_d
         assert split_metrics["clip"] == pytest.approx(metrics["clip"], rel=1e-6)
     if "agreement" in metrics:
         assert metrics["agreement"]["weight_min"] < 1.0
+    if "leak-guard" in metrics:
+        assert metrics["leak-guard"]["leaking_fraction"] == pytest.approx(2 / 8)
 
 
 @pytest.mark.parametrize("reduction", ["sequence"])
