@@ -50,6 +50,7 @@ class RunConfig:
     lora_r: int = 64
     lora_alpha: int = 128
     lora_dropout: float = 0.05
+    lora_target_modules: list[str] | None = None  # module names; None: every attention and MLP projection
     seed: int = 42
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% slower)
     # multi-process: "auto" follows the launcher (an accelerate FSDP/DeepSpeed config shards, else plain
@@ -116,6 +117,11 @@ class RunConfig:
             (self.max_teacher_prompt_tokens is None or self.max_teacher_prompt_tokens >= 1,
              "max_teacher_prompt_tokens must be ≥ 1"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+            (self.lora_r >= 1, f"--lora-r must be ≥ 1, got {self.lora_r}"),
+            (math.isfinite(self.lora_alpha) and self.lora_alpha > 0, f"--lora-alpha must be > 0, got {self.lora_alpha}"),
+            (0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"),
+            (self.lora_target_modules is None or len(self.lora_target_modules) > 0,
+             "--lora-target-modules needs at least one module name"),
             (self.save_every >= 0, "--save-every must be ≥ 0"),
             (self.eval_every >= 0, "--eval-every must be ≥ 0"),
             (self.log_every >= 0, "log_every must be ≥ 0"),

@@ -489,7 +489,7 @@ def build_run(config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, out
         # the method's memory setting: recompute activations in backward
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora:
-        model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout)
+        model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
     model.train()
     if hasattr(model, "config"):
         model.config.use_cache = False

@@ -206,12 +206,20 @@ def lora_targets(model: Any) -> list[str]:
     raise UsageError("no attention/MLP projection modules found for LoRA; use --full instead")
 
 
-def apply_lora(model: Any, r: int = 64, alpha: int = 128, dropout: float = 0.05) -> Any:
-    """Wrap the model with the method's LoRA (all attention and MLP projections)."""
+def apply_lora(model: Any, r: int = 64, alpha: int = 128, dropout: float = 0.05, targets: list[str] | None = None) -> Any:
+    """Wrap the model with LoRA on ``targets`` (default: the method's, all attention and MLP projections)."""
     from peft import LoraConfig, get_peft_model
 
+    if targets:
+        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [t for t in targets if t not in names]
+        if missing:
+            linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                             if type(module).__name__ == "Linear"})
+            raise UsageError(f"--lora-target-modules: no module named {', '.join(missing)} in this model; "
+                             f"its linear layers are: {', '.join(linear)}")
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
-        target_modules=lora_targets(model),
+        target_modules=list(targets) if targets else lora_targets(model),
     )
     return get_peft_model(model, config)
