@@ -21,10 +21,11 @@ WORKER = textwrap.dedent('''
     from unisd.rollout import Completion
 
     model_dir, data, components, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
-    shard, lora = sys.argv[5], sys.argv[6] == "lora"
+    shard, lora, overrides = sys.argv[5], sys.argv[6] == "lora", json.loads(sys.argv[7])
     env = distributed.init_from_env()
     cfg = RunConfig(model=model_dir, data=data, batch_size=2, grad_accum=8 // (2 * env.world_size),
-                    lora_dropout=0.0, max_new_tokens=8, components=components, lr=1e-2, shard=shard, lora=lora)
+                    lora_dropout=0.0, max_new_tokens=8, components=components, lr=1e-2, shard=shard, lora=lora,
+                    **overrides)
     import unisd.loop
     loads, real_load = [], unisd.loop.load_model
     unisd.loop.load_model = lambda *a, **kw: loads.append(kw.get("on_meta", False)) or real_load(*a, **kw)
@@ -86,11 +87,12 @@ ZERO2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "FSDP_SHARDING_
              "FSDP_RESHARD_AFTER_FORWARD": "true"}
 
 
-def _run(nproc, model_dir, data, components, out, tmp_path, shard="none", mode="lora", extra_env=None):
+def _run(nproc, model_dir, data, components, out, tmp_path, shard="none", mode="lora", extra_env=None,
+         overrides=None):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "UNISD_CACHE_DIR": str(tmp_path / "cache"), **(extra_env or {})}
-    args = [str(model_dir), str(data), json.dumps(components), str(out), shard, mode]
+    args = [str(model_dir), str(data), json.dumps(components), str(out), shard, mode, json.dumps(overrides or {})]
     if nproc == 1:
         cmd = [sys.executable, str(script), *args]
     else:
@@ -134,6 +136,20 @@ def test_two_processes_match_one(tmp_path, components, mode):
         assert one["generated"] == two["generated"], shard
         assert one["evaluated"] == two["evaluated"], shard
         assert two["evaluated"][:2] == [{"accuracy": 0.4, "extraction_rate": 1.0, "leakage": 0.0}, ["0", "1", "2", "3", "4"]]
+
+
+def test_step_statistics_and_sequence_reduction_are_global(tmp_path):
+    """A clip quantile over the step's divergences and the per-sequence reduction's sequence count are
+    taken over every process: 2 processes give the 1-process update (issue 13, items 6 and 8)."""
+    model_dir = make_tiny_model_dir(tmp_path / "model")
+    data = write_jsonl(tmp_path / "data.jsonl", toy_records(8))
+    components, overrides = {"clip": {"quantile": 0.6}}, {"loss_reduction": "sequence"}
+    one = _run(1, model_dir, data, components, tmp_path / "one.pt", tmp_path, overrides=overrides)
+    two = _run(2, model_dir, data, components, tmp_path / "two.pt", tmp_path, overrides=overrides)
+    assert one["losses"] == pytest.approx(two["losses"], rel=1e-5)
+    for step in range(2):
+        for a, b in zip(one["grads"][step], two["grads"][step], strict=True):
+            assert ((a - b).norm() / b.norm().clamp_min(1e-12)).item() <= 1e-5
 
 
 def test_num_processes_flag_trains_with_two_processes(tmp_path):
