@@ -5,6 +5,11 @@ loss-token divergences of the whole optimiser step, on every process (no grad, a
 the update does not depend on how the step is split into micro-batches or processes (the research
 code took it per micro-batch). The two are mutually exclusive. Clipping is a hard clamp: a clipped
 token gets no gradient.
+
+The step's divergences come from a no-grad student pass before the first backward (the loop runs it
+because ``needs_step_scores`` is set). Under LoRA dropout that pass samples its own dropout masks, so
+the cap is the quantile of a pass like the trained one rather than of the very same values; without
+dropout the values are the same.
 """
 
 from __future__ import annotations
