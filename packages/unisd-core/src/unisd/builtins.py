@@ -1,10 +1,12 @@
-"""The plugin that ships with unisd-core: generation backends (hf, vllm, vllm-server) and the demo task."""
+"""The plugin that ships with unisd-core: generation backends (hf, vllm, vllm-server), the demo task and
+the experiment trackers (tensorboard, wandb, trackio, mlflow)."""
 
 from __future__ import annotations
 
 from .demo import DemoTask
 from .hookspecs import hookimpl
 from .rollout import HFBackend
+from .trackers import BUILTIN_TRACKERS
 from .vllm_backend import VLLMBackend, VLLMServerBackend
 
 
@@ -18,3 +20,9 @@ def register_backends(register):
 @hookimpl
 def register_tasks(register):
     register(DemoTask)
+
+
+@hookimpl
+def register_trackers(register):
+    for tracker in BUILTIN_TRACKERS:  # each imports its package only when a run selects it
+        register(tracker)

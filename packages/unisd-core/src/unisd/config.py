@@ -87,6 +87,7 @@ class RunConfig:
     save_every: int = 0  # 0: only at the end of the run
     eval_task: str | None = None
     eval_every: int = 0
+    report_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, wandb, trackio, mlflow
     log_every: int = 0  # when stdout is not a terminal: a plain line every N steps (0: about 20 lines a run)
     eval_limit: int | None = 64
     eval_before_after: bool = False

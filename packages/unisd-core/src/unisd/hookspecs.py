@@ -52,6 +52,15 @@ def register_presets(register: Callable[[Any], None]) -> None:
 
 
 @hookspec
+def register_trackers(register: Callable[[type], None]) -> None:
+    """Register experiment trackers: call ``register(TrackerClass)`` once for each.
+
+    A tracker class has a ``name`` (what ``--report-to`` selects) and the methods of
+    :class:`unisd.trackers.Tracker` (``check``, ``log_metrics``, ``log_summary``, ``close``).
+    """
+
+
+@hookspec
 def register_commands(app: Any) -> None:
     """Add commands to the ``unisd`` Typer application, e.g. ``app.command()(my_command)``.
 

@@ -20,7 +20,7 @@ import random
 import time
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -53,6 +53,7 @@ from .scoring import Scores, completion_hidden, lm_head_weight, pack
 from .signals import StopRequest
 from .tasks import Example, Task, load_jsonl_examples, teacher_text_with
 from .teacher import default_teacher
+from .trackers import Trackers, check_trackers
 
 T = TypeVar("T")
 
@@ -558,6 +559,7 @@ def train(
     env = distributed.init_from_env()
     reporter = (reporter or Reporter()) if env.is_main else Reporter()
     config.validate()  # values known now fail before the run directory is touched
+    check_trackers(config.report_to, pm.registries.trackers)  # e.g. a missing wandb package, before any work
     chosen = None
     if resume is not None:
         out, chosen = resume_target(resume)
@@ -642,6 +644,8 @@ def _train(
     if env.is_main:
         atomic.write_text(out / "config.toml", dump_config(cfg))
     run.step = start
+    classes = check_trackers(cfg.report_to, pm.registries.trackers) if env.is_main else []
+    trackers = Trackers(classes, out, asdict(cfg), lambda m: reporter.info(f"[yellow]{m}[/]"))
 
     if env.is_main:
         reporter.info(startup_summary(cfg.model, sum(p.numel() for p in trainable),
@@ -653,6 +657,7 @@ def _train(
         if env.is_main:
             _write_json(out / "eval" / "before.json", before)
             reporter.info(_gap_line("before training", before))
+            trackers.log_summary({f"before/{k}": v for k, v in before.items()})
     distributed.barrier()
 
     sampling = SamplingParams(cfg.temperature, cfg.top_p, run.max_new_tokens)
@@ -721,6 +726,7 @@ def _train(
                 record.update(_periodic_eval(run, pm, cfg.eval_task, cfg.eval_limit))
             if env.is_main:
                 metrics_log.write(record)
+                trackers.log_metrics(record, step)
             reporter.step(record)
             # Every process must stop at the same step, whichever of them received the signal.
             stopping = distributed.sum_scalar(1.0 if stop.signal else 0.0) > 0
@@ -748,6 +754,9 @@ def _train(
                     f"stopped by {stop.signal or 'a signal to another process'} after step {step}; checkpoint saved. "
                     f"Continue with: unisd train --resume {out}"
                 )
+    except BaseException:
+        trackers.close()  # flush what the dashboards have before the error ends the run
+        raise
     finally:
         stop.restore()
         reporter.stop()
@@ -763,6 +772,8 @@ def _train(
         if env.is_main:
             _write_json(out / "eval" / "after.json", after)
             reporter.info(_gap_line("after training", after))
+            trackers.log_summary({f"after/{k}": v for k, v in after.items()})
+    trackers.close()
     distributed.barrier()
     return out
 

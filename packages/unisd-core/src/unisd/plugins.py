@@ -45,6 +45,7 @@ class Registries:
     tasks: Registry = field(default_factory=lambda: Registry("task"))
     backends: Registry = field(default_factory=lambda: Registry("backend"))
     presets: Registry = field(default_factory=lambda: Registry("preset"))
+    trackers: Registry = field(default_factory=lambda: Registry("tracker"))
 
 
 def _split_env(var: str) -> set[str] | None:
@@ -94,6 +95,7 @@ class UnisdPluginManager(pluggy.PluginManager):
             "register_tasks": regs.tasks,
             "register_backends": regs.backends,
             "register_presets": regs.presets,
+            "register_trackers": regs.trackers,
         }
         for hook_name, registry in hooks.items():
             # Call each implementation on its own so every registered item knows its provider.

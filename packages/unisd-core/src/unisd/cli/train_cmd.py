@@ -86,6 +86,7 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
         num_processes: int = typer.Option(1, "--num-processes", metavar="N", help="Data-parallel processes on this machine (relaunches under torch.distributed.run)."),
         shard: str = typer.Option(None, "--shard", metavar="MODE", help=_help("Multi-process: fsdp shards weights, gradients and optimizer state (FSDP2); none replicates them; auto follows an accelerate FSDP/DeepSpeed config.", _default("shard"))),
         deepspeed: Path = typer.Option(None, "--deepspeed", metavar="FILE", help="DeepSpeed JSON config: its ZeRO stage and offload select the equivalent FSDP2 sharding."),
+        report_to: list[str] = typer.Option(None, "--report-to", metavar="TRACKER", help="Also send metrics, config and evaluations to tensorboard, wandb, trackio or mlflow (repeatable; each an extra: pip install 'unisd-core[wandb]')."),
         push_to_hub: str = typer.Option(None, "--push-to-hub", metavar="REPO", help="After training, upload final/ and its model card to this Hub repository (OWNER/NAME)."),
     ) -> None:
         """Train a model by on-policy self-distillation.
@@ -106,6 +107,7 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
                 "preset": preset, "recipe": recipe, "shard": shard, "deepspeed": str(deepspeed) if deepspeed else None,
                 "allow_no_chat_template": allow_no_chat_template, "lora_r": lora_r, "lora_alpha": lora_alpha,
                 "lora_dropout": lora_dropout, "lora_target_modules": _module_list(lora_target_modules),
+                "report_to": list(report_to) if report_to else None,
             }
             given = {k: v for k, v in flags.items() if v is not None}
             if push_to_hub is not None:
@@ -115,12 +117,12 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
                 cfg = _resume_config(resume)
                 # what may change: the run's length and bookkeeping, and how it is spread over processes;
                 # any other flag may be repeated with its saved value (e.g. the command that started the run)
-                allowed = {"steps", "save_every", "eval_every", "shard", "deepspeed"}
+                allowed = {"steps", "save_every", "eval_every", "shard", "deepspeed", "report_to"}
                 changed = sorted(k for k in set(given) - allowed if not _same_setting(k, given[k], getattr(cfg, k)))
                 if changed or with_ or option:
                     described = ", ".join(f"{k} (saved {getattr(cfg, k)!r}, given {given[k]!r})" for k in changed)
                     raise UsageError(
-                        f"--resume continues the saved config.toml; only --steps, --save-every, --eval-every, "
+                        f"--resume continues the saved config.toml; only --steps, --save-every, --eval-every, --report-to, "
                         f"--shard and --deepspeed may change (got {described or '--with/-o'})"
                     )
                 given = {k: v for k, v in given.items() if k in allowed}
