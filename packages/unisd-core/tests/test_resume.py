@@ -20,6 +20,12 @@ class Crash(Exception):
     pass
 
 
+@pytest.fixture(autouse=True)
+def wide_terminal(monkeypatch):
+    """No line breaks in rich's output (it wraps at the terminal width, 80 columns under the test runner)."""
+    monkeypatch.setenv("COLUMNS", "10000")
+
+
 def config(model, data, out):
     # Sampling at 0.7 and LoRA dropout on: resuming must restore the RNG streams, not just weights.
     return RunConfig(model=str(model), data=str(data), output=str(out), steps=4, batch_size=2, grad_accum=2,

@@ -19,6 +19,12 @@ from unisd.runlog import MetricsLog
 TIMINGS = {"tokens_per_s", "generation_s", "step_s", "elapsed_s"}
 
 
+@pytest.fixture(autouse=True)
+def wide_terminal(monkeypatch):
+    """No line breaks in rich's output (it wraps at the terminal width, 80 columns under the test runner)."""
+    monkeypatch.setenv("COLUMNS", "10000")
+
+
 def flat(output):
     """The CLI's output without the line breaks rich adds at the terminal width."""
     return output.replace("\n", "")
@@ -60,42 +66,49 @@ def test_output_that_is_a_file_is_refused(tiny_llama, toy_data, tmp_path):
     assert out.read_text() == "not a directory"
 
 
-def test_second_train_on_one_directory_fails_at_once_and_the_first_is_untouched(tiny_llama, toy_data, tmp_path):
-    out, lone = tmp_path / "run", tmp_path / "lone"
-    args = train_args(tiny_llama, toy_data, out, steps=6)
-    # A lone run, moved aside: same directory name, so even config.toml compares byte for byte. One hash
-    # seed for both: peft writes its target modules in set order.
+def test_second_train_on_one_directory_fails_at_once_and_the_first_is_untouched(
+    tiny_llama, toy_data, tmp_path, monkeypatch
+):
+    # The lone run and the first of the pair start together, each in its own folder with --output run:
+    # their config.toml (which records the output) can then be compared byte for byte. One hash seed for
+    # both: peft writes its target modules in set order.
+    lone_cwd, pair_cwd = tmp_path / "lone", tmp_path / "pair"
+    lone_cwd.mkdir()
+    pair_cwd.mkdir()
+    args = train_args(tiny_llama, toy_data, "run", steps=6)
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    subprocess.run([sys.executable, "-m", "unisd", *args], check=True, capture_output=True, env=env)
-    os.replace(out, lone)
-
-    first = subprocess.Popen([sys.executable, "-m", "unisd", *args], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, env=env)
+    started = [subprocess.Popen([sys.executable, "-m", "unisd", *args], cwd=cwd, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for cwd in (lone_cwd, pair_cwd)]
+    lone, first = started
+    out = pair_cwd / "run"
     try:
         deadline = time.time() + 120
         while not (out / LOCK_FILE).is_file() or not (out / LOCK_FILE).read_text().strip():
             assert time.time() < deadline and first.poll() is None, "the first run never took the lock"
             time.sleep(0.05)
+        monkeypatch.chdir(pair_cwd)
         second = CliRunner().invoke(make_app(get_plugin_manager()), args)
-        output, _ = first.communicate(timeout=300)
+        outputs = [proc.communicate(timeout=300)[0] for proc in started]
     finally:
-        if first.poll() is None:
-            first.kill()
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
     assert second.exit_code == 2, second.output
     assert f"is in use by another unisd train (pid {first.pid} on" in flat(second.output)
-    assert first.returncode == 0, output
+    assert lone.returncode == 0 and first.returncode == 0, outputs
 
-    files = sorted(p.relative_to(lone) for p in lone.rglob("*") if p.is_file())
+    lone_out = lone_cwd / "run"
+    files = sorted(p.relative_to(lone_out) for p in lone_out.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
     assert LOCK_FILE not in {str(f) for f in files}
     for name in files:
         if name.name == "metrics.jsonl":  # timings differ from run to run; everything else must not
             strip = [{k: v for k, v in json.loads(line).items() if k not in TIMINGS}
-                     for line in (lone / name).read_text().splitlines()]
+                     for line in (lone_out / name).read_text().splitlines()]
             assert strip == [{k: v for k, v in json.loads(line).items() if k not in TIMINGS}
                              for line in (out / name).read_text().splitlines()]
         else:
-            assert (lone / name).read_bytes() == (out / name).read_bytes(), name
+            assert (lone_out / name).read_bytes() == (out / name).read_bytes(), name
 
 
 class Killed(Exception):
