@@ -70,6 +70,10 @@ def acquire_lock(run_dir: Path, note: Callable[[str], None]) -> RunLock:
             os.close(fd)
             raise RunLockedError(f"{run_dir} is in use by another unisd train ({holder}); wait for it to end, or "
                                  "choose another --output") from None
+        except OSError as exc:  # e.g. a network file system without lock support
+            os.close(fd)
+            raise UsageError(f"{path}: cannot lock the run directory ({exc.strerror or exc}); choose a directory "
+                             "on a file system that supports flock") from None
         # The holder may have removed the file (at its end) between our open and our lock: then we hold
         # a file nobody else will see. Try again on the file that is there now.
         if not _same_file(fd, path):
