@@ -281,3 +281,30 @@ def test_saved_states_load_weights_only_and_older_rng_states_still_load(tmp_path
     expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
     set_rng_state(load_pickled(tmp_path / "old.pt")[0])
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+
+
+def test_choose_checkpoint_names_what_is_wrong(tmp_path):
+    from unisd.checkpoint import choose_checkpoint
+
+    def checkpoint(step):
+        path = tmp_path / "checkpoints" / f"step-{step}"
+        path.mkdir(parents=True)
+        (path / "trainer_state.json").write_text(json.dumps({"step": step, "cursor": 2 * step, "lora": True}))
+        (path / "optimizer.pt").write_bytes(b"x" * 100)
+        write_manifest(path)
+        return path
+
+    two, four, six = checkpoint(2), checkpoint(4), checkpoint(6)
+    (six / "optimizer.pt").unlink()
+    (four / "optimizer.pt").write_bytes(b"y" * 100)  # same size, other bytes
+    warnings = []
+    assert choose_checkpoint(tmp_path, None, warnings.append) == two
+    assert [w.split(" is damaged ")[1] for w in warnings] == [
+        "(optimizer.pt is missing); resuming from step-2 instead",
+        "(optimizer.pt does not match its checksum); resuming from step-2 instead",
+    ]
+    with pytest.raises(CheckpointError, match=r"the checkpoint is damaged \(optimizer.pt does not match"):
+        choose_checkpoint(tmp_path, four, warnings.append)  # named explicitly: no fallback
+    (two / "manifest.json").write_text("{")
+    with pytest.raises(CheckpointError, match="no intact checkpoint .*step-2: manifest.json is unreadable"):
+        choose_checkpoint(tmp_path, None, warnings.append)
