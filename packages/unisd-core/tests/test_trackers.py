@@ -144,3 +144,26 @@ def test_a_plugin_tracker_that_fails_is_switched_off_and_the_run_goes_on(tiny_ll
     assert Recording.seen == [1]  # called once, failed, never called again
     assert "tracker recording failed and is switched off" in result.output
     assert (tmp_path / "run" / "final").is_dir()
+
+
+def test_list_settings_survive_the_config_round_trip(tmp_path):
+    from unisd.config import RunConfig, dump_config, load_config
+
+    for report_to, targets in (([], None), (["tensorboard", "wandb"], ["q_proj", "v_proj"])):
+        path = tmp_path / "config.toml"
+        path.write_text(dump_config(RunConfig(report_to=report_to, lora_target_modules=targets)))
+        loaded = load_config(path)
+        assert loaded.report_to == report_to and loaded.lora_target_modules == targets
+    path.write_text('report_to = "tensorboard"\n')
+    assert load_config(path).report_to == ["tensorboard"]
+    path.write_text("report_to = 3\n")
+    with pytest.raises(Exception, match="expected a list"):
+        load_config(path)
+
+
+def test_resume_reads_back_a_config_with_trackers(tiny_llama, toy_data, tmp_path):
+    out = tmp_path / "run"
+    app = make_app(get_plugin_manager())
+    assert _train(app, toy_data, tiny_llama, out, "--report-to", "tensorboard").exit_code == 0
+    result = CliRunner().invoke(app, ["train", "--resume", str(out), "--steps", "3"])
+    assert result.exit_code == 0, result.output

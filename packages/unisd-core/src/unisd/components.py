@@ -135,6 +135,13 @@ def convert_value(raw: Any, tp: Any, where: str) -> Any:
         if raw is None:
             return None
         return convert_value(raw, non_none[0], where)
+    if origin is list:  # a TOML array, or "a,b" from the command line
+        item = args[0] if args else str
+        if isinstance(raw, str):
+            raw = [part.strip() for part in raw.split(",") if part.strip()]
+        if not isinstance(raw, list | tuple):
+            raise OptionError(f"{where}: expected a list, got {raw!r}")
+        return [convert_value(value, item, f"{where}[{i}]") for i, value in enumerate(raw)]
     if not isinstance(raw, str):
         if tp is float and isinstance(raw, int | float) and not isinstance(raw, bool):
             return float(raw)
