@@ -1,4 +1,4 @@
-"""``unisd report RUNS...``: one results table (markdown, CSV) and PNG plots from run directories."""
+"""``unisd report RUNS...``: results tables (per run, and per group of seeds with mean, sd and 95% CI) and PNG plots."""
 
 from __future__ import annotations
 
