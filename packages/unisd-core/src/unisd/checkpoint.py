@@ -194,11 +194,14 @@ def load_pickled(path: Path) -> Any:
             with torch.serialization.safe_globals(_LEGACY_NUMPY_GLOBALS):
                 return torch.load(path, weights_only=True)
         except pickle.UnpicklingError as exc:
+            # the weights-only unpickler names the class or function it refused; other errors are bad bytes
             found = re.search(r"GLOBAL (\S+)", str(exc))
-            what = f" ({found.group(1)})" if found else ""
+            if found is None:
+                raise CheckpointError(f"{path}: cannot be read (not a torch file of tensors and plain data); "
+                                      "the file is damaged") from None
             raise CheckpointError(
-                f"{path}: refused, it holds Python objects other than tensors and plain data{what}, which "
-                "could run code when loaded; unisd never writes those (was it altered, or saved by a plugin?)"
+                f"{path}: refused, it holds Python objects other than tensors and plain data ({found.group(1)}), "
+                "which could run code when loaded; unisd never writes those (was it altered, or saved by a plugin?)"
             ) from None
 
     return _unreadable_as_error(path, read)
