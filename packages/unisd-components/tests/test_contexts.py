@@ -286,3 +286,13 @@ def test_random_donors_for_200k_examples_take_well_under_a_second():
     for i in range(0, 200_000, 997):
         flat = [j for group in donors[f"e{i}"] for j in group]
         assert i not in flat and len(set(flat)) == 3 and all(0 <= j < 200_000 for j in flat)
+
+
+def test_component_seeds_follow_the_run_seed_unless_set():
+    from types import SimpleNamespace
+
+    from unisd.components import run_seed
+
+    assert run_seed(None, SimpleNamespace(config=SimpleNamespace(seed=7))) == 7  # sweeps over seeds vary contexts
+    assert run_seed(3, SimpleNamespace(config=SimpleNamespace(seed=7))) == 3  # an explicit option wins
+    assert run_seed(None, None) == 42

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from unisd import distributed
-from unisd.components import option
+from unisd.components import option, run_seed
 from unisd.errors import UsageError
 
 from .contexts.fewshot import family_of, fewshot_context, induction_context
@@ -86,7 +86,7 @@ class Agreement:
         floor: float | None = option(None, "Minimum weight (default 0.01 at token level, 1e-6 at sequence level).")
         builder: str = option("random", "How contexts are built.", choices=("random", "retrieval", "induction"))
         demo_k: int = option(1, "Demonstrations per few-shot context (random, retrieval).")
-        seed: int = option(42, "Seed of random donors and induced-instruction draws.")
+        seed: int | None = option(None, "Seed of random donors and induced-instruction draws (default: the run's --seed, so sweeps over seeds vary the contexts too).")
         induction_num_demos: int = option(5, "Induction: solved demonstrations per meta-prompt.")
         induction_max_new_tokens: int = option(256, "Induction: token budget of each induced instruction.")
 
@@ -132,15 +132,16 @@ class Agreement:
         opts = self.options
         task = getattr(run, "task", None)
         k = opts.num_contexts
+        seed = run_seed(opts.seed, run)
         if opts.builder == "induction":
             from .contexts.induction import assign_instructions, induced_instructions
 
             records = induced_instructions(
                 examples, self.generate or _model_generator(run, opts.induction_max_new_tokens),
-                num_demos=opts.induction_num_demos, seed=opts.seed,
+                num_demos=opts.induction_num_demos, seed=seed,
                 model_tag=str(getattr(getattr(run, "config", None), "model", "model")), task=task,
             )
-            chosen = assign_instructions(examples, records, k, opts.seed)
+            chosen = assign_instructions(examples, records, k, seed)
             return {
                 ex.id: {context_name(i): induction_context(ex, text) for i, text in enumerate(chosen[ex.id])}
                 for ex in examples
@@ -152,7 +153,7 @@ class Agreement:
         else:
             from .contexts.random import random_donors
 
-            donors = random_donors(examples, k, opts.demo_k, opts.seed)
+            donors = random_donors(examples, k, opts.demo_k, seed)
         out = {}
         for ex in examples:
             family = family_of(ex, task)

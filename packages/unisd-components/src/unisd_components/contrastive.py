@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from unisd.components import option
+from unisd.components import option, run_seed
 from unisd.errors import UsageError
 from unisd.prompts import DemonstrationText
 from unisd.tasks import Example, teacher_text_with
@@ -46,7 +46,7 @@ class Contrastive:
         weight: float = option(0.1, "Weight λ of the contrastive term.")
         margin: float = option(0.5, "Hinge margin on token log-probs.")
         cache: str | None = option(None, "Negatives cache (JSONL from `unisd cache negatives`); default: its default path.")
-        seed: int = option(42, "Seed for choosing one cached negative per example.")
+        seed: int | None = option(None, "Seed for choosing one cached negative per example (default: the run's --seed).")
 
         def __post_init__(self) -> None:
             if self.weight < 0:
@@ -68,7 +68,7 @@ class Contrastive:
         if self.options.cache and not path.is_file():
             raise UsageError(f"contrastive.cache {path}: no such file (build it with `unisd cache negatives`)")
         cached = read_cache(path)
-        self.attach(run.examples, cached)
+        self.attach(run.examples, cached, run_seed(self.options.seed, run))
         if not self.negatives:
             raise UsageError(
                 f"contrastive: none of the {len(run.examples)} examples has a negative demonstration. Build them with "
@@ -81,11 +81,12 @@ class Contrastive:
                 f"(e.g. {self.missing[0]}); they train without the contrastive term.[/]"
             )
 
-    def attach(self, examples: list[Example], cached: dict[str, list[dict]]) -> None:
+    def attach(self, examples: list[Example], cached: dict[str, list[dict]], seed: int | None = None) -> None:
         """One negative per example for the run: meta, the task's own, then the cache (see choose_negative)."""
         self.negatives, self.missing = {}, []
+        seed = run_seed(self.options.seed if seed is None else seed, None)
         for ex in examples:
-            negative = choose_negative(ex, cached.get(ex.id, []), self.task, self.options.seed)
+            negative = choose_negative(ex, cached.get(ex.id, []), self.task, seed)
             if negative is None:
                 self.missing.append(ex.id)
             else:

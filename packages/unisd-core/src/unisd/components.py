@@ -125,6 +125,17 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
+DEFAULT_COMPONENT_SEED = 42  # a component's seed outside a run (tests, library calls without a run)
+
+
+def run_seed(seed: int | None, run: Any) -> int:
+    """A component's seed: its own option when set, else the run's ``--seed`` (so seeds vary everything)."""
+    if seed is not None:
+        return seed
+    config = getattr(run, "config", None)
+    return int(getattr(config, "seed", DEFAULT_COMPONENT_SEED))
+
+
 def convert_value(raw: Any, tp: Any, where: str) -> Any:
     """Turn a string from the command line (or a TOML value) into the option's declared type."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
