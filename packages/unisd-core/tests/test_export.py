@@ -156,3 +156,13 @@ def test_command_line_is_rebuilt_from_the_given_options_only():
     result = CliRunner().invoke(app, ["train", "r 1", "--model", "m", "--full", "--with", "a", "--with", "b"])
     assert result.exit_code == 0, result.output
     assert seen == ["unisd train 'r 1' --model m --full --with a --with b"]  # --steps kept its default: left out
+
+
+def test_resume_with_config_is_refused_not_ignored(trained_run, tmp_path):
+    other = tmp_path / "other.toml"
+    other.write_text("lr = 0.5\n")
+    before = (trained_run / "config.toml").read_text()
+    result = CliRunner().invoke(make_app(get_plugin_manager()),
+                                ["train", "--resume", str(trained_run), "--config", str(other), "--steps", "3"])
+    assert result.exit_code == 2 and "--config is not used with --resume" in result.output
+    assert (trained_run / "config.toml").read_text() == before

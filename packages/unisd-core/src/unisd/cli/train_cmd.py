@@ -114,6 +114,10 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
                 check_repo_id(push_to_hub)  # before hours of training, not after
             file_keys: set[str] = set()
             if resume is not None:
+                if config is not None:  # silently ignoring it would let a user believe new settings apply
+                    raise UsageError(f"--config is not used with --resume: the run continues its saved "
+                                     f"{Path(resume) / 'config.toml'}; only --steps, --save-every, --eval-every, "
+                                     "--report-to, --shard and --deepspeed may change")
                 cfg = _resume_config(resume)
                 # what may change: the run's length and bookkeeping, and how it is spread over processes;
                 # any other flag may be repeated with its saved value (e.g. the command that started the run)
