@@ -320,3 +320,16 @@ def test_chat_template_setting_supplies_a_missing_template(base_model, toy_data,
     result = invoke(make_app(get_plugin_manager()), ["train", "--config", str(cfg), "--output", str(out)])
     assert result.exit_code == 0, result.output
     assert AutoTokenizer.from_pretrained(out / "final").chat_template == CHAT_TEMPLATE
+
+
+def test_resume_accepts_repeated_components_and_options_and_refuses_changed_ones(tiny_llama, toy_data, tmp_path):
+    app = app_with_test_component()
+    out = tmp_path / "run"
+    start = ["train", "--model", str(tiny_llama), "--data", str(toy_data), "--steps", "1", "--output", str(out),
+             "--batch-size", "2", "--grad-accum", "1", "--max-new-tokens", "4", "--with", "ema", "-o", "ema.beta=0.5"]
+    assert invoke(app, start).exit_code == 0
+    # the starting command again, with --resume and more steps: same components, same (typed) option value
+    again = invoke(app, [*start[:5], "--steps", "2", *start[7:], "--resume", str(out)])
+    assert again.exit_code == 0, again.output
+    changed = invoke(app, ["train", "--resume", str(out), "--steps", "3", "--with", "ema", "-o", "ema.beta=0.6"])
+    assert changed.exit_code == 2 and "--with/-o (saved" in changed.output

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 from .. import distributed
-from ..components import parse_option_flags, resolve_selection
+from ..components import make_options, parse_option_flags, resolve_selection
 from ..config import RunConfig, load_config, read_toml
 from ..errors import UsageError
 from ..export import check_repo_id, push_run
@@ -123,11 +123,14 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
                 # any other flag may be repeated with its saved value (e.g. the command that started the run)
                 allowed = {"steps", "save_every", "eval_every", "shard", "deepspeed", "report_to"}
                 changed = sorted(k for k in set(given) - allowed if not _same_setting(k, given[k], getattr(cfg, k)))
-                if changed or with_ or option:
+                other_components = bool(with_ or option) and not _same_components(cfg, with_, option, pm.registries)
+                if changed or other_components:
                     described = ", ".join(f"{k} (saved {getattr(cfg, k)!r}, given {given[k]!r})" for k in changed)
+                    if other_components:
+                        described = ", ".join(filter(None, [described, f"--with/-o (saved {cfg.components!r})"]))
                     raise UsageError(
                         f"--resume continues the saved config.toml; only --steps, --save-every, --eval-every, --report-to, "
-                        f"--shard and --deepspeed may change (got {described or '--with/-o'})"
+                        f"--shard and --deepspeed may change (got {described})"
                     )
                 given = {k: v for k, v in given.items() if k in allowed}
             elif config is not None:
@@ -179,6 +182,16 @@ def apply_named_settings(cfg: RunConfig, regs: Any, explicit: set[str], console:
                       highlight=False)
         cfg.task = task
     apply_unless_set(cfg, settings, explicit)
+
+
+def _same_components(cfg: RunConfig, with_: list[str] | None, option: list[str] | None, regs: Any) -> bool:
+    """Whether --with/-o (over the run's preset) select the components and typed options the run was saved with."""
+    given = resolve_selection(list(with_ or []), parse_option_flags(list(option or [])), regs.components,
+                              regs.presets, preset=cfg.preset)
+    if set(given) != set(cfg.components):
+        return False
+    return all(make_options(regs.components.get(name), given[name])
+               == make_options(regs.components.get(name), cfg.components[name]) for name in given)
 
 
 def _toml_keys(path: Path) -> set[str]:
