@@ -20,12 +20,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
-from unisd import distributed
 from unisd.components import option, run_seed
 from unisd.errors import UsageError
+from unisd.stepstats import step_quantile
 
 from .contexts.fewshot import family_of, fewshot_context, induction_context
 
@@ -60,13 +59,6 @@ def sequence_level_weights(stacked: torch.Tensor, mask: torch.Tensor, stat: str,
     means = (stacked * m).sum(-1) / m.sum(-1).clamp(min=1.0)  # [K, B]
     spread = disagreement(means, stat, unbiased=False)  # [B]
     return torch.clamp(torch.exp(-gamma * spread), min=floor), spread
-
-
-def masked_quantile(values: torch.Tensor, q: float) -> float:
-    """Linear-interpolation quantile of a 1-D tensor, 0 when empty (numpy: no size limit)."""
-    if values.numel() == 0:
-        return 0.0
-    return float(np.quantile(values.detach().double().cpu().numpy(), q))
 
 
 class Agreement:
@@ -179,12 +171,10 @@ class Agreement:
     def step_scale(self, batch: Any) -> float:
         """The quantile of token disagreement over the loss tokens of every micro-batch of the step, on
         every process: the weights then do not depend on how the global batch is split."""
-        values = []
-        for logp, mask in zip(batch.step_teacher_logp, batch.step_masks, strict=True):
-            d = disagreement(self._stack(logp).cpu(), self.options.stat, unbiased=True)
-            values.append(d[mask.cpu() > 0])
-        local = torch.cat(values) if values else torch.zeros(0)
-        return max(masked_quantile(distributed.all_gather_cat(local), self.options.quantile), SCALE_MIN)
+        per_micro = [disagreement(self._stack(logp).cpu(), self.options.stat, unbiased=True)
+                     for logp in batch.step_teacher_logp]
+        scale = step_quantile(per_micro, batch.step_masks, self.options.quantile)
+        return max(scale if scale is not None else 0.0, SCALE_MIN)
 
     def token_weights(self, scores: Any, batch: Any) -> torch.Tensor:
         opts = self.options
