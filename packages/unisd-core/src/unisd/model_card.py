@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import atomic
+from .runlog import MetricsLog
 
 HEADLINE_METRICS = (
     ("student_accuracy", "student accuracy"),
@@ -40,18 +41,8 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
 
 
 def _last_step(run_dir: Path) -> dict[str, Any] | None:
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and "step" in record:
-            return record
-    return None
+    records = [r for r in MetricsLog(run_dir / "metrics.jsonl").read() if isinstance(r, dict) and "step" in r]
+    return records[-1] if records else None
 
 
 def _front_matter(config: dict[str, Any]) -> str:
