@@ -22,6 +22,7 @@ HOOKS = sorted(name for name, obj in vars(hookspecs).items() if callable(obj) an
 # The documented signature of each Component method (the protocol has no code to inspect).
 METHOD_SIGNATURES = {
     "setup": "setup(run)",
+    "inert_reason": "inert_reason(run)",
     "teacher_contexts": "teacher_contexts(example)",
     "teacher": "teacher(run)",
     "transform_divergence": "transform_divergence(div, batch)",

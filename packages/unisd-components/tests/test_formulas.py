@@ -162,13 +162,15 @@ def test_ema_updates_only_every_sync_steps():
     p = torch.nn.Parameter(torch.tensor([4.0]))
     comp.params, comp.shadow = {"p": p}, {"p": torch.tensor([0.0])}
     run = FakeRun()
-    seen = []
+    seen, acted = [], []
     for step in range(1, 5):
         run.step = step
         comp.on_step_end(run)
         seen.append(float(comp.shadow["p"]))
+        acted.append(comp.metrics()["activity"])
     assert seen == [0.0, 2.0, 2.0, 3.0]
-    assert comp.metrics() == {"distance": pytest.approx(1.0), "updates": 2.0}
+    assert acted == [0.0, 1.0, 0.0, 1.0]  # activity: 1 at the steps that updated the teacher
+    assert comp.metrics() == {"distance": pytest.approx(1.0), "updates": 2.0, "activity": 1.0}
 
 
 # ------------------------------------------------------------------------------------------------ clip
@@ -191,14 +193,15 @@ def test_static_clip_default_cap_is_10():
     comp, out, grad = clip_run({})
     torch.testing.assert_close(out, torch.tensor([[0.5, 10.0, 3.0], [10.0, 1.0, 0.0]]))
     torch.testing.assert_close(grad, torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]))  # hard clamp
-    assert comp.metrics() == {"fraction": pytest.approx(2 / 5), "cap": 10.0}
+    assert comp.metrics() == {"fraction": pytest.approx(2 / 5), "cap": 10.0, "activity": pytest.approx(2 / 5)}
 
 
 def test_quantile_clip_uses_masked_tokens():
     comp, out, grad = clip_run({"quantile": "0.5"})  # median of [0.5, 12, 3, 20, 1] = 3
     torch.testing.assert_close(out, torch.tensor([[0.5, 3.0, 3.0], [3.0, 1.0, 0.0]]))
     assert grad[0, 1] == 0.0 and grad[1, 0] == 0.0 and grad[0, 0] == 1.0
-    assert comp.metrics() == {"fraction": pytest.approx(2 / 5), "cap": pytest.approx(3.0)}
+    assert comp.metrics() == {"fraction": pytest.approx(2 / 5), "cap": pytest.approx(3.0),
+                              "activity": pytest.approx(2 / 5)}
 
 
 def test_quantile_clip_cap_is_taken_over_the_whole_step():
@@ -240,7 +243,7 @@ def test_matching_loss_hand_computed_and_stop_grad():
     out.sum().backward()
     assert h_t.grad is None  # the teacher is stop-grad
     torch.testing.assert_close(h_s.grad, 0.1 * (h_s - h_t).detach())  # d/dh_s of 0.1·mean((h_s−h_t)²) over 2 dims
-    assert comp.metrics() == {"loss": pytest.approx(3.5)}
+    assert comp.metrics() == {"loss": pytest.approx(3.5), "activity": pytest.approx(0.35)}  # weight 0.1 · loss
     assert comp.distill_weight == 1.0
 
 

@@ -58,8 +58,8 @@ def test_leaking_completion_is_masked_from_the_leak_on_and_a_clean_one_is_untouc
     assert w[0, answer:len(leaky)].tolist() == [0.0] * (len(leaky) - answer)  # "\n\n", the template, EOS
     assert tokenizer.decode(leaky[answer:], skip_special_tokens=True) == "\n\nThis is an example for a"
     assert w[1].tolist() == [1.0] * w.shape[1]
-    assert comp.metrics() == {"leaking_fraction": 0.5,
-                              "guarded_fraction": pytest.approx((len(leaky) - answer) / (len(leaky) + len(clean)))}
+    guarded = pytest.approx((len(leaky) - answer) / (len(leaky) + len(clean)))
+    assert comp.metrics() == {"leaking_fraction": 0.5, "guarded_fraction": guarded, "activity": guarded}
 
 
 def test_scope_and_weight(tokenizer):

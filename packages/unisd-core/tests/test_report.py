@@ -413,3 +413,32 @@ def test_attempts_moved_aside_by_the_sweep_are_not_runs_and_repeated_seeds_are_f
     result = CliRunner().invoke(make_app(), ["report", str(seeded), "--output", str(out), "--no-plots"])
     assert result.exit_code == 0, result.output
     assert "has runs with the same seed (1, 1, 2, 3)" in (out / "results.md").read_text()
+
+
+def test_component_activity_is_averaged_over_steps_and_shown_beside_the_outcome(tmp_path):
+    def with_activity(values):
+        def write(path):
+            records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+            for rec, value in zip(records, values, strict=True):
+                rec["clip/activity"] = value
+                rec["clip/fraction"] = value
+            (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return write
+
+    acting = make_run(tmp_path / "acting", losses=[1.0, 0.8, 0.6, 0.5], gap=0.2, components={"clip": {}},
+                      extra=with_activity([0.0, 0.1, 0.3, 0.2]))
+    idle = make_run(tmp_path / "idle", losses=[1.0, 0.8, 0.6, 0.5], gap=0.2, components={"clip": {"max_value": 1e6}},
+                    extra=with_activity([0.0, 0.0, 0.0, 0.0]))
+    plain = make_run(tmp_path / "plain", losses=[1.0, 0.8, 0.6, 0.5], gap=0.2)
+    assert load_run(acting).scores["activity/clip"] == pytest.approx(0.15)
+    assert load_run(idle).scores["activity/clip"] == 0.0
+    assert "activity/clip" not in load_run(plain).scores
+    out = tmp_path / "report"
+    result = CliRunner().invoke(make_app(), ["report", str(acting), str(idle), str(plain), "--output", str(out),
+                                             "--no-plots"])
+    assert result.exit_code == 0, result.output
+    assert "activity/clip" in result.output
+    md = (out / "results.md").read_text()
+    assert "component activity" in md and "activity/clip" in md
+    assert "| clip | 4 | 0.500 | 0.700 | 0.200 | 0.500 | 0.150 |" in md  # the acting run's row, activity last
+    assert "| clip(max_value=1000000.0) | 4 | 0.500 | 0.700 | 0.200 | 0.500 | 0.00 |" in md

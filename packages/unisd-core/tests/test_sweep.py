@@ -128,6 +128,25 @@ def test_dry_run_two_tasks_three_presets_lists_six_train_and_eval_jobs(tmp_path)
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
 
 
+def test_only_runs_the_named_methods_in_their_usual_directories(tmp_path):
+    sweep = write(tmp_path / "ablation.toml", """
+        models = ["smollm2"]
+        tasks = ["demo"]
+        presets = ["p-one", "p-two", "p-three"]
+    """)
+    app = app_with(make_pm(), eval_command=True)
+    result = CliRunner().invoke(app, ["sweep", str(sweep), "--dry-run", "--devices", "cpu",
+                                      "--only", "p-three", "--only", "p-one"])
+    assert result.exit_code == 0, result.output
+    assert "2 train" in result.output
+    for preset, listed in (("p-one", True), ("p-two", False), ("p-three", True)):
+        run_dir = tmp_path / "runs" / "ablation" / preset / "demo" / "smollm2"
+        assert (f"--output {run_dir}" in result.output) is listed
+    bad = CliRunner().invoke(app, ["sweep", str(sweep), "--dry-run", "--only", "p-thre"])
+    assert bad.exit_code == 2
+    assert "no such method" in bad.output and "did you mean 'p-three'" in bad.output
+
+
 def test_dry_run_skips_eval_jobs_without_eval_command(tmp_path):
     sweep = write(tmp_path / "s.toml", 'models = ["smollm2"]\ntasks = ["demo"]\n')
     result = CliRunner().invoke(app_with(make_pm()), ["sweep", str(sweep), "--dry-run", "--devices", "cpu"])

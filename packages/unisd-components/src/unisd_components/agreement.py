@@ -33,6 +33,10 @@ TOKEN_FLOOR = 0.01  # the method's token-level floor, used when `floor` is not s
 SCALE_MIN = 1e-6
 
 
+# A token counts as down-weighted when its weight is below 1 - DOWNWEIGHTED.
+DOWNWEIGHTED = 0.01
+
+
 def context_name(k: int) -> str:
     return f"agree/{k}"
 
@@ -66,6 +70,7 @@ class Agreement:
 
     name: ClassVar[str] = "agreement"
     context_temperature: ClassVar[float] = 1.0
+    inactive_hint: ClassVar[str] = "every token kept its full weight; raise -o agreement.gamma"
 
     @dataclass
     class Options:
@@ -209,13 +214,30 @@ class Agreement:
             if vals.numel():
                 self._stats.update({f"{key}_mean": float(vals.mean()), f"{key}_min": float(vals.min()),
                                     f"{key}_max": float(vals.max())})
+        if w_all.numel():
+            # activity: the mean reduction of a loss token's weight (0: the step was not re-weighted)
+            self._stats["activity"] = float((1.0 - w_all).mean())
+            self._stats["downweighted_fraction"] = float((w_all < 1.0 - DOWNWEIGHTED).float().mean())
         if s_all.numel():
             self._stats["context_max_abs_diff"] = float(s_all.max())
         if not math.isnan(scale):
             self._stats["scale"] = scale
 
+    def inert_reason(self, run: Any) -> str | None:
+        """Refuses nothing; says when γ (and, at token level, the cap) leave no room to down-weight."""
+        opts = self.options
+        if opts.gamma == 0:
+            return "agreement.gamma is 0, so every weight is 1"
+        if opts.level == "token":
+            most = 1.0 - max(1.0 / (1.0 + opts.gamma * opts.cap), self.floor)
+            if most < DOWNWEIGHTED:
+                return (f"at most {most:.2%} down-weighting of any token (weight ≥ 1/(1 + gamma {opts.gamma:g} × "
+                        f"cap {opts.cap:g})): practically plain self-distillation; raise -o agreement.gamma")
+        return None
+
     def metrics(self) -> dict[str, float]:
-        """Weight and disagreement statistics (mean, min, max) over the last step's loss tokens."""
+        """Weight and disagreement statistics (mean, min, max) over the last step's loss tokens, the share of
+        tokens down-weighted by more than 1 %, and ``activity`` (the mean reduction of the weight)."""
         return dict(self._stats)
 
 

@@ -31,6 +31,8 @@ class Clip:
     """Cap the per-token divergence at a fixed value or at a quantile of the step's divergences."""
 
     name: ClassVar[str] = "clip"
+    inactive_hint: ClassVar[str] = ("no token's divergence reached the cap; lower -o clip.max_value, or cap at a "
+                                    "quantile of the step's divergences (-o clip.quantile=0.99)")
 
     @dataclass
     class Options:
@@ -85,4 +87,5 @@ class Clip:
         """Fraction of the step's loss tokens that were clipped, and the step's cap."""
         if self._cap is None:
             return {}
-        return {"fraction": self._clipped / max(self._tokens, 1.0), "cap": self._cap}
+        fraction = self._clipped / max(self._tokens, 1.0)
+        return {"fraction": fraction, "cap": self._cap, "activity": fraction}

@@ -40,6 +40,8 @@ class Contrastive:
     """Hinge loss pulling the student to the positive teacher and away from a negative-demonstration teacher."""
 
     name: ClassVar[str] = "contrastive"
+    inactive_hint: ClassVar[str] = ("no token's hinge was active (the student already separates the positive from "
+                                    "the negative teacher by the margin); raise -o contrastive.margin")
 
     @dataclass
     class Options:
@@ -125,6 +127,9 @@ class Contrastive:
         self._acc["missing"] += sum(ex.id not in self.negatives for ex in batch.examples)
         self._acc["rows"] += len(batch.examples)
 
+    def inert_reason(self, run: Any) -> str | None:
+        return "contrastive.weight is 0, so the hinge adds nothing" if self.options.weight == 0 else None
+
     def metrics(self) -> dict[str, float]:
         """Positive/negative distances, violation rate and hinge mean over the step's tokens with a negative."""
         if not self._acc:
@@ -133,5 +138,7 @@ class Contrastive:
         return {
             "pos_dist_mean": self._acc["pos"] / n, "neg_dist_mean": self._acc["neg"] / n,
             "violation_rate": self._acc["viol"] / n, "loss": self._acc["loss"] / n,
+            # activity: the share of loss tokens whose hinge is active (and weighted)
+            "activity": self._acc["viol"] / n if self.options.weight > 0 else 0.0,
             "missing": self._acc["missing"], "missing_fraction": self._acc["missing"] / max(self._acc["rows"], 1.0),
         }

@@ -91,6 +91,7 @@ class Ema:
     """EMA teacher over the effective weights (an EMA adapter under LoRA, an EMA copy under --full)."""
 
     name: ClassVar[str] = "ema"
+    inactive_hint: ClassVar[str] = "the teacher was never updated; lower -o ema.sync_steps"
 
     @dataclass
     class Options:
@@ -111,7 +112,10 @@ class Ema:
         self.shadow: dict[str, torch.Tensor] = {}
         self.frozen: FrozenCopyTeacher | None = None
         self.updates = 0
+        self.updated_this_step = False
         self.view: Any = None
+        # It acts once every sync_steps steps: the activity watch waits that long before judging.
+        self.activity_window = self.options.sync_steps
 
     def setup(self, run: Any) -> None:
         self.model = run.model
@@ -139,8 +143,19 @@ class Ema:
         self.updates += 1
 
     def on_step_end(self, run: Any) -> None:
-        if run.step % self.options.sync_steps == 0:
+        self.updated_this_step = run.step % self.options.sync_steps == 0
+        if self.updated_this_step:
             self.update()
+
+    def inert_reason(self, run: Any) -> str | None:
+        """An EMA that is never updated (or whose update changes nothing) is a frozen initial teacher."""
+        if self.options.sync_steps >= run.config.steps:
+            return (f"ema.sync_steps={self.options.sync_steps} ≥ --steps {run.config.steps}, so the teacher is "
+                    "never updated before the run ends: it stays the initial model (a frozen teacher, not an "
+                    "EMA); lower -o ema.sync_steps")
+        if self.options.beta == 1.0:
+            return "ema.beta=1 keeps the teacher's weights unchanged at every update; use a beta below 1"
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "updates": self.updates,
@@ -168,4 +183,5 @@ class Ema:
         """EMA distance teacher↔student and the number of EMA updates so far."""
         if self.mode is None:
             return {}
-        return {"distance": self.distance(), "updates": float(self.updates)}
+        return {"distance": self.distance(), "updates": float(self.updates),
+                "activity": 1.0 if self.updated_this_step and self.options.beta < 1.0 else 0.0}

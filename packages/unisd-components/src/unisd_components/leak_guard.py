@@ -60,6 +60,8 @@ class LeakGuard:
     """Mask (or down-weight) the divergence where a sampled completion copies teacher-only text."""
 
     name: ClassVar[str] = "leak-guard"
+    # Not watched: a guard that masks nothing early in a run is working (no leak was sampled yet).
+    activity_window: ClassVar[int] = 0
 
     @dataclass
     class Options:
@@ -165,8 +167,9 @@ class LeakGuard:
         ``lookahead``) of its clean completions' EOS guarded because the teacher would go on copying."""
         if not self._completions:
             return {}
-        out = {"leaking_fraction": self._leaking / self._completions,
-               "guarded_fraction": self._guarded / max(self._tokens, 1.0)}
+        guarded = self._guarded / max(self._tokens, 1.0)
+        out = {"leaking_fraction": self._leaking / self._completions, "guarded_fraction": guarded,
+               "activity": guarded}
         if self.options.lookahead:
             out["teacher_start_fraction"] = self._starts / self._completions
         return out

@@ -59,6 +59,16 @@ class Matching:
         scale = 1.0 if self.options.mode == "repr" else self.options.weight
         return {"matching": scale * mse}
 
+    def inert_reason(self, run: Any) -> str | None:
+        if self.options.mode == "joint" and self.options.weight == 0:
+            return "matching.weight is 0 in joint mode, so the hidden-state term adds nothing"
+        return None
+
     def metrics(self) -> dict[str, float]:
-        """Mean hidden-state MSE per loss token over the last step (before the weight)."""
-        return {"loss": self._sum / self._tokens} if self._tokens else {}
+        """Mean hidden-state MSE per loss token over the last step (before the weight), and ``activity``: the
+        term's weighted contribution per token."""
+        if not self._tokens:
+            return {}
+        loss = self._sum / self._tokens
+        scale = 1.0 if self.options.mode == "repr" else self.options.weight
+        return {"loss": loss, "activity": scale * loss}

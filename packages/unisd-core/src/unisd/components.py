@@ -21,6 +21,7 @@ from .registry import Registry
 # Methods the loop may call on a component, in the order it calls them during a run.
 COMPONENT_METHODS = (
     "setup",
+    "inert_reason",
     "teacher_contexts",
     "teacher",
     "transform_divergence",
@@ -39,6 +40,9 @@ class Component(Protocol):
 
     ``setup(run)``
         Once, after model, tokenizer and data exist (build caches, create an EMA adapter).
+    ``inert_reason(run) -> str | None``
+        After setup, before the first step: why the component cannot act in this configured run (the
+        loop prints it as a warning), or None.
     ``teacher_contexts(example) -> dict[str, str]``
         Extra *named* teacher prompts (user-message text) for this example, e.g. ``agree/0``.
         The teacher scores the same completion under each. Set the class attribute
@@ -57,7 +61,10 @@ class Component(Protocol):
     ``state_dict()`` / ``load_state_dict(state)``
         Saved in and restored from checkpoints.
     ``metrics() -> dict[str, float]``
-        Logged to metrics.jsonl after each optimiser step, prefixed by the component name.
+        Logged to metrics.jsonl after each optimiser step, prefixed by the component name. The key
+        ``activity``, 0 exactly when the component changed nothing in the step, is watched: 0 over the
+        first steps (``activity_window``, default 10) prints one warning with the class attribute
+        ``inactive_hint``; ``unisd report`` shows its mean beside the outcome (``unisd.activity``).
 
     Class attributes: ``distill_weight`` (float, default 1.0) scales the divergence term, 0 replaces
     it; ``needs_hidden`` (bool) asks the loop for final hidden states in ``scores``;

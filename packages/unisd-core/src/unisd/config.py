@@ -20,6 +20,7 @@ COMPILE_CHOICES = ("auto", "on", "off")  # see unisd.chunk_math
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # see unisd.models.training_dtype
 GJSD_SCALE_CHOICES = ("normalized", "research")  # see unisd.losses
 LOSS_REDUCTION_CHOICES = ("token", "sequence")  # see unisd.reduction
+REFERENCE_CONTROL_CHOICES = ("none", "shuffled")  # see unisd.controls
 
 
 @dataclass
@@ -83,6 +84,8 @@ class RunConfig:
     # "token": mean over the step's loss tokens; "sequence": mean over each sequence's tokens, then over
     # the step's sequences (the research code's); both are independent of the micro-batch split
     loss_reduction: str = "token"
+    # "shuffled": a control run whose teacher sees another training example's reference (unisd.controls)
+    reference_control: str = "none"
     # bookkeeping
     save_every: int = 0  # 0: only at the end of the run
     eval_task: str | None = None
@@ -134,6 +137,9 @@ class RunConfig:
              f"gjsd_scale must be one of {', '.join(GJSD_SCALE_CHOICES)}, got '{self.gjsd_scale}'"),
             (self.loss_reduction in LOSS_REDUCTION_CHOICES,
              f"loss_reduction must be one of {', '.join(LOSS_REDUCTION_CHOICES)}, got '{self.loss_reduction}'"),
+            (self.reference_control in REFERENCE_CONTROL_CHOICES,
+             f"--reference-control must be one of {', '.join(REFERENCE_CONTROL_CHOICES)}, "
+             f"got '{self.reference_control}'"),
         ]
         for ok, message in checks:
             if not ok:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from . import atomic, distributed, reduction, rundir, sharding
+from .activity import ActivityWatch, inert_warnings
 from .checkpoint import (
     choose_checkpoint,
     gather_component_states,
@@ -40,6 +41,7 @@ from .checkpoint import (
 from .chunked import chunked_target_logprobs, chunked_token_outputs
 from .components import instantiate
 from .config import RunConfig, dump_config
+from .controls import shuffle_references
 from .errors import ConfigError, DataError, UnisdError, UsageError
 from .evaluate import evaluate
 from .leakage import count_leaks
@@ -152,6 +154,14 @@ class Run:
 
 
 def load_examples(config: RunConfig, pm: UnisdPluginManager) -> tuple[Task | None, list[Example]]:
+    """The run's task (None for --data files) and its training examples, after any reference control."""
+    task, examples = _load_examples(config, pm)
+    if config.reference_control == "shuffled":
+        examples = shuffle_references(examples, config.seed)
+    return task, examples
+
+
+def _load_examples(config: RunConfig, pm: UnisdPluginManager) -> tuple[Task | None, list[Example]]:
     if config.data:
         return None, load_jsonl_examples(config.data, limit=config.limit)
     if not config.task:
@@ -663,6 +673,11 @@ def _train(
     sampling = SamplingParams(cfg.temperature, cfg.top_p, run.max_new_tokens)
     began = time.perf_counter()
     elapsed_before = _previous_elapsed(metrics_log) if env.is_main else 0.0
+    inert = inert_warnings(run.components, run)
+    if env.is_main:
+        for message in inert.values():
+            reporter.info(f"[yellow]Warning: {message}[/]")
+    activity = ActivityWatch(run.components, cfg.steps, first_step=start + 1, skip=tuple(inert))
     reporter.start(cfg.steps, start)
     stop = StopRequest()
     skipped_total = bad_in_a_row = 0
@@ -728,6 +743,9 @@ def _train(
                 metrics_log.write(record)
                 trackers.log_metrics(record, step)
             reporter.step(record)
+            if env.is_main:
+                for message in activity.observe(step, record):
+                    reporter.info(f"[yellow]Warning: {message}[/]")
             # Every process must stop at the same step, whichever of them received the signal.
             stopping = distributed.sum_scalar(1.0 if stop.signal else 0.0) > 0
             diverged = bad_in_a_row >= cfg.max_nonfinite_steps

@@ -67,6 +67,9 @@ def startup_summary(
         chosen.append(f"{comp.name}({shown})" if shown else comp.name)
     share = 100.0 * trainable / total_params if total_params else 0.0
     data = config.data or config.task or "demo"
+    control = getattr(config, "reference_control", "none")
+    if control != "none":  # a control run must say so at the top of its log
+        data += f" (control: {control} references)"
     return "\n".join([
         f"Training {model}: {trainable:,} trainable parameters of {total_params:,} ({share:.2f}%, "
         f"{'LoRA r=' + str(config.lora_r) if config.lora else 'full fine-tuning'})",

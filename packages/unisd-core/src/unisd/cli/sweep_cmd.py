@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ..ops.scheduler import SweepRunner, parse_devices, shell_command, slot_gpus
-from ..ops.sweep import PHASES, Job, load_sweep, plan
+from ..ops.sweep import PHASES, Job, load_sweep, only_methods, plan
 from ..plugins import UnisdPluginManager
 from .errors import cli_errors
 
@@ -30,8 +30,9 @@ def describe(job: Job) -> str:
         for name, opts in sorted(job.config.components.items())
     ) or "none"
     cfg = job.config
+    control = f" reference_control={cfg.reference_control}" if cfg.reference_control != "none" else ""
     return (f"components: {comps} | steps={cfg.steps} batch_size={cfg.batch_size} grad_accum={cfg.grad_accum} "
-            f"alpha={cfg.alpha} lr={cfg.lr} seed={cfg.seed}")
+            f"alpha={cfg.alpha} lr={cfg.lr} seed={cfg.seed}{control}")
 
 
 def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
@@ -42,6 +43,8 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
                                     "0+1,2+3: slots of two GPUs, training on both (default: every visible GPU, else cpu)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print every job and its command; run nothing."),
         output_root: Path = typer.Option(None, "--output-root", help="Where runs go (overrides output_root in the file)."),
+        only: list[str] = typer.Option(None, "--only", metavar="METHOD", help="Run only this method of the file "
+                                       "(repeatable); the others' runs are left as they are."),
         cleanup: bool = typer.Option(False, "--cleanup", help="Delete each run's checkpoints/ once its evaluations are "
                                      "done (final/ is kept). Off by default: nothing is ever deleted."),
     ) -> None:
@@ -51,7 +54,7 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
         Failed jobs are listed with their commands in OUTPUT_ROOT/failed_jobs.md.
         """
         with cli_errors():
-            spec = load_sweep(sweep_file, output_root)
+            spec = only_methods(load_sweep(sweep_file, output_root), list(only or []))
             jobs = plan(spec, pm)
             slots = parse_devices(devices)
             eval_ok = has_command(app, "eval")

@@ -87,6 +87,7 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
         shard: str = typer.Option(None, "--shard", metavar="MODE", help=_help("Multi-process: fsdp shards weights, gradients and optimizer state (FSDP2); none replicates them; auto follows an accelerate FSDP/DeepSpeed config.", _default("shard"))),
         deepspeed: Path = typer.Option(None, "--deepspeed", metavar="FILE", help="DeepSpeed JSON config: its ZeRO stage and offload select the equivalent FSDP2 sharding."),
         report_to: list[str] = typer.Option(None, "--report-to", metavar="TRACKER", help="Also send metrics, config and evaluations to tensorboard, wandb, trackio or mlflow (repeatable; each an extra: pip install 'unisd-core[wandb]')."),
+        reference_control: str = typer.Option(None, "--reference-control", metavar="none|shuffled", help=_help("A control run: 'shuffled' shows each example's teacher another example's reference, to separate the right reference's effect from the format's.", _default("reference_control"))),
         push_to_hub: str = typer.Option(None, "--push-to-hub", metavar="REPO", help="After training, upload final/ and its model card to this Hub repository (OWNER/NAME)."),
     ) -> None:
         """Train a model by on-policy self-distillation.
@@ -107,7 +108,7 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
                 "preset": preset, "recipe": recipe, "shard": shard, "deepspeed": str(deepspeed) if deepspeed else None,
                 "allow_no_chat_template": allow_no_chat_template, "lora_r": lora_r, "lora_alpha": lora_alpha,
                 "lora_dropout": lora_dropout, "lora_target_modules": _module_list(lora_target_modules),
-                "report_to": list(report_to) if report_to else None,
+                "report_to": list(report_to) if report_to else None, "reference_control": reference_control,
             }
             given = {k: v for k, v in flags.items() if v is not None}
             if push_to_hub is not None:

@@ -16,6 +16,8 @@ Metric names (each usable as ``--metric``):
 * ``eval/TASK/KEY``: the last value an evaluation during training (``--eval-task``) logged to
   metrics.jsonl; the whole series is drawn as a curve.
 * ``TASK/KEY``: ``eval/TASK/results.json`` from ``unisd eval``.
+* ``activity/NAME``: component NAME's ``activity`` (how much it acted: clip's clipped share, agreement's
+  mean weight cut, ...) averaged over the run's steps.
 * ``final_loss``, ``final_divergence``, and any other metrics.jsonl key (its last value).
 
 Runs that differ only in their seed (every other key of config.toml equal) form a *group*; each
@@ -48,7 +50,8 @@ SKIP_DIRS = {"checkpoints", "final", "eval", "jobs", "logs", ".cache"}
 ASIDE = re.compile(r".+\.(partial|oom)-\d+")
 # Config keys that differ between the seeds of one experiment (or only say where it was written).
 NOT_IDENTITY = ("seed", "output")
-HELD_OUT = ("student_accuracy", "teacher_accuracy", "privileged_gap", "gap_closed")  # after/…, in this order
+# after/…, in this order: first-line and strict accuracy, the student's leakage, then the teacher and the gap
+HELD_OUT = ("student_accuracy", "student_strict_accuracy", "leakage", "teacher_accuracy", "privileged_gap", "gap_closed")
 EVAL_HEADLINES = ("accuracy", "pass@1")  # the headline of a `unisd eval` results.json
 UNTRAINED = "untrained (before training)"
 SPECIAL = ("final_loss", "final_divergence", "privileged_gap")
@@ -210,6 +213,11 @@ def _read_training(run: RunSummary) -> None:
         value = run.logged(key)
         if not math.isnan(value):
             run.scores[key] = value
+    # How much each component acted (unisd.activity): COMPONENT/activity averaged over the run's steps.
+    for key in sorted({k for rec in steps for k in rec if k.endswith("/activity")}):
+        values = [v for rec in steps if (v := _number(rec.get(key))) is not None and math.isfinite(v)]
+        if values:
+            run.scores[f"activity/{key.rsplit('/', 1)[0]}"] = sum(values) / len(values)
 
 
 def _read_evaluations(run: RunSummary, eval_dir: Path) -> None:
@@ -461,6 +469,7 @@ def headline_columns(runs: list[RunSummary], metric: str) -> list[str]:
     wanted += [c for c in columns if c.split("/")[0] not in ("eval", "after", "before")
                and c.rsplit("/", 1)[-1] in EVAL_HEADLINES]
     wanted.append("final_loss")
+    wanted += [c for c in columns if c.startswith("activity/")]  # beside the outcome: did each component act?
     wanted = list(dict.fromkeys(wanted))
     return [c for c in wanted if any(not math.isnan(value_of(r, c)) for r in runs)]
 
@@ -552,7 +561,8 @@ def _group_tables(groups: list[Group], columns: list[str], metric: str, base: Gr
         rows.append([g.label, g.method, seeds, str(st.n), num(st.mean), num(st.sd), ci, delta])
     lines = [f"## `{metric}` by group", ""]
     lines += _md_table(["group", "method", "seeds", "n", "mean", "sd", f"{pct} CI", "Δ mean vs baseline"], rows)
-    lines += ["", "## Held-out metrics and training loss by group (mean ± half-width, n seeds)", ""]
+    lines += ["", "## Held-out metrics, training loss and component activity by group (mean ± half-width, n seeds)",
+              "", "`activity/NAME`: how much the component acted, averaged over the run's steps (see unisd.activity).", ""]
     lines += _md_table(["group", *columns], [[g.label, *(_mean_pm(g.stats(c)) for c in columns)] for g in groups])
     return lines
 

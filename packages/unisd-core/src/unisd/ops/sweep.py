@@ -244,6 +244,23 @@ def load_sweep(path: str | Path, output_root: str | Path | None = None) -> Sweep
     return SweepSpec(path, root, models, tasks, data, methods, run, grid, eval_spec, seeds)
 
 
+def only_methods(spec: SweepSpec, names: list[str]) -> SweepSpec:
+    """The sweep restricted to the named methods (``unisd sweep --only``), in the file's order.
+
+    Their run directories are the same as in the whole sweep, so a subset run now and the rest later
+    make one sweep, and ``unisd report`` reads them together.
+    """
+    if not names:
+        return spec
+    known = [m.name for m in spec.methods]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        hint = difflib.get_close_matches(unknown[0], known, n=1)
+        raise ConfigError(f"--only {unknown[0]}: {spec.path} has no such method"
+                          + (f" (did you mean '{hint[0]}'?)" if hint else "") + f"; its methods: {', '.join(known)}")
+    return dataclasses.replace(spec, methods=[m for m in spec.methods if m.name in names])
+
+
 def _seeds(raw: dict[str, Any], run: dict[str, Any], grid: dict[str, list[Any]], methods: list[Method],
            where: str) -> list[int] | None:
     """The ``seeds`` axis: distinct integers. It replaces any other way of setting the seed, so a run's

@@ -1,0 +1,75 @@
+"""The shuffled-reference control (issue 14, point 5): the teacher sees another example's reference."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from unisd.config import RunConfig
+from unisd.controls import shuffle_references
+from unisd.errors import ConfigError, DataError
+from unisd.loop import build_run
+from unisd.plugins import get_plugin_manager
+from unisd.reporting import Reporter
+from unisd.tasks import Example
+
+
+def examples(refs):
+    return [Example(f"e{i}", f"question {i}", ref, {"k": i}) for i, ref in enumerate(refs)]
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_no_example_keeps_its_own_reference_even_with_duplicates(seed):
+    rng = random.Random(seed)
+    n = rng.randint(2, 40)
+    # few distinct texts, so duplicates are common (but no text is the majority)
+    refs = [f"ref{rng.randint(0, max(1, n // 3))}" for _ in range(n)]
+    if max(refs.count(r) for r in refs) * 2 > n:
+        refs = [f"unique{i}" for i in range(n)]
+    out = shuffle_references(examples(refs), seed)
+    assert sorted(e.reference for e in out) == sorted(refs)  # a permutation: every reference used once
+    for before, after in zip(examples(refs), out, strict=True):
+        assert after.reference != before.reference
+        assert (after.id, after.prompt, after.meta) == (before.id, before.prompt, before.meta)
+
+
+def test_deterministic_per_seed_and_different_across_seeds():
+    refs = [f"r{i}" for i in range(30)]
+    a = [e.reference for e in shuffle_references(examples(refs), 1)]
+    assert a == [e.reference for e in shuffle_references(examples(refs), 1)]
+    assert a != [e.reference for e in shuffle_references(examples(refs), 2)]
+
+
+def test_impossible_inputs_are_data_errors():
+    with pytest.raises(DataError, match="at least 2"):
+        shuffle_references(examples(["only"]), 0)
+    with pytest.raises(DataError, match="same reference"):
+        shuffle_references(examples(["x", "x", "x"]), 0)
+
+
+def test_the_run_trains_on_shuffled_references(tiny_llama, toy_data):
+    pm = get_plugin_manager(load_entry_points=False)
+    plain = build_run(RunConfig(model=str(tiny_llama), data=str(toy_data)), pm, Reporter(), None)
+    control = build_run(RunConfig(model=str(tiny_llama), data=str(toy_data), reference_control="shuffled"),
+                        pm, Reporter(), None)
+    own = {e.id: e.reference for e in plain.examples}
+    assert [e.prompt for e in control.examples] == [e.prompt for e in plain.examples]
+    assert all(e.reference != own[e.id] for e in control.examples)
+    # the teacher prompt carries the other example's reference, not its own
+    for e in control.examples:
+        text = plain.tokenizer.decode(control.teacher_ids(e))
+        assert e.reference in text and own[e.id] not in text
+
+
+def test_unknown_control_is_a_config_error():
+    with pytest.raises(ConfigError, match="reference-control"):
+        RunConfig(reference_control="reversed").validate()
+
+
+def test_the_startup_summary_names_the_control():
+    from unisd.reporting import startup_summary
+
+    text = startup_summary("m", 1, 10, 8, RunConfig(data="d.jsonl", reference_control="shuffled"), [], "out")
+    assert "Data: d.jsonl (control: shuffled references), 8 examples" in text
+    assert "control" not in startup_summary("m", 1, 10, 8, RunConfig(data="d.jsonl"), [], "out")
