@@ -542,20 +542,32 @@ def test_tiny_sweep_with_seeds_completes_skips_on_rerun_and_reports_groups(tmp_p
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_shipped_ablation_example_plans_seven_methods_at_three_seeds():
+def test_shipped_ablation_example_plans_ten_methods_at_three_seeds():
     pytest.importorskip("unisd_components")
     example = Path(__file__).resolve().parents[3] / "examples" / "ablation-demo.toml"
     spec = load_sweep(example)
     jobs = plan(spec, get_plugin_manager())
     train = [j for j in jobs if j.phase == "train"]
-    methods = ["plain", "ema", "contrastive", "agreement", "matching", "clip", "unisd-star"]
-    assert [j.meta["method"] for j in train[:7]] == methods and len(train) == 21
+    methods = ["plain", "ema", "contrastive", "agreement", "matching", "clip", "unisd-star", "shuffled-reference",
+               "leak-guard", "unisd-star-leak-guard"]
+    assert [j.meta["method"] for j in train[:10]] == methods and len(train) == 30
     assert {j.config.seed for j in train} == {1, 2, 3}
     assert {(j.config.steps, j.config.eval_limit, j.config.eval_before_after, j.config.batch_size) for j in train} == {
-        (24, 48, True, 4)}
-    assert next(j for j in train if j.meta["method"] == "plain").config.components == {}
-    assert set(next(j for j in train if j.meta["method"] == "unisd-star").config.components) == {
-        "agreement", "ema", "contrastive", "matching"}
+        (60, 48, True, 4)}
+    by_method = {j.meta["method"]: j.config for j in train if j.config.seed == 1}
+    assert by_method["plain"].components == {} and by_method["plain"].reference_control == "none"
+    assert by_method["shuffled-reference"].components == {}
+    assert by_method["shuffled-reference"].reference_control == "shuffled"
+    assert by_method["leak-guard"].components == {"leak-guard": {"lookahead": 8}}
+    assert set(by_method["unisd-star"].components) == {"agreement", "ema", "contrastive", "matching"}
+    assert set(by_method["unisd-star-leak-guard"].components) == {"agreement", "ema", "contrastive", "matching",
+                                                                  "leak-guard"}
     assert not [j for j in jobs if j.phase == "eval"]  # before/after.json are the evaluation
     assert any(j.id.startswith("cache:negatives:") for j in jobs)  # contrastive's negatives come first
     assert spec.output_root == example.parents[1] / "runs" / "ablation-demo"
+
+
+def test_data_files_resolve_next_to_the_sweep_file_and_hub_ids_stay_as_written(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"prompt": "p", "reference": "r"}\n')
+    sweep = write(tmp_path / "s.toml", 'models = ["m"]\ndata = ["train.jsonl", "owner/name", "missing.jsonl"]\n')
+    assert load_sweep(sweep).data == [tmp_path / "train.jsonl", Path("owner/name"), tmp_path / "missing.jsonl"]

@@ -32,7 +32,10 @@ class RunConfig:
     task: str | None = None
     data: str | None = None
     task_data: str | None = None  # a local file in the task's own (hub) layout, for --task
-    split: str = "train"
+    split: str = "train"  # the task's split, or a dataset's (--data-split) for dataset folders and Hub ids
+    prompt_column: str = "prompt"  # --data records: the student's text
+    reference_column: str = "reference"  # --data records: the teacher's demonstration (chat records: the last turn)
+    system_prompt: str | None = None  # a system turn for student and teacher, on examples without their own
     limit: int | None = None
     preset: str | None = None
     recipe: str | None = None  # "paper": the research runner's run settings per task (unisd.recipes)

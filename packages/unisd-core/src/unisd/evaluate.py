@@ -25,8 +25,10 @@ class EvalResult:
     scores: list[Score] = field(default_factory=list)
 
 
-def generate_texts(model: Any, tokenizer: Any, user_texts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
-    prompts = [encode(tokenizer, render_chat(tokenizer, t)) for t in user_texts]
+def generate_texts(model: Any, tokenizer: Any, user_texts: list[str], max_new_tokens: int, batch_size: int = 16,
+                   systems: list[str | None] | None = None) -> list[str]:
+    systems = systems or [None] * len(user_texts)
+    prompts = [encode(tokenizer, render_chat(tokenizer, t, s)) for t, s in zip(user_texts, systems, strict=True)]
     backend = HFBackend(model, tokenizer, batch_size=batch_size)
     completions = backend.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
     return [tokenizer.decode(c.ids, skip_special_tokens=True) for c in completions]
@@ -59,7 +61,7 @@ def evaluate(
         scores = [s for _, verdicts in parts for s in verdicts]
         return _result(task, examples, completions, scores)
     texts = [task.teacher_text(ex) if with_reference else ex.prompt for ex in examples]
-    completions = generate_texts(model, tokenizer, texts, max_new_tokens)
+    completions = generate_texts(model, tokenizer, texts, max_new_tokens, systems=[ex.system for ex in examples])
     scores = task.score_batch(examples, completions)
     return _result(task, examples, completions, scores)
 

@@ -42,6 +42,7 @@ from .chunked import chunked_target_logprobs, chunked_token_outputs
 from .components import instantiate
 from .config import RunConfig, dump_config
 from .controls import shuffle_references
+from .datafiles import Columns, load_data, with_system_prompt
 from .errors import ConfigError, DataError, UnisdError, UsageError
 from .evaluate import evaluate
 from .leakage import count_leaks
@@ -53,7 +54,7 @@ from .rollout import Completion, SamplingParams
 from .runlog import MetricsLog
 from .scoring import Scores, completion_hidden, lm_head_weight, pack
 from .signals import StopRequest
-from .tasks import Example, Task, load_jsonl_examples, teacher_text_with
+from .tasks import Example, Task, teacher_text_with
 from .teacher import default_teacher
 from .trackers import Trackers, check_trackers
 
@@ -109,7 +110,7 @@ class Run:
     def student_ids(self, ex: Example) -> list[int]:
         key = ("student", ex.id)
         if key not in self._prompt_cache:
-            self._prompt_cache[key] = array("i", encode(self.tokenizer, render_chat(self.tokenizer, ex.prompt)))
+            self._prompt_cache[key] = array("i", encode(self.tokenizer, render_chat(self.tokenizer, ex.prompt, ex.system)))
         return list(self._prompt_cache[key])
 
     def teacher_ids(self, ex: Example) -> list[int]:
@@ -117,7 +118,8 @@ class Run:
         key = ("teacher", ex.id)
         if key not in self._prompt_cache:
             budgeted = budget_teacher_prompt(
-                self.tokenizer, lambda ref: teacher_text_with(self.task, ex, ref), ex.reference, self.teacher_budget
+                self.tokenizer, lambda ref: teacher_text_with(self.task, ex, ref), ex.reference, self.teacher_budget,
+                ex.system,
             )
             self.reference_truncations += budgeted.reference_truncated
             self._prompt_cache[key] = array("i", budgeted.ids)
@@ -128,9 +130,9 @@ class Run:
         holds a demonstration shortens it, like the main prompt, and keeps the problem whole."""
         key = (f"ctx:{name}", ex.id)
         if key not in self._prompt_cache:
-            ids = encode(self.tokenizer, render_chat(self.tokenizer, text))
+            ids = encode(self.tokenizer, render_chat(self.tokenizer, text, ex.system))
             if len(ids) > self.teacher_budget:
-                ids = fit_context(self.tokenizer, text, self.teacher_budget)
+                ids = fit_context(self.tokenizer, text, self.teacher_budget, ex.system)
                 self.context_truncations += 1
             self._prompt_cache[key] = array("i", ids)
         return list(self._prompt_cache[key])
@@ -156,6 +158,8 @@ class Run:
 def load_examples(config: RunConfig, pm: UnisdPluginManager) -> tuple[Task | None, list[Example]]:
     """The run's task (None for --data files) and its training examples, after any reference control."""
     task, examples = _load_examples(config, pm)
+    if config.system_prompt and task is not None:  # --data files apply it while loading
+        examples = with_system_prompt(examples, config.system_prompt)
     if config.reference_control == "shuffled":
         examples = shuffle_references(examples, config.seed)
     return task, examples
@@ -163,7 +167,9 @@ def load_examples(config: RunConfig, pm: UnisdPluginManager) -> tuple[Task | Non
 
 def _load_examples(config: RunConfig, pm: UnisdPluginManager) -> tuple[Task | None, list[Example]]:
     if config.data:
-        return None, load_jsonl_examples(config.data, limit=config.limit)
+        columns = Columns(prompt=config.prompt_column, reference=config.reference_column)
+        return None, load_data(config.data, split=config.split, limit=config.limit, columns=columns,
+                               system_prompt=config.system_prompt)
     if not config.task:
         raise ConfigError("nothing to train on: give --task NAME or --data FILE.jsonl")
     task = pm.registries.tasks.get(config.task)()
@@ -535,7 +541,7 @@ def build_run(config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, out
 
 def privileged_gap(run: Run, task: Task, limit: int | None) -> dict[str, float]:
     """Student accuracy, teacher-with-reference accuracy, and their difference, on the eval split."""
-    examples = task.load(task.eval_split, limit=limit)
+    examples = with_system_prompt(task.load(task.eval_split, limit=limit), run.config.system_prompt)
     max_new = run.config.completion_budget(task)
     # Every process evaluates its share of the items (a sharded model needs all of them to generate).
     student = evaluate(run.model, run.tokenizer, task, examples, max_new, split_over_processes=True).metrics

@@ -68,16 +68,16 @@ def render_like(reference: str, answer: str, reasoning: str = "") -> str:
     return answer.strip()
 
 
-def render_chat(tokenizer: Any, user_text: str) -> str:
-    """Render one user turn with the tokenizer's chat template, ready for the assistant's reply."""
+def render_chat(tokenizer: Any, user_text: str, system: str | None = None) -> str:
+    """Render one user turn (after a ``system`` turn, if given) with the tokenizer's chat template, ready
+    for the assistant's reply. Without a template (``--allow-no-chat-template``): the plain texts."""
     if getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
         # enable_thinking=False: Qwen3-style templates would otherwise open a reasoning block; templates
         # that do not know the variable ignore it. Training and evaluation render identically.
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True,
-            enable_thinking=False,
-        )
-    return user_text
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             enable_thinking=False)
+    return f"{system}\n\n{user_text}" if system else user_text
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
@@ -97,29 +97,30 @@ def budget_teacher_prompt(
     build_text: Any,
     reference: str,
     max_tokens: int,
+    system: str | None = None,
 ) -> BudgetedPrompt:
     """Tokenise ``build_text(reference)`` (rendered as a chat turn) within ``max_tokens``.
 
     ``build_text`` maps a reference string to the teacher's user text. If the whole prompt is too
     long, the reference's tail is cut (with a marker) until it fits; the problem text is kept whole.
     """
-    ids = encode(tokenizer, render_chat(tokenizer, build_text(reference)))
+    ids = encode(tokenizer, render_chat(tokenizer, build_text(reference), system))
     if len(ids) <= max_tokens:
         return BudgetedPrompt(ids, False, False)
     marker = " [...]"
-    overhead = len(encode(tokenizer, render_chat(tokenizer, build_text(marker))))
+    overhead = len(encode(tokenizer, render_chat(tokenizer, build_text(marker), system)))
     ref_ids = encode(tokenizer, reference)
     keep = max_tokens - overhead
     if keep <= 0:
-        return BudgetedPrompt(encode(tokenizer, render_chat(tokenizer, build_text(marker))), True, True)
+        return BudgetedPrompt(encode(tokenizer, render_chat(tokenizer, build_text(marker), system)), True, True)
     # Re-tokenising at the cut can merge tokens differently, so shrink until it fits.
     while keep > 0:
         shortened = tokenizer.decode(ref_ids[:keep], skip_special_tokens=True) + marker
-        ids = encode(tokenizer, render_chat(tokenizer, build_text(shortened)))
+        ids = encode(tokenizer, render_chat(tokenizer, build_text(shortened), system))
         if len(ids) <= max_tokens:
             return BudgetedPrompt(ids, True, False)
         keep -= max(1, len(ids) - max_tokens)
-    return BudgetedPrompt(encode(tokenizer, render_chat(tokenizer, build_text(marker))), True, True)
+    return BudgetedPrompt(encode(tokenizer, render_chat(tokenizer, build_text(marker), system)), True, True)
 
 
 class DemonstrationText(str):
@@ -139,7 +140,7 @@ class DemonstrationText(str):
         return text
 
 
-def fit_context(tokenizer: Any, text: str, max_tokens: int) -> list[int]:
+def fit_context(tokenizer: Any, text: str, max_tokens: int, system: str | None = None) -> list[int]:
     """A component's teacher context within ``max_tokens`` tokens (chat-rendered).
 
     A :class:`DemonstrationText` goes through :func:`budget_teacher_prompt`, like the main teacher
@@ -147,17 +148,17 @@ def fit_context(tokenizer: Any, text: str, max_tokens: int) -> list[int]:
     structure and loses its beginning (:func:`fit_from_front`).
     """
     if isinstance(text, DemonstrationText):
-        return budget_teacher_prompt(tokenizer, text.build, text.demonstration, max_tokens).ids
-    return fit_from_front(tokenizer, text, max_tokens)
+        return budget_teacher_prompt(tokenizer, text.build, text.demonstration, max_tokens, system).ids
+    return fit_from_front(tokenizer, text, max_tokens, system)
 
 
-def fit_from_front(tokenizer: Any, user_text: str, max_tokens: int) -> list[int]:
+def fit_from_front(tokenizer: Any, user_text: str, max_tokens: int, system: str | None = None) -> list[int]:
     """Drop the beginning of ``user_text`` until its chat rendering fits ``max_tokens`` (binary search)."""
     lo, hi = 0, len(user_text)  # characters to drop
-    best = encode(tokenizer, render_chat(tokenizer, ""))
+    best = encode(tokenizer, render_chat(tokenizer, "", system))
     while lo <= hi:
         mid = (lo + hi) // 2
-        ids = encode(tokenizer, render_chat(tokenizer, "[...] " + user_text[mid:]))
+        ids = encode(tokenizer, render_chat(tokenizer, "[...] " + user_text[mid:], system))
         if len(ids) <= max_tokens:
             best, hi = ids, mid - 1
         else:

@@ -25,6 +25,7 @@ class Example:
     prompt: str  # the student's user-message text
     reference: str  # the privileged demonstration shown to the teacher only
     meta: dict[str, Any] = field(default_factory=dict)
+    system: str | None = None  # a system prompt for student and teacher alike (None: the template's default)
 
 
 @dataclass
@@ -98,7 +99,7 @@ def teacher_text_with(task: Task | None, example: Example, reference: str) -> st
     one for ``--data`` files. Budgeting (a shortened reference) and contrastive negatives (another
     demonstration in the same template) both go through it.
     """
-    swapped = Example(example.id, example.prompt, reference, example.meta)
+    swapped = Example(example.id, example.prompt, reference, example.meta, example.system)
     return task.teacher_text(swapped) if task is not None else teacher_text(example.prompt, reference)
 
 
@@ -136,7 +137,7 @@ def iter_jsonl_lines(lines: Iterable[str], label: str, expected: str) -> Iterato
         yield where, record
 
 
-def _check_encodable(text: str, where: str) -> None:
+def check_encodable(text: str, where: str) -> None:
     """JSON escapes can spell half of a UTF-16 pair (a lone surrogate), which no tokenizer can encode."""
     try:
         text.encode("utf-8")
@@ -146,34 +147,12 @@ def _check_encodable(text: str, where: str) -> None:
 
 
 def load_jsonl_examples(path: str | Path, limit: int | None = None) -> list[Example]:
-    """Read ``{"id", "prompt", "reference", "meta"}`` records, one JSON object per line.
+    """Read ``{"id", "prompt", "reference", "meta"}`` records (or chat ``messages``) from a data file.
 
     ``prompt`` and ``reference`` are required strings; ``id`` defaults to the line number; ``meta``
-    is an optional object. Errors name the file and line.
+    is an optional object. Errors name the file and line. Other formats and Hub datasets:
+    :func:`unisd.datafiles.load_data`, which this calls.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such data file (expected JSONL with 'prompt' and 'reference' fields)")
-    examples: list[Example] = []
-    seen: set[str] = set()
-    for where, record in iter_jsonl(path, "with 'prompt' and 'reference'"):
-        for key in ("prompt", "reference"):
-            if not isinstance(record.get(key), str) or not record[key].strip():
-                raise DataError(
-                    f"{where}: field '{key}' must be a non-empty string "
-                    "(each line needs 'prompt' (student text) and 'reference' (shown to the teacher))"
-                )
-            _check_encodable(record[key], f"{where}: field '{key}'")
-        meta = record.get("meta", {})
-        if not isinstance(meta, dict):
-            raise DataError(f"{where}: field 'meta' must be an object")
-        ex_id = str(record.get("id", where.rsplit(":", 1)[1]))
-        if ex_id in seen:
-            raise DataError(f"{where}: duplicate id {ex_id!r}; ids must be unique")
-        seen.add(ex_id)
-        examples.append(Example(ex_id, record["prompt"], record["reference"], meta))
-        if limit is not None and len(examples) >= limit:
-            break
-    if not examples:
-        raise DataError(f"{path}: no examples found")
-    return examples
+    from .datafiles import load_data  # datafiles builds on this module
+
+    return load_data(path, limit=limit)

@@ -31,6 +31,13 @@ def _default(name: str) -> str:
     return str(getattr(RunConfig(), name))
 
 
+def _data_source(data: str | None) -> str | None:
+    """A local path as pathlib spells it (so `--resume` compares ./x.jsonl and x.jsonl equal); a Hub id as given."""
+    if not data:
+        return None
+    return str(Path(data)) if Path(data).exists() else data
+
+
 def _help(text: str, default: str) -> str:
     return f"{text}  [default: {default}]"
 
@@ -53,7 +60,11 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
         ctx: typer.Context,
         model: str = typer.Option(None, "--model", metavar="MODEL", help="HF hub id, local HF directory, .gguf file, or 'smollm2' (bundled)."),
         task: str = typer.Option(None, "--task", metavar="TASK", help="A registered task (see `unisd plugins`)."),
-        data: Path = typer.Option(None, "--data", metavar="FILE", help="JSONL file: one {id, prompt, reference, meta} per line."),
+        data: str = typer.Option(None, "--data", metavar="FILE|DIR|HUB_ID", help="Training data: a .jsonl/.json/.csv/.parquet file, a dataset folder, or a Hub dataset OWNER/NAME[:CONFIG]; records with prompt and reference, or chat 'messages'."),
+        data_split: str = typer.Option(None, "--data-split", metavar="SPLIT", help=_help("The split of a dataset folder or Hub dataset.", _default("split"))),
+        prompt_column: str = typer.Option(None, "--prompt-column", metavar="NAME", help=_help("The field holding the student's text.", _default("prompt_column"))),
+        reference_column: str = typer.Option(None, "--reference-column", metavar="NAME", help=_help("The field holding the teacher's demonstration (chat records: default the last assistant turn).", _default("reference_column"))),
+        system_prompt: str = typer.Option(None, "--system-prompt", metavar="TEXT", help="A system turn for student and teacher (and the evaluations), on examples without one of their own."),
         task_data: Path = typer.Option(None, "--task-data", metavar="FILE", help="Local file in the task's own field layout (with --task)."),
         with_: list[str] = typer.Option(None, "--with", metavar="COMPONENT", help="Add a component (repeatable), e.g. --with ema."),
         preset: str = typer.Option(None, "--preset", metavar="PRESET", help="A named set of components and options, e.g. unisd-star."),
@@ -100,7 +111,8 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
             raise typer.Exit(relaunch(num_processes))
         with cli_errors():
             flags = {
-                "model": model, "task": task, "data": str(data) if data else None,
+                "model": model, "task": task, "data": _data_source(data), "split": data_split,
+                "prompt_column": prompt_column, "reference_column": reference_column, "system_prompt": system_prompt,
                 "task_data": str(task_data) if task_data else None, "output": str(output) if output else None,
                 "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr, "lora": lora,
                 "dtype": dtype, "backend": backend, "attn_implementation": attn_implementation, "eval_task": eval_task, "eval_every": eval_every, "eval_limit": eval_limit, "save_every": save_every,

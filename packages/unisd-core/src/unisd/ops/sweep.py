@@ -7,7 +7,7 @@ train on)::
     output_root = "runs/ablation"       # default: runs/<sweep file stem>, next to the sweep file
     models = ["smollm2"]                # --model values (hub ids, directories, .gguf files)
     tasks = ["demo"]                    # registered training tasks ...
-    data = ["train.jsonl"]              # ... and/or JSONL files; each is one dataset axis value
+    data = ["train.jsonl"]              # ... and/or data files or Hub dataset ids; each is one dataset axis value
     presets = ["ema", "unisd-star"]     # one method per preset
     seeds = [1, 2, 3]                   # train every combination once per seed (run dirs end in -s1, -s2, ...)
 
@@ -65,6 +65,7 @@ from typing import Any
 
 from ..components import make_options, resolve_selection
 from ..config import RunConfig, config_from_mapping, read_toml
+from ..datafiles import looks_like_hub_id
 from ..errors import ConfigError
 from ..plugins import UnisdPluginManager
 from ..recipes import recipe_settings, recipe_task
@@ -185,7 +186,9 @@ def load_sweep(path: str | Path, output_root: str | Path | None = None) -> Sweep
     # A model that names a directory or file next to the sweep file means that path.
     models = [str(_resolve_path(base, m)) if _resolve_path(base, m).exists() else m for m in models]
     tasks = _str_list(raw.get("tasks", []), f"{where}: tasks")
-    data = [_resolve_path(base, d) for d in _str_list(raw.get("data", []), f"{where}: data")]
+    # Data files are relative to the sweep file; a Hub dataset id (no such file there) stays as written.
+    data = [Path(d) if looks_like_hub_id(d) and not _resolve_path(base, d).exists() else _resolve_path(base, d)
+            for d in _str_list(raw.get("data", []), f"{where}: data")]
     if not tasks and not data:
         raise ConfigError(f"{where}: nothing to train on; give tasks = [...] and/or data = [\"file.jsonl\"]")
 
