@@ -87,7 +87,7 @@ def test_plugins_lists_components_options_and_presets():
     assert ema_opts["beta"]["default"] == 0.9 and ema_opts["sync_steps"]["default"] == 10 and ema_opts["beta"]["help"]
     presets = {p["name"]: p for p in data["presets"]}
     expected = {f"agreement_{lv}_{b}" for lv in ("seq", "tok") for b in ("random", "retrieval", "induction")}
-    assert expected | {"unisd-star", "unisd_star", "ema", "contrastive", "match_joint", "match_repr", "clip"} <= set(presets)
+    assert expected | {"unisd-star", "ema", "contrastive", "match_joint", "match_repr", "clip"} <= set(presets)
     assert presets["unisd-star"]["components"]["ema"] == {"sync_steps": 10, "beta": 0.98}
 
 

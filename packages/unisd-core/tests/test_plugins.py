@@ -145,3 +145,29 @@ def test_registry_suggestions():
     with pytest.raises(UnknownNameError) as err:
         reg.get("zzzzzz")
     assert "(is the plugin installed?)" in str(err.value)
+
+
+def test_plugins_all_shows_what_the_plain_listing_leaves_out():
+    pytest.importorskip("unisd_components")
+    app = make_app(get_plugin_manager())
+    plain = CliRunner().invoke(app, ["plugins"], env={"COLUMNS": "200"})
+    full = CliRunner().invoke(app, ["plugins", "--all"], env={"COLUMNS": "200"})
+    assert plain.exit_code == full.exit_code == 0
+    assert "options: gamma=1.0, num_contexts=3" in plain.output
+    assert "-o agreement.gamma=1.0 (float): Strength" in full.output  # every option, typed, with its help
+    assert "-o agreement.stat=var (str, one of var|range)" in full.output
+    assert "-o agreement.gamma" not in plain.output
+    assert "splits:" in full.output and "splits:" not in plain.output
+    assert "unisd-components" in full.output.split("plugins")[-1]  # every plugin and its distribution
+    assert full.output != plain.output
+
+
+def test_names_differing_in_underscore_and_dash_find_one_entry():
+    reg = Registry("preset")
+    reg.register("unisd-star", "star", provider="p")
+    reg.register("match_joint", "joint", provider="p")
+    assert reg.get("unisd_star") == "star" and reg.get("match-joint") == "joint"
+    assert "unisd_star" in reg and "unisd-star" in reg and "unisd star" not in reg
+    assert reg.names() == ["match_joint", "unisd-star"]  # listed once, under the registered name
+    with pytest.raises(UnknownNameError):
+        reg.get("unisd-sta")

@@ -43,7 +43,6 @@ def _agreement_modes() -> list[Preset]:
 def all_presets() -> list[Preset]:
     return [
         Preset("unisd-star", STAR, help=STAR_HELP, run=STAR_RUN),
-        Preset("unisd_star", STAR, help=STAR_HELP + " (the research code's mode name)", run=STAR_RUN),
         *_agreement_modes(),
         Preset("ema", {"ema": {"sync_steps": 10, "beta": 0.9}}, help="EMA teacher (sync 10, β=0.9)"),
         Preset("contrastive", {"contrastive": {"weight": 0.1, "margin": 0.5}},

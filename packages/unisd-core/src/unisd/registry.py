@@ -46,10 +46,12 @@ class Registry(Generic[T]):
         return self.entry(name).item
 
     def entry(self, name: str) -> Entry[T]:
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise UnknownNameError(self.kind, name, self.names(), self.suggest(name)) from None
+        """The entry registered as ``name``; a name that differs only in ``_`` for ``-`` (or back) finds it too,
+        so the research code's spellings (``unisd_star``) work without being listed twice."""
+        for candidate in (name, name.replace("_", "-"), name.replace("-", "_")):
+            if candidate in self._entries:
+                return self._entries[candidate]
+        raise UnknownNameError(self.kind, name, self.names(), self.suggest(name))
 
     def suggest(self, name: str) -> list[str]:
         return difflib.get_close_matches(name, self.names(), n=3, cutoff=0.6)
@@ -61,7 +63,8 @@ class Registry(Generic[T]):
         return [self._entries[n] for n in self.names()]
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return isinstance(name, str) and any(
+            c in self._entries for c in (name, name.replace("_", "-"), name.replace("-", "_")))
 
     def __len__(self) -> int:
         return len(self._entries)

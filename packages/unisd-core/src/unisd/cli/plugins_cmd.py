@@ -57,6 +57,22 @@ def settings_text(values: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in values.items()) or "(defaults)"
 
 
+def short_options(options: list[dict[str, Any]]) -> str:
+    """``gamma=1.0, num_contexts=3``: each option's default, the plain listing."""
+    return ", ".join(f"{o['name']}={o['default']}" for o in options)
+
+
+def option_text(option: dict[str, Any]) -> str:
+    """``gamma=1.0 (float): Strength ...``, with the choices where there are some: the ``--all`` listing."""
+    choices = f", one of {'|'.join(map(str, option['choices']))}" if option.get("choices") else ""
+    return f"{option['name']}={option['default']} ({option['type']}{choices}): {option['help']}"
+
+
+def components_text(components: dict[str, dict[str, Any]]) -> str:
+    """``ema(beta=0.98), contrastive``: a preset's components and the options it sets."""
+    return ", ".join(f"{name}({settings_text(opts)})" if opts else name for name, opts in components.items()) or "none"
+
+
 def recipe_text(recipe: dict[str, Any]) -> str:
     """One recipe's settings: those for every task, then the per-task ones and the tasks it swaps."""
     parts = [f"every task: {settings_text(recipe['run'])}"]
@@ -68,7 +84,8 @@ def recipe_text(recipe: dict[str, Any]) -> str:
 def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
     @app.command("plugins")
     def plugins_command(
-        show_all: bool = typer.Option(False, "--all", help="Also list disabled plugins and every option."),
+        show_all: bool = typer.Option(False, "--all", help="Every option with its type and help, task splits, preset "
+                                      "components, and every plugin (disabled ones too) with its distribution."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     ) -> None:
         """List installed plugins: components, tasks, backends and presets, with provider and status."""
@@ -84,11 +101,17 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
                 table.add_column(col)
             for row in data[kind]:
                 desc = row["description"]
-                if kind == "components" and (show_all or row["options"]):
-                    opts = ", ".join(f"{o['name']}={o['default']}" for o in row["options"])
-                    desc = f"{desc}\n[dim]options: {opts}[/]" if opts else desc
+                if kind == "components" and row["options"]:
+                    if show_all:  # every option with its type, choices and help
+                        desc += "".join(f"\n[dim]-o {row['name']}.{option_text(o)}[/]" for o in row["options"])
+                    else:
+                        desc += f"\n[dim]options: {short_options(row['options'])}[/]"
+                if kind == "tasks" and show_all:
+                    splits = ", ".join(row["splits"]) or "?"
+                    desc += f"\n[dim]splits: {splits}; {'trains and evaluates' if row['trainable'] else 'evaluation only'}[/]"
                 if kind == "presets":
-                    desc = f"{desc}\n[dim]run: {settings_text(row['run'])}[/]"
+                    desc = f"{desc}\n[dim]components: {components_text(row['components'])}; run: {settings_text(row['run'])}[/]" \
+                        if show_all else f"{desc}\n[dim]run: {settings_text(row['run'])}[/]"
                 table.add_row(row["name"], row["provider"], desc)
             console.print(table)
         table = Table(title="recipes (--recipe NAME)", title_justify="left")
@@ -97,9 +120,10 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
         for row in data["recipes"]:
             table.add_row(row["name"], f"{row['description']}\n[dim]{recipe_text(row)}[/]")
         console.print(table)
-        problems = [p for p in data["plugins"] if p["status"] != "loaded"]
+        # Plain: only the plugins with a problem. --all: every plugin, where it comes from and its status.
+        problems = data["plugins"] if show_all else [p for p in data["plugins"] if p["status"] != "loaded"]
         if problems:
-            table = Table(title="plugins not loaded", title_justify="left")
+            table = Table(title="plugins" if show_all else "plugins not loaded", title_justify="left")
             for col in ("name", "distribution", "status", "error"):
                 table.add_column(col)
             for p in problems:
