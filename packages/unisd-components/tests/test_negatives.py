@@ -356,3 +356,46 @@ def test_vllm_gets_guided_json_in_either_spelling(monkeypatch):
 def test_cache_negatives_needs_a_source():
     result = CliRunner().invoke(make_app(get_plugin_manager()), ["cache", "negatives", "--model", "x"])
     assert result.exit_code == 2 and "exactly one of --task NAME or --data" in result.output
+
+
+def test_train_builds_missing_negatives_itself_and_trains_as_if_they_were_there(tiny_model_dir, tmp_path, monkeypatch):
+    import unisd_components.negatives_gen as gen
+    from safetensors.torch import load_file
+
+    seen = {}
+    fake = fake_hf_generator(seen)
+
+    def drawing(*args, **kwargs):  # like a real sampler, it draws from torch's RNG
+        generate = fake(*args, **kwargs)
+        return lambda texts: (torch.rand(3), generate(texts))[1]
+
+    monkeypatch.setattr(gen, "hf_generator", drawing)
+    data = write_jsonl(tmp_path / "plain.jsonl", toy_records(4))  # no negatives anywhere
+    app, runner = make_app(get_plugin_manager()), CliRunner()
+
+    def train(out, *extra):
+        return runner.invoke(app, [
+            "train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out), "--steps", "2",
+            "--batch-size", "2", "--grad-accum", "1", "--max-new-tokens", "4", "--with", "contrastive", *extra,
+        ], catch_exceptions=False)
+
+    refused = train(tmp_path / "refused", "--no-build-cache")
+    assert refused.exit_code == 2
+    assert "none of the 4 examples has a negative demonstration" in refused.output
+    assert "drop --no-build-cache" in refused.output
+
+    built = train(tmp_path / "built")
+    assert built.exit_code == 0, built.output
+    assert "contrastive: building negatives for 4 example(s)" in built.output
+    assert "negatives: 4/4 example(s) done" in built.output  # progress lines, through the run's reporter
+    assert seen["calls"][0] == 16  # 4 examples x 4 negatives, sampled together
+    records = [json.loads(line) for line in (tmp_path / "built" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["contrastive/missing_fraction"] == 0 for r in records)
+
+    again = train(tmp_path / "again")  # the cache is there now: nothing is generated
+    assert again.exit_code == 0, again.output
+    assert "building negatives" not in again.output and len(seen["calls"]) == 2
+    # building forked the RNG: both runs trained on the same samples, to the same weights
+    a = load_file(str(tmp_path / "built" / "final" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "again" / "final" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

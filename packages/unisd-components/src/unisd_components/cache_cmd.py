@@ -97,12 +97,12 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-class _Progress:
+class Progress:
     """Plain progress lines: after the first generation call, then at most every ``every`` seconds, and
     when the last example is done."""
 
-    def __init__(self, todo: int, every: float = 10.0):
-        self.todo, self.every = todo, every
+    def __init__(self, todo: int, every: float = 10.0, say: Any = None):
+        self.todo, self.every, self.say = todo, every, say or _say
         self.start = self.last = time.monotonic()
         self.lines = 0
 
@@ -112,7 +112,7 @@ class _Progress:
             return
         self.last, self.lines = now, self.lines + 1
         rejected = sum(stats.rejected.values())
-        _say(f"negatives: {stats.written}/{self.todo} example(s) done, {stats.without} without a negative, "
+        self.say(f"negatives: {stats.written}/{self.todo} example(s) done, {stats.without} without a negative, "
              f"{stats.sampled} sample(s) generated, {rejected} rejected, {now - self.start:.0f}s")
 
 
@@ -159,7 +159,7 @@ def _run(pm: Any, req: Request) -> None:
          f"backend {backend} -> {output}")
     stats = build_negatives(examples, generate, output, num_negatives=req.num_negatives, kind=req.kind, task=task,
                             max_retries=req.max_retries, batch_examples=req.batch_examples,
-                            progress=_Progress(len(examples)))
+                            progress=Progress(len(examples)))
     rejected = ", ".join(f"{n} {reason}" for reason, n in sorted(stats["rejected"].items())) or "none"
     _say(f"negatives: {stats['written']} example(s) written, {stats['skipped']} already done, "
          f"{stats['without']} without any valid negative -> {output}")

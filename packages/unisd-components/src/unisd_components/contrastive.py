@@ -71,17 +71,52 @@ class Contrastive:
             raise UsageError(f"contrastive.cache {path}: no such file (build it with `unisd cache negatives`)")
         cached = read_cache(path)
         self.attach(run.examples, cached, run_seed(self.options.seed, run))
+        # Built inside the run for single-process LoRA runs only (the processes of a launch would race on the
+        # file; under --full the model at setup is the one being trained); otherwise the message below says how.
+        from unisd import distributed
+
+        if (self.missing and not self.options.cache and getattr(cfg, "build_cache", False) and cfg.lora
+                and not distributed.current().active):
+            self._build_missing(run, path)
+            self.attach(run.examples, read_cache(path), run_seed(self.options.seed, run))
         if not self.negatives:
             raise UsageError(
                 f"contrastive: none of the {len(run.examples)} examples has a negative demonstration. Build them with "
                 f"`unisd cache negatives --model {cfg.model} {'--data ' + cfg.data if cfg.data else '--task ' + str(cfg.task)}` "
-                "(or give meta.negative_reference in --data records, or -o contrastive.cache=PATH)"
+                "(or give meta.negative_reference in --data records, or -o contrastive.cache=PATH"
+                + (", or drop --no-build-cache to build them in this run" if not getattr(cfg, "build_cache", True) else "")
+                + ")"
             )
         if self.missing:
             run.reporter.info(
                 f"[yellow]contrastive: {len(self.missing)} of {len(run.examples)} example(s) have no negative "
                 f"(e.g. {self.missing[0]}); they train without the contrastive term.[/]"
             )
+
+    def _build_missing(self, run: Any, path: Path) -> None:
+        """Generate negatives for the examples without one into the default cache, as `unisd cache negatives`
+        would, with the run's own model (still the base model at setup: LoRA starts as a no-op). Examples
+        already in the cache are not redone, so an interrupted build resumes. The RNG is forked: a run that
+        built the cache trains exactly like one that found it built."""
+        from unisd.rollout import SamplingParams
+
+        from .cache_cmd import Progress
+        from .negatives import build_negatives, negative_budget, negative_kind
+        from .negatives_gen import hf_generator
+
+        cfg = run.config
+        source = f"--data {cfg.data}" if cfg.data else f"--task {cfg.task}"
+        missing = set(self.missing)
+        todo = [e for e in run.examples if e.id in missing]
+        budget = max(negative_budget(self.task, negative_kind(e, self.task)) for e in todo)
+        run.reporter.info(f"contrastive: building negatives for {len(todo)} example(s) with {cfg.model} (up to "
+                          f"{budget} new tokens each) -> {path}; once, reused by later runs (--no-build-cache refuses "
+                          f"instead; `unisd cache negatives --model {cfg.model} {source}` builds them apart)")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            generate = hf_generator(run.model, run.tokenizer, SamplingParams(temperature=0.7, max_new_tokens=budget))
+            build_negatives(todo, generate, path, task=self.task,
+                            progress=Progress(len(todo), say=run.reporter.info))
 
     def attach(self, examples: list[Example], cached: dict[str, list[dict]], seed: int | None = None) -> None:
         """One negative per example for the run: meta, the task's own, then the cache (see choose_negative)."""

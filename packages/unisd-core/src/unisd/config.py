@@ -89,6 +89,8 @@ class RunConfig:
     loss_reduction: str = "token"
     # "shuffled": a control run whose teacher sees another training example's reference (unisd.controls)
     reference_control: str = "none"
+    # components that need a cache (contrastive's negatives) build what is missing with the run's model
+    build_cache: bool = True
     # bookkeeping
     save_every: int = 0  # 0: only at the end of the run
     eval_task: str | None = None

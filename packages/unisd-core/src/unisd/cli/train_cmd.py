@@ -99,6 +99,7 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
         deepspeed: Path = typer.Option(None, "--deepspeed", metavar="FILE", help="DeepSpeed JSON config: its ZeRO stage and offload select the equivalent FSDP2 sharding."),
         report_to: list[str] = typer.Option(None, "--report-to", metavar="TRACKER", help="Also send metrics, config and evaluations to tensorboard, wandb, trackio or mlflow (repeatable; each an extra: pip install 'unisd-core[wandb]')."),
         reference_control: str = typer.Option(None, "--reference-control", metavar="none|shuffled", help=_help("A control run: 'shuffled' shows each example's teacher another example's reference, to separate the right reference's effect from the format's.", _default("reference_control"))),
+        build_cache: bool = typer.Option(None, "--build-cache/--no-build-cache", help=_help("Let components build a missing cache (contrastive's negatives, with the run's model) instead of stopping.", _default("build_cache"))),
         push_to_hub: str = typer.Option(None, "--push-to-hub", metavar="REPO", help="After training, upload final/ and its model card to this Hub repository (OWNER/NAME)."),
     ) -> None:
         """Train a model by on-policy self-distillation.
@@ -121,6 +122,7 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
                 "allow_no_chat_template": allow_no_chat_template, "lora_r": lora_r, "lora_alpha": lora_alpha,
                 "lora_dropout": lora_dropout, "lora_target_modules": _module_list(lora_target_modules),
                 "report_to": list(report_to) if report_to else None, "reference_control": reference_control,
+                "build_cache": build_cache,
             }
             given = {k: v for k, v in flags.items() if v is not None}
             if push_to_hub is not None:
