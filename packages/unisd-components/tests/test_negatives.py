@@ -359,8 +359,9 @@ def test_cache_negatives_needs_a_source():
 
 
 def test_train_builds_missing_negatives_itself_and_trains_as_if_they_were_there(tiny_model_dir, tmp_path, monkeypatch):
-    import unisd_components.negatives_gen as gen
     from safetensors.torch import load_file
+
+    import unisd_components.negatives_gen as gen
 
     seen = {}
     fake = fake_hf_generator(seen)

@@ -103,3 +103,46 @@ def test_eval_with_a_tiny_model(app, data_files, tmp_path):
 def test_eval_tasks_are_registered():
     names = set(get_plugin_manager().registries.tasks.names())
     assert {"mbpp", "humaneval", "scienceqa", "cos_e", "medmcqa", "gpqa", "tooluse", "gsm8k"} <= names
+
+
+def test_eval_several_tasks_in_one_call_loads_the_model_once(app, tmp_path, monkeypatch):
+    import unisd.models as models
+
+    loads = []
+    real = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (loads.append(k.get("dtype")), real(*a, **k))[1])
+    model_dir = make_tiny_model_dir(tmp_path / "model")
+    out = tmp_path / "evals"
+    result = CliRunner().invoke(app, ["eval", "--tasks", "demo,humaneval", "--model", str(model_dir), "--limit", "2",
+                                      "--max-new-tokens", "4", "--dtype", "float32", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert loads == ["float32"]  # one load, with the dtype asked for
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["tasks"]) == ["demo", "humaneval"]
+    for name, metric in (("demo", "accuracy"), ("humaneval", "pass@1")):
+        results = json.loads((out / name / "results.json").read_text())
+        assert results["task"] == name and results["metrics"]["items"] == 2
+        row = summary["tasks"][name]
+        assert (row["metric"], row["value"], row["items"]) == (metric, results["metrics"][metric], 2)
+        assert row["stderr"] == results["metrics"][f"{metric}_stderr"]
+        assert len((out / name / "predictions.jsonl").read_text().splitlines()) == 2
+    assert "unisd eval: summary" in result.output
+    # the comma form of the argument is the same thing; a second call refuses to overwrite
+    again = CliRunner().invoke(app, ["eval", "demo,humaneval", "--model", str(model_dir), "--output", str(out)])
+    assert again.exit_code == 2 and "already holds results.json" in again.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tasks", "demo,humaneval", "--predictions", "p.jsonl"], "--predictions belongs to one task"),
+    (["--tasks", "demo,humaneval", "--model", "m", "--split", "test"], "--split belongs to one task"),
+    (["--tasks", "demo,nosuchtask", "--model", "m"], "nosuchtask"),
+    (["--tasks", "demo,demo", "--model", "m"], "named twice"),
+    (["demo", "--tasks", "humaneval", "--model", "m"], "one of the two"),
+    ([], "name the task(s)"),
+    (["demo", "--model", "m", "--dtype", "float8"], "--dtype must be one of"),
+])
+def test_several_task_flags_that_cannot_be_shared_exit_2(app, tmp_path, args, message):
+    result = CliRunner().invoke(app, ["eval", *args, "--output", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "o").exists()

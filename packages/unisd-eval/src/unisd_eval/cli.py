@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -25,6 +26,7 @@ from rich.table import Table
 
 from unisd import atomic
 from unisd.cli.errors import cli_errors
+from unisd.config import DTYPE_CHOICES as DTYPES
 from unisd.errors import DataError, UnisdError, UsageError
 from unisd.tasks import Example, Score, Task, iter_jsonl_lines
 
@@ -132,13 +134,13 @@ def missing_rows(missing: list[Example], by_id: dict[str, list[str]]) -> list[Ro
 class Generator:
     """A loaded model that completes examples' prompts: greedy, or sampled at a temperature."""
 
-    def __init__(self, model_ref: str, max_new_tokens: int, batch_size: int, console: Console):
+    def __init__(self, model_ref: str, max_new_tokens: int, batch_size: int, console: Console, dtype: str = "auto"):
         from unisd.models import load_model, load_tokenizer, resolve_model
         from unisd.rollout import HFBackend
 
         source = resolve_model(model_ref, progress=console.print)
         self.tokenizer = load_tokenizer(source)
-        self.backend = HFBackend(load_model(source), self.tokenizer, batch_size=batch_size)
+        self.backend = HFBackend(load_model(source, dtype=dtype), self.tokenizer, batch_size=batch_size)
         self.max_new_tokens, self.batch_size, self.console = max_new_tokens, batch_size, console
 
     def complete(self, examples: list[Example], temperature: float) -> list[str]:
@@ -391,8 +393,11 @@ def run_retention(pm: Any, model: str, base: str | None, prompts_from: str | Non
 
 def eval_command(
     ctx: typer.Context,
-    task: str = typer.Argument(..., help="A registered task, e.g. humaneval, mbpp, gsm8k (see `unisd plugins`), "
-                               "or 'retention': the model against its base (--base) on a task's prompts."),
+    task: str = typer.Argument(None, help="A registered task, e.g. humaneval, mbpp, gsm8k (see `unisd plugins`), several "
+                               "separated by commas (humaneval,mbpp), or 'retention': the model against its base "
+                               "(--base) on a task's prompts."),
+    tasks: str = typer.Option(None, "--tasks", metavar="A,B", help="Several tasks in one call (the model loads once); "
+                              "each writes OUTPUT/TASK/, and OUTPUT/summary.json lists their headline scores."),
     model: str = typer.Option(None, "--model", help="HF hub id, local HF directory, .gguf file, or 'smollm2'."),
     predictions: Path = typer.Option(None, "--predictions", help='JSONL of {"id": ..., "completion": ...} to score.'),
     split: str = typer.Option(None, "--split", help="Dataset split (default: the task's evaluation split)."),
@@ -405,6 +410,7 @@ def eval_command(
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Generation budget (default: the task's)."),
     data_file: Path = typer.Option(None, "--data-file", help="Local JSON/JSONL/CSV/Parquet file in the hub layout."),
     batch_size: int = typer.Option(16, "--batch-size", help="Generation batch size."),
+    dtype: str = typer.Option("auto", "--dtype", help="Weights' dtype with --model: auto, float32, bfloat16 or float16."),
     base: str = typer.Option(None, "--base", help="retention: the base model (default: the one an adapter records)."),
     prompts_from: str = typer.Option(None, "--prompts-from", help="retention: the task whose prompts to use "
                                      "(default: the run's task, else demo)."),
@@ -412,11 +418,11 @@ def eval_command(
                                  "research code's MCQA extraction order and tool-use retries, for comparing "
                                  "with the paper)."),
 ) -> None:
-    """Evaluate a model (--model) or scored predictions (--predictions) on a benchmark task."""
+    """Evaluate a model (--model) or scored predictions (--predictions) on one or more benchmark tasks."""
     console = Console()
     with cli_errors():
         pm = ctx.find_root().obj
-        began = time.perf_counter()
+        names = task_names(task, tasks)
         if (model is None) == (predictions is None):
             raise UsageError("give exactly one of --model M (generate) or --predictions FILE.jsonl (score)")
         if samples < 1:
@@ -425,69 +431,127 @@ def eval_command(
             raise UsageError("--samples applies to --model; with --predictions, give several records per id instead")
         if missing not in MISSING_POLICIES:
             raise UsageError(f"--missing must be one of {', '.join(MISSING_POLICIES)}, got {missing!r}")
+        if dtype not in DTYPES:
+            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         check_protocol(protocol)
-        if (base or prompts_from) and task != RETENTION:
-            raise UsageError(f"--base and --prompts-from apply to `unisd eval {RETENTION}`, not to task {task!r}")
-        output = output or Path("runs") / f"eval-{task}-{time.strftime('%Y%m%d-%H%M%S')}"
-        check_output(output, overwrite)  # before the dataset, the model and scoring: fail in seconds
-        if task == RETENTION:
+        if (base or prompts_from) and names != [RETENTION]:
+            raise UsageError(f"--base and --prompts-from apply to `unisd eval {RETENTION}`, not to task {','.join(names)!r}")
+        if len(names) > 1:
+            given = [flag for flag, value in (("--predictions", predictions), ("--split", split),
+                                              ("--data-file", data_file)) if value is not None]
+            if given or RETENTION in names:
+                raise UsageError(f"several tasks in one call take --model and shared settings; {given[0] if given else RETENTION} "
+                                 "belongs to one task: evaluate that task on its own")
+            for name in names:
+                pm.registries.tasks.get(name)  # every name checked before the model loads
+        stamp = time.strftime('%Y%m%d-%H%M%S')
+        root = output or Path("runs") / (f"eval-{names[0]}-{stamp}" if len(names) == 1 else f"eval-{stamp}")
+        outputs = {name: root if len(names) == 1 else root / name for name in names}
+        for out in outputs.values():
+            check_output(out, overwrite)  # before the dataset, the model and scoring: fail in seconds
+        if names == [RETENTION]:
             if model is None or predictions is not None:
                 raise UsageError(f"`unisd eval {RETENTION}` needs --model RUN/final (and --base BASE), not --predictions")
             if samples != 1 or protocol != DEFAULT:
                 raise UsageError(f"`unisd eval {RETENTION}` compares greedy answers: --samples and --protocol do not apply")
             run_retention(pm, model, base, prompts_from, split, limit, max_new_tokens, data_file, batch_size,
-                          output, console)
+                          root, console)
             return
-        task_obj: Task = use_protocol(pm.registries.tasks.get(task)(), protocol)
-        split = split or task_obj.eval_split
-        examples = task_obj.load(split, path=str(data_file) if data_file else None, limit=limit)
-        if not examples:
-            raise DataError(f"task '{task}' split '{split}' has no examples")
-        loaded = time.perf_counter()
-        max_new = max_new_tokens or task_obj.max_new_tokens
-        rows: list[Row]
-        absent: list[Example] = []
-        if predictions is not None:
-            by_id = read_predictions(predictions)
-            rows = list(match_predictions(task, split, examples, by_id))
-            absent = missing_items(examples, by_id)
-            if absent and missing == "error":
-                raise missing_error(task, split, examples, absent)
-            rows += missing_rows(absent, by_id)
-        else:
-            generator = Generator(model, max_new, batch_size, console)
-            rows = list(generate(generator, examples, samples))
-        rounds = retry_rounds(task_obj, protocol, generating=predictions is None)
-        if rounds:
-            rows, retries = retry_unparsed(task_obj, rows, generator.complete, rounds)  # type: ignore[arg-type]
-        generated = time.perf_counter()
-        scores = score_rows(task_obj, rows, console)
-        scored = time.perf_counter()
-        metrics = summarize(task_obj, [ex for ex, _ in rows], scores)
-        metrics = with_stderrs(metrics, per_item_values(rows, scores))
-        if absent and any(k.startswith("verdict/") for k in metrics):  # the verdict shares still sum to 1
-            metrics["verdict/missing"] = sum(s.verdict == MISSING_VERDICT for s in scores) / len(scores)
-        metrics["items"] = len({ex.id for ex, _ in rows})
-        metrics["completions"] = sum(c is not None for _, c in rows)
-        if predictions is not None:
-            metrics["items_without_prediction"] = len(absent)
-        if rounds:
-            metrics.update(retries.metrics())
-        metrics = integer_counts(metrics)
-        results = {
-            "task": task, "split": split, "protocol": describe_protocol(protocol, rounds), "metrics": metrics,
-            "missing": {"policy": missing, "items": len(absent), "ids": [ex.id for ex in absent]},
-            "scoring_errors": sum(s.verdict == SCORING_ERROR_VERDICT for s in scores),
-            "config": {"model": model, "predictions": str(predictions) if predictions else None,
-                       "limit": limit, "samples": samples, "missing": missing, "max_new_tokens": max_new,
-                       "temperature": 0.0 if samples == 1 else SAMPLING_TEMPERATURE,
-                       "data_file": str(data_file) if data_file else None, "batch_size": batch_size},
-            "environment": environment(Path.cwd()),
-            "sandbox": sandbox_description(task_obj),
-            "timings": {"load_s": loaded - began, "generate_s": generated - loaded, "score_s": scored - generated,
-                        "total_s": time.perf_counter() - began},
-        }
-        write_outputs(output, results, rows, scores)
+        settings = EvalSettings(model, predictions, split, limit, samples, missing, max_new_tokens, data_file,
+                                batch_size, protocol)
+        generator = Generator(model, 0, batch_size, console, dtype=dtype) if model is not None else None
+        summary = {name: evaluate_task(pm, name, settings, generator, outputs[name], console) for name in names}
+        if len(names) > 1:
+            atomic.write_text(root / "summary.json", json.dumps(
+                {"model": model, "tasks": summary, "environment": environment(Path.cwd())}, indent=2, default=str) + "\n")
+    if len(names) > 1:
+        print_summary(console, summary, root)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """The settings of one `unisd eval` call that every task it evaluates shares."""
+
+    model: str | None
+    predictions: Path | None
+    split: str | None
+    limit: int | None
+    samples: int
+    missing: str
+    max_new_tokens: int | None
+    data_file: Path | None
+    batch_size: int
+    protocol: str
+
+
+def task_names(task: str | None, tasks: str | None) -> list[str]:
+    """The tasks of the call, from the argument or --tasks (one of them), commas separating names."""
+    if (task is None) == (tasks is None):
+        raise UsageError("name the task(s): `unisd eval TASK` or `unisd eval --tasks A,B` (one of the two)")
+    names = [n.strip() for n in (task or tasks or "").split(",") if n.strip()]
+    if not names:
+        raise UsageError("no task named: give e.g. `unisd eval humaneval` or `--tasks humaneval,mbpp`")
+    if len(set(names)) < len(names):
+        raise UsageError(f"a task is named twice in {task or tasks!r}")
+    return names
+
+
+def evaluate_task(pm: Any, task: str, s: EvalSettings, generator: Generator | None, output: Path,
+                  console: Console) -> dict[str, Any]:
+    """Evaluate one task (generating with ``generator``, or scoring ``s.predictions``), write its files,
+    print its table, and return its headline numbers."""
+    began = time.perf_counter()
+    task_obj: Task = use_protocol(pm.registries.tasks.get(task)(), s.protocol)
+    split = s.split or task_obj.eval_split
+    examples = task_obj.load(split, path=str(s.data_file) if s.data_file else None, limit=s.limit)
+    if not examples:
+        raise DataError(f"task '{task}' split '{split}' has no examples")
+    loaded = time.perf_counter()
+    max_new = s.max_new_tokens or task_obj.max_new_tokens
+    rows: list[Row]
+    absent: list[Example] = []
+    if s.predictions is not None:
+        by_id = read_predictions(s.predictions)
+        rows = list(match_predictions(task, split, examples, by_id))
+        absent = missing_items(examples, by_id)
+        if absent and s.missing == "error":
+            raise missing_error(task, split, examples, absent)
+        rows += missing_rows(absent, by_id)
+    else:
+        assert generator is not None
+        generator.max_new_tokens = max_new
+        rows = list(generate(generator, examples, s.samples))
+    rounds = retry_rounds(task_obj, s.protocol, generating=s.predictions is None)
+    if rounds:
+        rows, retries = retry_unparsed(task_obj, rows, generator.complete, rounds)  # type: ignore[union-attr]
+    generated = time.perf_counter()
+    scores = score_rows(task_obj, rows, console)
+    scored = time.perf_counter()
+    metrics = summarize(task_obj, [ex for ex, _ in rows], scores)
+    metrics = with_stderrs(metrics, per_item_values(rows, scores))
+    if absent and any(k.startswith("verdict/") for k in metrics):  # the verdict shares still sum to 1
+        metrics["verdict/missing"] = sum(sc.verdict == MISSING_VERDICT for sc in scores) / len(scores)
+    metrics["items"] = len({ex.id for ex, _ in rows})
+    metrics["completions"] = sum(c is not None for _, c in rows)
+    if s.predictions is not None:
+        metrics["items_without_prediction"] = len(absent)
+    if rounds:
+        metrics.update(retries.metrics())
+    metrics = integer_counts(metrics)
+    results = {
+        "task": task, "split": split, "protocol": describe_protocol(s.protocol, rounds), "metrics": metrics,
+        "missing": {"policy": s.missing, "items": len(absent), "ids": [ex.id for ex in absent]},
+        "scoring_errors": sum(sc.verdict == SCORING_ERROR_VERDICT for sc in scores),
+        "config": {"model": s.model, "predictions": str(s.predictions) if s.predictions else None,
+                   "limit": s.limit, "samples": s.samples, "missing": s.missing, "max_new_tokens": max_new,
+                   "temperature": 0.0 if s.samples == 1 else SAMPLING_TEMPERATURE,
+                   "data_file": str(s.data_file) if s.data_file else None, "batch_size": s.batch_size},
+        "environment": environment(Path.cwd()),
+        "sandbox": sandbox_description(task_obj),
+        "timings": {"load_s": loaded - began, "generate_s": generated - loaded, "score_s": scored - generated,
+                    "total_s": time.perf_counter() - began},
+    }
+    write_outputs(output, results, rows, scores)
     print_table(console, task, metrics)
     line = headline(metrics, scores)
     if line:
@@ -495,3 +559,19 @@ def eval_command(
     if absent:
         console.print(f"{len(absent)} item(s) had no prediction and count as failed (--missing fail)", highlight=False)
     console.print(f"Wrote {output / 'results.json'} and {output / 'predictions.jsonl'}", highlight=False)
+    key = next((k for k in HEADLINE_METRICS if k in metrics), None)
+    return {"metric": key, "value": metrics.get(key), "stderr": metrics.get(f"{key}_stderr"),
+            "items": metrics["items"], "output": str(output)}
+
+
+def print_summary(console: Console, summary: dict[str, dict[str, Any]], root: Path) -> None:
+    """One line per task: its headline score ± standard error, over how many items."""
+    table = Table(title="unisd eval: summary", title_justify="left")
+    for col in ("task", "metric", "value", "stderr", "items"):
+        table.add_column(col, justify="right" if col in ("value", "stderr", "items") else "left")
+    for name, row in summary.items():
+        value, stderr = row["value"], row["stderr"]
+        table.add_row(name, row["metric"] or "-", "-" if value is None else f"{value:.4f}",
+                      "-" if stderr is None else f"{stderr:.4f}", str(row["items"]))
+    console.print(table)
+    console.print(f"Wrote {root / 'summary.json'}", highlight=False)
