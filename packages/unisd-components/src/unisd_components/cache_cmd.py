@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Have the model write convincing wrong demonstrations, each validated before it is cached
         (resumable: finished examples are skipped). A task that supplies its own (demo) needs none."""
-        from unisd.cli.errors import cli_errors
+        from unisd.commands import cli_errors
 
         with cli_errors():
             _run(ctx.obj, Request(model, task, data, split, output, num_negatives, kind, limit, max_new_tokens,

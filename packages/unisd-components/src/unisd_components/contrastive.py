@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from unisd import runtime
 from unisd.components import option, run_seed
 from unisd.errors import UsageError
 from unisd.prompts import DemonstrationText
@@ -73,10 +74,8 @@ class Contrastive:
         self.attach(run.examples, cached, run_seed(self.options.seed, run))
         # Built inside the run for single-process LoRA runs only (the processes of a launch would race on the
         # file; under --full the model at setup is the one being trained); otherwise the message below says how.
-        from unisd import distributed
-
         if (self.missing and not self.options.cache and getattr(cfg, "build_cache", False) and cfg.lora
-                and not distributed.current().active):
+                and not runtime.several_processes()):
             self._build_missing(run, path)
             self.attach(run.examples, read_cache(path), run_seed(self.options.seed, run))
         if not self.negatives:

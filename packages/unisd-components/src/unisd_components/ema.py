@@ -10,81 +10,21 @@ averaged with the student's.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from unisd import sharding
+from unisd import runtime
 from unisd.components import option
-from unisd.scoring import Packed, completion_hidden, lm_head_weight
-from unisd.teacher import FrozenCopyTeacher, eval_mode
+from unisd.teacher import FrozenCopyTeacher, SwappedWeightsTeacher
 
 
 def ema_update_(shadow: torch.Tensor, current: torch.Tensor, beta: float) -> None:
     """In place: ``shadow ← β·shadow + (1−β)·current``, computed in float32 (bf16 in-place drifts)."""
     mixed = shadow.float().mul(beta).add(current.detach().to(shadow.device).float(), alpha=1.0 - beta)
     shadow.copy_(mixed.to(shadow.dtype))
-
-
-def _settle(model: Any) -> None:
-    """Wait for pending GPU copies: sharded weights offloaded to (pinned) CPU memory are copied to the GPU
-    asynchronously, and overwriting them in place before such a copy ran would change what it reads."""
-    if torch.cuda.is_available() and sharding.is_sharded(model):
-        torch.cuda.synchronize()
-
-
-class EmaAdapterTeacher:
-    """The student's frozen base with EMA copies swapped in for its trainable (adapter) tensors.
-
-    No second model exists: each teacher forward swaps the parameters' data with the EMA tensors
-    under no_grad and swaps them back in a ``finally``, so the student's tensors (and the
-    optimiser's references to them) are untouched.
-    """
-
-    def __init__(self, model: Any, params: dict[str, torch.nn.Parameter], shadow: dict[str, torch.Tensor]):
-        self.model, self.params, self.shadow = model, params, shadow
-
-    @contextlib.contextmanager
-    def swapped(self):
-        """The EMA values written into the parameters, the student's restored afterwards.
-
-        Values are copied in place rather than swapped in with ``.data =``: a sharded (FSDP) parameter
-        is gathered from its own storage, so only values written into that storage reach the forward.
-        """
-        saved: dict[str, torch.Tensor] = {}
-        sharding.reshard_all(self.model, blocks_only=True)  # whole (gathered) blocks would not see the values written below
-        with torch.no_grad():
-            try:
-                _settle(self.model)
-                for name, p in self.params.items():
-                    saved[name] = p.detach().clone()
-                    p.detach().copy_(self.shadow[name].to(dtype=p.dtype))
-                yield
-            finally:
-                _settle(self.model)
-                for name, data in saved.items():
-                    self.params[name].detach().copy_(data)
-                sharding.reshard_all(self.model, blocks_only=True)  # and none may keep the teacher's values
-
-    @torch.no_grad()
-    def hidden(self, packed: Packed) -> torch.Tensor:
-        with eval_mode(self.model), self.swapped():
-            return completion_hidden(self.model, packed)
-
-    def head_weight(self) -> torch.Tensor:
-        head = lm_head_weight(self.model)
-        for name, p in self.params.items():  # a trainable head (modules_to_save) is averaged too
-            if p is head:
-                return self.shadow[name].to(device=head.device, dtype=head.dtype)
-        return head.detach()
-
-    @contextlib.contextmanager
-    def as_model(self):
-        with torch.no_grad(), eval_mode(self.model), self.swapped():
-            yield self.model
 
 
 class Ema:
@@ -123,7 +63,7 @@ class Ema:
             self.mode = "lora"
             self.params = {n: p for n, p in run.model.named_parameters() if p.requires_grad}
             self.shadow = {n: p.detach().float().clone() for n, p in self.params.items()}
-            self.view = EmaAdapterTeacher(run.model, self.params, self.shadow)
+            self.view = SwappedWeightsTeacher(run.model, self.params, self.shadow)
         else:
             self.mode = "full"
             # Reuse the loop's frozen copy when it made one: a second full copy would double memory.
@@ -168,7 +108,7 @@ class Ema:
 
             raise CheckpointError(f"ema state was saved in {state.get('mode')} mode, resumed in {self.mode} mode")
         for name, tensor in state["shadow"].items():
-            sharding.copy_whole_into(self.shadow[name].data, tensor)
+            runtime.copy_whole_into(self.shadow[name].data, tensor)
         self.updates = int(state.get("updates", 0))
 
     @torch.no_grad()
@@ -176,7 +116,7 @@ class Ema:
         """L2 distance between the teacher's and the student's tracked tensors."""
         total = 0.0
         for name, p in self.params.items():
-            total += float(sharding.whole((self.shadow[name].float() - p.detach().float()).pow(2).sum()))
+            total += float(runtime.whole((self.shadow[name].float() - p.detach().float()).pow(2).sum()))
         return math.sqrt(total)
 
     def metrics(self) -> dict[str, float]:

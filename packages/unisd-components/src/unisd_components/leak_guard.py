@@ -45,7 +45,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from unisd import sharding
+from unisd import runtime
 from unisd.components import option
 from unisd.errors import ConfigError
 from unisd.hookspecs import hookimpl
@@ -96,7 +96,7 @@ class LeakGuard:
         # The task picks the teacher template whose phrases count as leaks (None: the generic one).
         self.tokenizer, self.task = run.tokenizer, run.task
         self.run = run  # its teacher is read at each step: a component (EMA) may replace it after setup
-        if self.options.lookahead and sharding.is_sharded(run.model):
+        if self.options.lookahead and runtime.is_sharded(run.model):
             raise ConfigError("leak-guard.lookahead is not supported with sharding (--shard fsdp) yet; "
                               "use -o leak-guard.lookahead=0")
 

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from .errors import ConfigError, OptionError
 from .registry import Registry
+from .values import convert_value
 
 # Methods the loop may call on a component, in the order it calls them during a run.
 COMPONENT_METHODS = (
@@ -128,8 +129,6 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
 
 
 DEFAULT_COMPONENT_SEED = 42  # a component's seed outside a run (tests, library calls without a run)
@@ -141,44 +140,6 @@ def run_seed(seed: int | None, run: Any) -> int:
         return seed
     config = getattr(run, "config", None)
     return int(getattr(config, "seed", DEFAULT_COMPONENT_SEED))
-
-
-def convert_value(raw: Any, tp: Any, where: str) -> Any:
-    """Turn a string from the command line (or a TOML value) into the option's declared type."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        non_none = [a for a in args if a is not type(None)]
-        if isinstance(raw, str) and raw.lower() in {"none", "null", ""}:
-            return None
-        if raw is None:
-            return None
-        return convert_value(raw, non_none[0], where)
-    if origin is list:  # a TOML array, or "a,b" from the command line
-        item = args[0] if args else str
-        if isinstance(raw, str):
-            raw = [part.strip() for part in raw.split(",") if part.strip()]
-        if not isinstance(raw, list | tuple):
-            raise OptionError(f"{where}: expected a list, got {raw!r}")
-        return [convert_value(value, item, f"{where}[{i}]") for i, value in enumerate(raw)]
-    if not isinstance(raw, str):
-        if tp is float and isinstance(raw, int | float) and not isinstance(raw, bool):
-            return float(raw)
-        if isinstance(raw, tp):
-            return raw
-        raise OptionError(f"{where}: expected {tp.__name__}, got {raw!r}")
-    try:
-        if tp is bool:
-            low = raw.lower()
-            if low in _TRUE:
-                return True
-            if low in _FALSE:
-                return False
-            raise ValueError(raw)
-        if tp in (int, float, str):
-            return tp(raw)
-    except ValueError:
-        raise OptionError(f"{where}: expected {tp.__name__}, got {raw!r}") from None
-    raise OptionError(f"{where}: unsupported option type {tp!r}")
 
 
 def make_options(component_cls: type, values: Mapping[str, Any]) -> Any:

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .components import convert_value
 from .errors import ConfigError, OptionError
 from .recipes import check_recipe
+from .values import convert_value
 
 SHARD_CHOICES = ("auto", "none", "fsdp")  # see unisd.sharding
 COMPILE_CHOICES = ("auto", "on", "off")  # see unisd.chunk_math

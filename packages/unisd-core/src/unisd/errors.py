@@ -44,3 +44,11 @@ class CheckpointError(UsageError):
 
 class PluginConflictError(UnisdError):
     """Two plugins register the same name for the same kind of thing."""
+
+
+class TrainingInterrupted(UnisdError):
+    """SIGINT/SIGTERM arrived; the step in progress was finished and checkpointed."""
+
+
+class TrainingDiverged(UnisdError):
+    """Too many optimiser steps in a row had a non-finite loss or gradient."""

@@ -43,7 +43,7 @@ from .components import instantiate
 from .config import RunConfig, dump_config
 from .controls import shuffle_references
 from .datafiles import Columns, load_data, with_system_prompt
-from .errors import ConfigError, DataError, UnisdError, UsageError
+from .errors import ConfigError, DataError, TrainingDiverged, TrainingInterrupted, UsageError
 from .evaluate import evaluate
 from .leakage import count_leaks
 from .models import apply_lora, load_model, load_tokenizer, loading, resolve_model, training_dtype
@@ -416,14 +416,6 @@ def _micro_step(run: Run, batch: StepBatch, t: dict[str, Any], totals: _StepTota
 
 # ----------------------------------------------------------------------------------------------
 # The run
-
-
-class TrainingInterrupted(UnisdError):
-    """SIGINT/SIGTERM arrived; the step in progress was finished and checkpointed."""
-
-
-class TrainingDiverged(UnisdError):
-    """Too many optimiser steps in a row had a non-finite loss or gradient."""
 
 
 def seed_everything(seed: int) -> None:

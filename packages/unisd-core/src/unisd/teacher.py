@@ -101,3 +101,61 @@ class FrozenCopyTeacher:
 
 def default_teacher(model: Any, lora: bool) -> TeacherView:
     return AdapterDisabledTeacher(model) if lora else FrozenCopyTeacher(model)
+
+
+def _settle(model: Any) -> None:
+    """Wait for pending GPU copies: sharded weights offloaded to (pinned) CPU memory are copied to the GPU
+    asynchronously, and overwriting them in place before such a copy ran would change what it reads."""
+    if torch.cuda.is_available() and sharding.is_sharded(model):
+        torch.cuda.synchronize()
+
+
+class SwappedWeightsTeacher:
+    """The student's model with other values swapped into some of its parameters (e.g. an EMA adapter).
+
+    No second model exists: each teacher forward copies ``values[name]`` into ``params[name]`` under
+    no_grad and restores the student's values in a ``finally``, so the student's tensors (and the
+    optimiser's references to them) are untouched. Works on sharded (FSDP) models too.
+    """
+
+    def __init__(self, model: Any, params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor]):
+        self.model, self.params, self.shadow = model, params, values
+
+    @contextlib.contextmanager
+    def swapped(self):
+        """The swapped-in values written into the parameters, the student's restored afterwards.
+
+        Values are copied in place rather than swapped in with ``.data =``: a sharded (FSDP) parameter
+        is gathered from its own storage, so only values written into that storage reach the forward.
+        """
+        saved: dict[str, torch.Tensor] = {}
+        sharding.reshard_all(self.model, blocks_only=True)  # whole (gathered) blocks would not see the values written below
+        with torch.no_grad():
+            try:
+                _settle(self.model)
+                for name, p in self.params.items():
+                    saved[name] = p.detach().clone()
+                    p.detach().copy_(self.shadow[name].to(dtype=p.dtype))
+                yield
+            finally:
+                _settle(self.model)
+                for name, data in saved.items():
+                    self.params[name].detach().copy_(data)
+                sharding.reshard_all(self.model, blocks_only=True)  # and none may keep the teacher's values
+
+    @torch.no_grad()
+    def hidden(self, packed: Packed) -> torch.Tensor:
+        with eval_mode(self.model), self.swapped():
+            return completion_hidden(self.model, packed)
+
+    def head_weight(self) -> torch.Tensor:
+        head = lm_head_weight(self.model)
+        for name, p in self.params.items():  # a trainable head (modules_to_save) may be swapped too
+            if p is head:
+                return self.shadow[name].to(device=head.device, dtype=head.dtype)
+        return head.detach()
+
+    @contextlib.contextmanager
+    def as_model(self):
+        with torch.no_grad(), eval_mode(self.model), self.swapped():
+            yield self.model

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from unisd import atomic
-from unisd.cli.errors import cli_errors
+from unisd.commands import cli_errors
 from unisd.config import DTYPE_CHOICES as DTYPES
 from unisd.errors import DataError, UnisdError, UsageError
 from unisd.tasks import Example, Score, Task, iter_jsonl_lines

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import typer
 
-from ..errors import UnisdError, UsageError
+from ..errors import TrainingInterrupted, UnisdError, UsageError
 
 
 def _say(message: str) -> None:
@@ -21,8 +21,8 @@ def _say(message: str) -> None:
 
 @contextlib.contextmanager
 def cli_errors() -> Iterator[None]:
-    from ..loop import TrainingInterrupted
-
+    """Run a command body: a unisd error becomes one message (``Error: ...``) and its exit code (2 for bad
+    input, 1 for other failures, 130 for an interrupt), instead of a traceback."""
     try:
         yield
     except TrainingInterrupted as exc:
