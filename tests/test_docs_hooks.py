@@ -14,24 +14,15 @@ from pathlib import Path
 import pytest
 
 from unisd import hookspecs
-from unisd.components import COMPONENT_METHODS
+from unisd.components import COMPONENT_METHODS, ComponentHooks
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "plugin-hooks.md"
 HOOKS = sorted(name for name, obj in vars(hookspecs).items() if callable(obj) and hasattr(obj, "unisd_spec"))
-# The documented signature of each Component method (the protocol has no code to inspect).
+# The documented signature of each Component method, read from the typed protocol (self left out).
 METHOD_SIGNATURES = {
-    "setup": "setup(run)",
-    "inert_reason": "inert_reason(run)",
-    "teacher_contexts": "teacher_contexts(example)",
-    "teacher": "teacher(run)",
-    "transform_divergence": "transform_divergence(div, batch)",
-    "token_weights": "token_weights(scores, batch)",
-    "extra_losses": "extra_losses(scores, batch)",
-    "on_step_end": "on_step_end(run)",
-    "state_dict": "state_dict()",
-    "load_state_dict": "load_state_dict(state)",
-    "metrics": "metrics()",
+    name: f"{name}({', '.join(list(inspect.signature(getattr(ComponentHooks, name)).parameters)[1:])})"
+    for name in COMPONENT_METHODS
 }
 
 
@@ -51,7 +42,8 @@ def used_in_tests(name: str) -> list[Path]:
 
 def test_there_is_something_to_check():
     assert {"register_components", "register_commands"} <= set(HOOKS)
-    assert set(COMPONENT_METHODS) == set(METHOD_SIGNATURES), "a Component method was added: document it here"
+    assert METHOD_SIGNATURES["setup"] == "setup(run)"
+    assert METHOD_SIGNATURES["transform_divergence"] == "transform_divergence(div, batch)"
 
 
 @pytest.mark.parametrize("hook", HOOKS)

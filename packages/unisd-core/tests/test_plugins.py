@@ -171,3 +171,28 @@ def test_names_differing_in_underscore_and_dash_find_one_entry():
     assert reg.names() == ["match_joint", "unisd-star"]  # listed once, under the registered name
     with pytest.raises(UnknownNameError):
         reg.get("unisd-sta")
+
+
+def test_components_are_called_through_the_protocol_helpers():
+    from unisd.components import attribute, call_each, implements
+
+    class Weights:
+        name = "w"
+        distill_weight = 0.5
+
+        def token_weights(self, scores, batch):
+            return ("weights", scores, batch)
+
+    class Bare:
+        name = "bare"
+        token_weights = "not callable"
+
+    comps = [Weights(), Bare()]
+    assert call_each(comps, "token_weights", 1, 2) == [("weights", 1, 2)]
+    assert implements(comps[0], "token_weights") and not implements(comps[1], "token_weights")
+    assert [attribute(c, "distill_weight") for c in comps] == [0.5, 1.0]
+    assert attribute(comps[1], "inactive_hint") == ""
+    with pytest.raises(ValueError, match="not a component method"):
+        implements(comps[0], "token_weight")
+    with pytest.raises(KeyError):
+        attribute(comps[0], "no_such_attribute")

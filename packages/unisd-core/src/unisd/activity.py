@@ -19,15 +19,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from .components import COMPONENT_ATTRIBUTES, attribute, implements
+
 ACTIVITY = "activity"
-WATCH_STEPS = 10
+WATCH_STEPS = COMPONENT_ATTRIBUTES["activity_window"]
 
 
 def inert_warnings(components: list[Any], run: Any) -> dict[str, str]:
     """Each component's own reason (if any) why it cannot act in this run, by component name."""
     out = {}
     for comp in components:
-        reason = comp.inert_reason(run) if hasattr(comp, "inert_reason") else None
+        reason = comp.inert_reason(run) if implements(comp, "inert_reason") else None
         if reason:
             out[comp.name] = f"{comp.name} will not act in this run: {reason}"
     return out
@@ -46,9 +48,9 @@ class ActivityWatch:
         self.first = first_step
         self.windows: dict[str, tuple[int, str]] = {}
         for comp in components:
-            count = min(int(getattr(comp, "activity_window", WATCH_STEPS)), total_steps - first_step + 1)
+            count = min(int(attribute(comp, "activity_window")), total_steps - first_step + 1)
             if comp.name not in skip and count > 0:
-                self.windows[comp.name] = (first_step - 1 + count, getattr(comp, "inactive_hint", ""))
+                self.windows[comp.name] = (first_step - 1 + count, attribute(comp, "inactive_hint"))
         self.acted: dict[str, bool] = {}
 
     def observe(self, step: int, record: dict[str, Any]) -> list[str]:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from . import atomic, distributed
+from .components import implements
 from .errors import CheckpointError
 
 STATE_FILE = "trainer_state.json"
@@ -342,7 +343,7 @@ def gather_component_states(components: list[Any]) -> dict[str, Any]:
     every process calls it)."""
     from . import sharding
 
-    return sharding.whole_tree({c.name: c.state_dict() for c in components if hasattr(c, "state_dict")})
+    return sharding.whole_tree({c.name: c.state_dict() for c in components if implements(c, "state_dict")})
 
 
 def checkpoints_newest_first(run_dir: Path) -> list[Path]:
@@ -423,7 +424,7 @@ def load_checkpoint(
     scheduler.load_state_dict(load_pickled(path / "scheduler.pt"))
     saved = load_pickled(path / "components.pt")
     for comp in components:
-        if hasattr(comp, "load_state_dict"):
+        if implements(comp, "load_state_dict"):
             if comp.name not in saved:
                 raise CheckpointError(f"{path}: no saved state for component '{comp.name}'")
             comp.load_state_dict(saved[comp.name])

@@ -13,27 +13,19 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from .errors import ConfigError, OptionError
 from .registry import Registry
 from .values import convert_value
 
-# Methods the loop may call on a component, in the order it calls them during a run.
-COMPONENT_METHODS = (
-    "setup",
-    "inert_reason",
-    "teacher_contexts",
-    "teacher",
-    "transform_divergence",
-    "token_weights",
-    "extra_losses",
-    "on_step_end",
-    "state_dict",
-    "load_state_dict",
-    "metrics",
-)
+if TYPE_CHECKING:  # the types hooks speak in; their modules import this one
+    import torch
 
+    from .loop import Run, StepBatch
+    from .scoring import Scores
+    from .tasks import Example
+    from .teacher import TeacherView
 
 @runtime_checkable
 class Component(Protocol):
@@ -75,6 +67,80 @@ class Component(Protocol):
     """
 
     name: ClassVar[str]
+
+
+class ComponentHooks(Protocol):
+    """Every method a component *may* define, with its types, in the order the loop calls them.
+
+    A component implements any subset (see :class:`Component` for what each is for); the loop calls
+    them only through :func:`call_each` and :func:`implements`, which know this list. The types are
+    ``unisd.loop.Run``, ``unisd.loop.StepBatch``, ``unisd.scoring.Scores``, ``unisd.teacher.TeacherView``
+    and ``unisd.tasks.Example``.
+    """
+
+    def setup(self, run: Run) -> None:
+        """Once, after model, tokenizer and data exist."""
+
+    def inert_reason(self, run: Run) -> str | None:
+        """Why the component cannot act in this configured run, or None."""
+
+    def teacher_contexts(self, example: Example) -> dict[str, str]:
+        """Extra named teacher prompts (user-message text) for this example."""
+
+    def teacher(self, run: Run) -> TeacherView:
+        """The weights the teacher scores with."""
+
+    def transform_divergence(self, div: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        """The per-token divergence ``[B, C]``, changed."""
+
+    def token_weights(self, scores: Scores, batch: StepBatch) -> torch.Tensor:
+        """Per-token weights ``[B, C]`` (multiplied with the other components')."""
+
+    def extra_losses(self, scores: Scores, batch: StepBatch) -> dict[str, torch.Tensor]:
+        """Per-token loss terms ``[B, C]``, already weighted."""
+
+    def on_step_end(self, run: Run) -> None:
+        """After each optimiser step."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain data to save in a checkpoint."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+
+    def metrics(self) -> dict[str, float]:
+        """Numbers for metrics.jsonl (``activity``: how much it acted this step)."""
+
+
+# The methods of ComponentHooks, in the order the loop calls them during a run.
+COMPONENT_METHODS = tuple(name for name in ComponentHooks.__dict__ if not name.startswith("_"))
+
+# Class attributes a component may set, and the value the loop assumes when it does not.
+COMPONENT_ATTRIBUTES: dict[str, Any] = {
+    "distill_weight": 1.0,  # scales the divergence term; 0 replaces it
+    "needs_hidden": False,  # final hidden states in ``scores``
+    "needs_step_scores": False,  # the whole step's student divergences before the first backward
+    "context_temperature": None,  # temperature of its teacher contexts (None: the run's)
+    "activity_window": 10,  # steps the activity watch waits before warning (unisd.activity)
+    "inactive_hint": "",  # what to change when it did not act
+}
+
+
+def implements(component: Any, method: str) -> bool:
+    """Whether ``component`` defines ``method``, one of :class:`ComponentHooks`' methods."""
+    if method not in COMPONENT_METHODS:
+        raise ValueError(f"{method!r} is not a component method; they are {', '.join(COMPONENT_METHODS)}")
+    return callable(getattr(component, method, None))
+
+
+def call_each(components: list[Any], method: str, *args: Any) -> list[Any]:
+    """``method(*args)`` of every component that implements it, in the order they were selected."""
+    return [getattr(c, method)(*args) for c in components if implements(c, method)]
+
+
+def attribute(component: Any, name: str) -> Any:
+    """One of :data:`COMPONENT_ATTRIBUTES` of ``component``: its own value, else the default."""
+    return getattr(component, name, COMPONENT_ATTRIBUTES[name])
 
 
 @dataclass(frozen=True)
@@ -221,7 +287,7 @@ def instantiate(selection: Mapping[str, Mapping[str, Any]], components: Registry
         cls = components.get(name)
         opts = make_options(cls, selection[name])
         instances.append(cls(opts))
-    owners = [c.name for c in instances if hasattr(c, "teacher")]
+    owners = [c.name for c in instances if implements(c, "teacher")]
     if len(owners) > 1:
         raise ConfigError(
             f"Components {', '.join(owners)} each want to own the teacher weights; select at most one of them."

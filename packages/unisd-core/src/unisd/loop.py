@@ -39,7 +39,7 @@ from .checkpoint import (
     save_weights,
 )
 from .chunked import chunked_target_logprobs, chunked_token_outputs
-from .components import instantiate
+from .components import attribute, call_each, implements, instantiate
 from .config import RunConfig, dump_config
 from .controls import shuffle_references
 from .datafiles import Columns, load_data, with_system_prompt
@@ -212,10 +212,6 @@ def _micro_batches(n: int, size: int) -> list[range]:
     return [range(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def _call_all(components: list[Any], method: str, *args: Any) -> list[Any]:
-    return [getattr(c, method)(*args) for c in components if hasattr(c, method)]
-
-
 @torch.no_grad()
 def teacher_pass(run: Run, examples: list[Example], completions: list[list[int]], masks: torch.Tensor) -> dict[str, Any]:
     """Teacher hidden states and token log-probs for the main prompt and every component context.
@@ -243,16 +239,16 @@ def _teacher_pass(run: Run, examples: list[Example], completions: list[list[int]
         ("main", temperature, True, [run.teacher_ids(e) for e in examples])
     ]
     for comp in run.components:
-        if not hasattr(comp, "teacher_contexts"):
+        if not implements(comp, "teacher_contexts"):
             continue
-        ctx_temperature = getattr(comp, "context_temperature", None) or temperature
+        ctx_temperature = attribute(comp, "context_temperature") or temperature
         per_example = [comp.teacher_contexts(e) for e in examples]
         for name in sorted({n for ctx in per_example for n in ctx}):
             missing = [e.id for e, ctx in zip(examples, per_example, strict=True) if name not in ctx]
             if missing:
                 raise UsageError(f"component {comp.name} gave no context '{name}' for example(s) {missing[:3]}")
             ids = [run.context_ids(e, name, ctx[name]) for e, ctx in zip(examples, per_example, strict=True)]
-            rows.append((name, ctx_temperature, bool(getattr(comp, "needs_hidden", False)), ids))
+            rows.append((name, ctx_temperature, bool(attribute(comp, "needs_hidden")), ids))
 
     b = len(examples)
     packed_all = pack([p for _, _, _, ids in rows for p in ids], completions * len(rows), run.pad_id)
@@ -367,7 +363,7 @@ def _step_student_scores(run: Run, examples: list[list[Example]], completions: l
     """The student's divergence and entropy ``[B, C]`` of every micro-batch, before any backward pass,
     for components whose thresholds must cover the whole step (``needs_step_scores``: a clip quantile,
     an entropy mask). It costs one more student forward per micro-batch, so it runs only when asked."""
-    if not any(getattr(c, "needs_step_scores", False) for c in run.components):
+    if not any(attribute(c, "needs_step_scores") for c in run.components):
         return [], []
     divergences, entropies = [], []
     for ex, ids, t in zip(examples, completions, teacher_out, strict=True):
@@ -386,7 +382,7 @@ def _micro_step(run: Run, batch: StepBatch, t: dict[str, Any], totals: _StepTota
     student_hidden, divergence, student_logp, entropy = sharding.forward_call(
         run.model, _student_outputs, run, packed, t["hidden"]["main"], mask
     )
-    needs_hidden = any(getattr(c, "needs_hidden", False) for c in run.components)
+    needs_hidden = any(attribute(c, "needs_hidden") for c in run.components)
     scores = Scores(
         mask=mask, targets=packed.targets, divergence=divergence, student_logp=student_logp,
         entropy=entropy, teacher_logp={k: v.to(mask.device) for k, v in t["logp"].items()},
@@ -395,15 +391,15 @@ def _micro_step(run: Run, batch: StepBatch, t: dict[str, Any], totals: _StepTota
     )
     div = scores.divergence  # [B, C]
     for comp in run.components:  # each transform sees the previous one's output
-        if hasattr(comp, "transform_divergence"):
+        if implements(comp, "transform_divergence"):
             div = comp.transform_divergence(div, batch)
     weights = torch.ones_like(div)
-    for w in _call_all(run.components, "token_weights", scores, batch):
+    for w in call_each(run.components, "token_weights", scores, batch):
         weights = weights * w.to(div.device)
-    distill_weight = math.prod(float(getattr(c, "distill_weight", 1.0)) for c in run.components)
+    distill_weight = math.prod(float(attribute(c, "distill_weight")) for c in run.components)
     factors = reduction.token_factors(mask, run.config.loss_reduction)  # the mask, or mask / sequence length
     loss_sum = distill_weight * (div * weights * factors).sum()
-    for extras in _call_all(run.components, "extra_losses", scores, batch):
+    for extras in call_each(run.components, "extra_losses", scores, batch):
         for name, per_token in extras.items():
             term = (per_token * factors).sum()
             loss_sum = loss_sum + term
@@ -514,8 +510,8 @@ def build_run(config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, out
             sharding.shard_model(sharded, plan)
             sharding.fill_from_main(sharded, state)
             del state
-    owners = [c for c in components if hasattr(c, "teacher")]
-    _call_all(components, "setup", run)
+    owners = [c for c in components if implements(c, "teacher")]
+    call_each(components, "setup", run)
     if owners:
         run.teacher = owners[0].teacher(run)
     over = [e.id for e in examples if len(run.student_ids(e)) > config.max_prompt_tokens]
@@ -620,14 +616,99 @@ def _claim_run_directory(
         raise
 
 
+@dataclass
+class Session:
+    """What one training process holds from set-up to the final save (see ``_train``)."""
+
+    run: Run
+    pm: UnisdPluginManager
+    reporter: Reporter
+    out: Path
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    backend: Any
+    stream: DataStream
+    metrics_log: MetricsLog
+    trackers: Trackers
+    trainable: list[torch.nn.Parameter]
+    start: int  # the last step already done (0 for a new run)
+    activity: ActivityWatch | None = None
+    skipped_total: int = 0  # optimiser steps skipped for a non-finite loss or gradient
+    bad_in_a_row: int = 0
+    began: float = 0.0  # perf_counter when the first step of this process started
+    elapsed_before: float = 0.0  # training seconds of the run before a resume
+
+    @property
+    def config(self) -> RunConfig:
+        return self.run.config
+
+    @property
+    def env(self) -> distributed.DistEnv:
+        return distributed.current()
+
+
+@dataclass
+class StepUpdate:
+    """What the optimiser step did: whether it applied the update, the gradient norm, the learning rate."""
+
+    finite: bool
+    grad_norm: torch.Tensor
+    lr: float
+
+
 def _train(
     config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, out: Path, resume_ckpt: Path | None, resuming: bool,
 ) -> Path:
-    """The run itself, in a run directory this process has claimed (see ``train``)."""
-    env = distributed.current()
+    """The run itself, in a run directory this process has claimed (see ``train``): set-up, the held-out
+    evaluation before, then per step take → generate → distil → optimiser step → record → maybe
+    checkpoint, then the final weights and the evaluation after."""
+    s = _start_session(config, pm, reporter, out, resume_ckpt, resuming)
+    cfg = s.config
+    gap_task = s.run.task if cfg.eval_before_after and s.run.task is not None else None
+    if gap_task is not None and s.start == 0:
+        _held_out(s, gap_task, "before")
+    distributed.barrier()
+    sampling = SamplingParams(cfg.temperature, cfg.top_p, s.run.max_new_tokens)
+    s.began, s.elapsed_before = time.perf_counter(), _previous_elapsed(s.metrics_log) if s.env.is_main else 0.0
+    _watch_activity(s)
+    reporter.start(cfg.steps, s.start)
+    stop = StopRequest()
+    try:
+        for step in range(s.start + 1, cfg.steps + 1):
+            t0 = time.perf_counter()
+            examples = _take(s)
+            completions = s.backend.generate([s.run.student_ids(e) for e in examples], sampling)
+            t_gen = time.perf_counter() - t0
+            stats = distill_step(s.run, examples, completions)
+            update = _optimiser_step(s, stats)
+            _after_step(s, step, update)
+            record = _step_record(s, step, examples, completions, stats, update, t0, t_gen)
+            _publish(s, step, record)
+            # Every process must stop at the same step, whichever of them received the signal.
+            stopping = distributed.sum_scalar(1.0 if stop.signal else 0.0) > 0
+            diverged = s.bad_in_a_row >= cfg.max_nonfinite_steps
+            if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0) or stopping or diverged:
+                _save_checkpoint(s, step)
+            _raise_if_stopped(s, step, diverged, (stop.signal or "a signal to another process") if stopping else None)
+    except BaseException:
+        s.trackers.close()  # flush what the dashboards have before the error ends the run
+        raise
+    finally:
+        stop.restore()
+        reporter.stop()
+        if hasattr(s.backend, "close"):
+            s.backend.close()  # e.g. vLLM's engine and its memory, before the final save and evaluation
+    _finish(s, gap_task)
+    return out
+
+
+def _start_session(
+    config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, out: Path, resume_ckpt: Path | None, resuming: bool,
+) -> Session:
+    """Build the run, its optimiser, schedule, generation backend and data stream; restore a checkpoint;
+    write config.toml; open the trackers; print the start-up summary."""
     run = build_run(config, pm, reporter, out)
-    model, cfg = run.model, run.config
-    sharded = sharding.is_sharded(model)
+    env, model, cfg = distributed.current(), run.model, run.config
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = cosine_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * cfg.steps), cfg.steps)
@@ -636,7 +717,6 @@ def _train(
     stream = DataStream(run.examples, cfg.seed)
     if env.active:  # same initial weights everywhere (seeded above), different samples per process
         torch.manual_seed(cfg.seed + 1000 * env.rank)
-
     start = 0
     if resume_ckpt is not None:
         state = load_checkpoint(resume_ckpt, model=model, lora=cfg.lora, optimizer=optimizer,
@@ -654,144 +734,155 @@ def _train(
     run.step = start
     classes = check_trackers(cfg.report_to, pm.registries.trackers) if env.is_main else []
     trackers = Trackers(classes, out, asdict(cfg), lambda m: reporter.info(f"[yellow]{m}[/]"))
-
     if env.is_main:
         reporter.info(startup_summary(cfg.model, sum(p.numel() for p in trainable),
                                       sum(p.numel() for p in model.parameters()), len(run.examples), cfg,
                                       run.components, out))
-    gap_task = run.task if cfg.eval_before_after and run.task is not None else None
-    if gap_task is not None and start == 0:
-        before = privileged_gap(run, gap_task, cfg.eval_limit)
-        if env.is_main:
-            _write_json(out / "eval" / "before.json", before)
-            reporter.info(_gap_line("before training", before))
-            trackers.log_summary({f"before/{k}": v for k, v in before.items()})
-    distributed.barrier()
+    return Session(run, pm, reporter, out, optimizer, scheduler, backend, stream, metrics_log, trackers, trainable,
+                   start)
 
-    sampling = SamplingParams(cfg.temperature, cfg.top_p, run.max_new_tokens)
-    began = time.perf_counter()
-    elapsed_before = _previous_elapsed(metrics_log) if env.is_main else 0.0
-    inert = inert_warnings(run.components, run)
-    if env.is_main:
+
+def _held_out(s: Session, task: Task, when: str) -> None:
+    """The privileged gap on the task's held-out split, ``before`` or ``after`` training: eval/WHEN.json."""
+    gap = privileged_gap(s.run, task, s.config.eval_limit)
+    if s.env.is_main:
+        _write_json(s.out / "eval" / f"{when}.json", gap)
+        s.reporter.info(_gap_line(f"{when} training", gap))
+        s.trackers.log_summary({f"{when}/{k}": v for k, v in gap.items()})
+
+
+def _watch_activity(s: Session) -> None:
+    """Warn about components that cannot act in this run, and watch the others' first steps."""
+    inert = inert_warnings(s.run.components, s.run)
+    if s.env.is_main:
         for message in inert.values():
-            reporter.info(f"[yellow]Warning: {message}[/]")
-    activity = ActivityWatch(run.components, cfg.steps, first_step=start + 1, skip=tuple(inert))
-    reporter.start(cfg.steps, start)
-    stop = StopRequest()
-    skipped_total = bad_in_a_row = 0
-    try:
-        for step in range(start + 1, cfg.steps + 1):
-            t0 = time.perf_counter()
-            # The global batch is the same whatever the process count; each process takes a share.
-            examples = distributed.shard(stream.take(cfg.batch_size * cfg.grad_accum * env.world_size), env)
-            completions = backend.generate([run.student_ids(e) for e in examples], sampling)
-            t_gen = time.perf_counter() - t0
-            stats = distill_step(run, examples, completions)
-            if not sharded:  # sharded units reduce their gradients themselves, during backward
-                distributed.sync_gradients(trainable)
-            grad_norm = sharding.whole(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
-            lr = scheduler.get_last_lr()[0]
-            # A NaN/inf loss or gradient would poison the weights and the optimizer state: skip the update
-            # (same decision on every process: the loss is summed and the gradients are synchronised).
-            finite = math.isfinite(distributed.sum_scalar(stats["loss"])) and bool(torch.isfinite(grad_norm))
-            if finite:
-                optimizer.step()
-                bad_in_a_row = 0
-            else:
-                skipped_total += 1
-                bad_in_a_row += 1
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            run.step = step
-            if finite and hasattr(backend, "sync_weights"):
-                backend.sync_weights(step)  # e.g. vLLM generates the next rollouts with the new weights
-            _call_all(run.components, "on_step_end", run)
-            seconds = time.perf_counter() - t0
-            lengths = [len(c.ids) for c in completions]
-            tokens = distributed.sum_scalar(float(sum(len(run.student_ids(e)) for e in examples) + sum(lengths)))
-            count = distributed.sum_scalar(float(len(completions)))
-            record = {
-                "step": step,
-                "loss": distributed.sum_scalar(stats["loss"]),
-                "divergence": distributed.sum_scalar(stats["divergence"]),
-                "completion_length": distributed.sum_scalar(float(sum(lengths))) / count,
-                "truncated_fraction": distributed.sum_scalar(float(sum(c.truncated for c in completions))) / count,
-                # share of the sampled completions that copy teacher-only text (template, reference)
-                "leakage": distributed.sum_scalar(float(count_leaks(run.tokenizer, run.task, examples,
-                                                                    [c.ids for c in completions]))) / count,
-                "loss_tokens": stats["loss_tokens"],
-                "token_weight_mean": distributed.sum_scalar(stats["weight"]),
-                "grad_norm": float(grad_norm),
-                "learning_rate": lr,
-                "tokens_per_s": tokens / seconds,
-                "generation_s": t_gen,
-                "step_s": seconds,
-                "elapsed_s": elapsed_before + time.perf_counter() - began,
-                "reference_truncated": run.reference_truncations,
-                "contexts_truncated": run.context_truncations,
-                "nonfinite_skipped": skipped_total,
-            }
-            record.update({k: distributed.sum_scalar(v) for k, v in stats.items() if k.startswith("loss/")})
-            for comp in run.components:
-                if hasattr(comp, "metrics"):
-                    record.update({f"{comp.name}/{k}": float(v) for k, v in comp.metrics().items()})
-            if cfg.eval_task and cfg.eval_every and step % cfg.eval_every == 0:
-                record.update(_periodic_eval(run, pm, cfg.eval_task, cfg.eval_limit))
-            if env.is_main:
-                metrics_log.write(record)
-                trackers.log_metrics(record, step)
-            reporter.step(record)
-            if env.is_main:
-                for message in activity.observe(step, record):
-                    reporter.info(f"[yellow]Warning: {message}[/]")
-            # Every process must stop at the same step, whichever of them received the signal.
-            stopping = distributed.sum_scalar(1.0 if stop.signal else 0.0) > 0
-            diverged = bad_in_a_row >= cfg.max_nonfinite_steps
-            if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0) or stopping or diverged:
-                # Gathered by every process (collectives), written by the main one.
-                rng_states = distributed.gather_objects(rng_state())
-                model_state = sharding.full_model_state(model, cfg.lora)
-                optimizer_state = sharding.full_optimizer_state(model, optimizer)
-                component_states = gather_component_states(run.components)
-                if env.is_main:
-                    save_checkpoint(out / "checkpoints" / f"step-{step}", model=model, tokenizer=run.tokenizer,
-                                    lora=cfg.lora, optimizer=optimizer, scheduler=scheduler, step=step,
-                                    cursor=stream.cursor, components=run.components, rng_states=rng_states,
-                                    model_state=model_state, optimizer_state=optimizer_state,
-                                    component_states=component_states)
-                distributed.barrier()
-            if diverged:
-                raise TrainingDiverged(
-                    f"{bad_in_a_row} steps in a row had a NaN/inf loss or gradient (last: step {step}); stopped "
-                    f"with a checkpoint. Lower --lr, check the data, or resume with: unisd train --resume {out}"
-                )
-            if stopping:
-                raise TrainingInterrupted(
-                    f"stopped by {stop.signal or 'a signal to another process'} after step {step}; checkpoint saved. "
-                    f"Continue with: unisd train --resume {out}"
-                )
-    except BaseException:
-        trackers.close()  # flush what the dashboards have before the error ends the run
-        raise
-    finally:
-        stop.restore()
-        reporter.stop()
-        if hasattr(backend, "close"):
-            backend.close()  # e.g. vLLM's engine and its memory, before the final save and evaluation
+            s.reporter.info(f"[yellow]Warning: {message}[/]")
+    s.activity = ActivityWatch(s.run.components, s.config.steps, first_step=s.start + 1, skip=tuple(inert))
 
-    model_state = sharding.full_model_state(model, cfg.lora)
-    if env.is_main:
-        with atomic.directory(out / "final") as tmp:
-            save_weights(model, run.tokenizer, tmp, cfg.lora, state=model_state)
-    if gap_task is not None:
-        after = privileged_gap(run, gap_task, cfg.eval_limit)
-        if env.is_main:
-            _write_json(out / "eval" / "after.json", after)
-            reporter.info(_gap_line("after training", after))
-            trackers.log_summary({f"after/{k}": v for k, v in after.items()})
-    trackers.close()
+
+def _take(s: Session) -> list[Example]:
+    """This process's share of the step's global batch (the same global batch whatever the process count)."""
+    cfg, env = s.config, s.env
+    return distributed.shard(s.stream.take(cfg.batch_size * cfg.grad_accum * env.world_size), env)
+
+
+def _optimiser_step(s: Session, stats: dict[str, float]) -> StepUpdate:
+    """Synchronise and clip the gradients, then AdamW and the schedule; a non-finite step is skipped."""
+    if not sharding.is_sharded(s.run.model):  # sharded units reduce their gradients themselves, during backward
+        distributed.sync_gradients(s.trainable)
+    grad_norm = sharding.whole(torch.nn.utils.clip_grad_norm_(s.trainable, s.config.max_grad_norm))
+    lr = s.scheduler.get_last_lr()[0]
+    # A NaN/inf loss or gradient would poison the weights and the optimizer state: skip the update
+    # (same decision on every process: the loss is summed and the gradients are synchronised).
+    finite = math.isfinite(distributed.sum_scalar(stats["loss"])) and bool(torch.isfinite(grad_norm))
+    if finite:
+        s.optimizer.step()
+        s.bad_in_a_row = 0
+    else:
+        s.skipped_total += 1
+        s.bad_in_a_row += 1
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return StepUpdate(finite, grad_norm, lr)
+
+
+def _after_step(s: Session, step: int, update: StepUpdate) -> None:
+    s.run.step = step
+    if update.finite and hasattr(s.backend, "sync_weights"):
+        s.backend.sync_weights(step)  # e.g. vLLM generates the next rollouts with the new weights
+    call_each(s.run.components, "on_step_end", s.run)
+
+
+def _step_record(s: Session, step: int, examples: list[Example], completions: list[Completion],
+                 stats: dict[str, float], update: StepUpdate, t0: float, t_gen: float) -> dict[str, Any]:
+    """The step's line of metrics.jsonl: sums over every process, each component's metrics, and the
+    evaluation during training when one is due."""
+    run, cfg = s.run, s.config
+    seconds = time.perf_counter() - t0
+    lengths = [len(c.ids) for c in completions]
+    tokens = distributed.sum_scalar(float(sum(len(run.student_ids(e)) for e in examples) + sum(lengths)))
+    count = distributed.sum_scalar(float(len(completions)))
+    record = {
+        "step": step,
+        "loss": distributed.sum_scalar(stats["loss"]),
+        "divergence": distributed.sum_scalar(stats["divergence"]),
+        "completion_length": distributed.sum_scalar(float(sum(lengths))) / count,
+        "truncated_fraction": distributed.sum_scalar(float(sum(c.truncated for c in completions))) / count,
+        # share of the sampled completions that copy teacher-only text (template, reference)
+        "leakage": distributed.sum_scalar(float(count_leaks(run.tokenizer, run.task, examples,
+                                                            [c.ids for c in completions]))) / count,
+        "loss_tokens": stats["loss_tokens"],
+        "token_weight_mean": distributed.sum_scalar(stats["weight"]),
+        "grad_norm": float(update.grad_norm),
+        "learning_rate": update.lr,
+        "tokens_per_s": tokens / seconds,
+        "generation_s": t_gen,
+        "step_s": seconds,
+        "elapsed_s": s.elapsed_before + time.perf_counter() - s.began,
+        "reference_truncated": run.reference_truncations,
+        "contexts_truncated": run.context_truncations,
+        "nonfinite_skipped": s.skipped_total,
+    }
+    record.update({k: distributed.sum_scalar(v) for k, v in stats.items() if k.startswith("loss/")})
+    for comp in run.components:
+        if implements(comp, "metrics"):
+            record.update({f"{comp.name}/{k}": float(v) for k, v in comp.metrics().items()})
+    if cfg.eval_task and cfg.eval_every and step % cfg.eval_every == 0:
+        record.update(_periodic_eval(run, s.pm, cfg.eval_task, cfg.eval_limit))
+    return record
+
+
+def _publish(s: Session, step: int, record: dict[str, Any]) -> None:
+    """The record to metrics.jsonl, the trackers and the person watching (with any activity warning)."""
+    main = s.env.is_main
+    if main:
+        s.metrics_log.write(record)
+        s.trackers.log_metrics(record, step)
+    s.reporter.step(record)
+    if main and s.activity is not None:
+        for message in s.activity.observe(step, record):
+            s.reporter.info(f"[yellow]Warning: {message}[/]")
+
+
+def _save_checkpoint(s: Session, step: int) -> None:
+    """checkpoints/step-N: gathered by every process (collectives), written by the main one."""
+    run, cfg = s.run, s.config
+    rng_states = distributed.gather_objects(rng_state())
+    model_state = sharding.full_model_state(run.model, cfg.lora)
+    optimizer_state = sharding.full_optimizer_state(run.model, s.optimizer)
+    component_states = gather_component_states(run.components)
+    if s.env.is_main:
+        save_checkpoint(s.out / "checkpoints" / f"step-{step}", model=run.model, tokenizer=run.tokenizer,
+                        lora=cfg.lora, optimizer=s.optimizer, scheduler=s.scheduler, step=step,
+                        cursor=s.stream.cursor, components=run.components, rng_states=rng_states,
+                        model_state=model_state, optimizer_state=optimizer_state,
+                        component_states=component_states)
     distributed.barrier()
-    return out
+
+
+def _raise_if_stopped(s: Session, step: int, diverged: bool, signal: str | None) -> None:
+    """After the step's checkpoint: stop the run when it diverged or a signal asked it to."""
+    if diverged:
+        raise TrainingDiverged(
+            f"{s.bad_in_a_row} steps in a row had a NaN/inf loss or gradient (last: step {step}); stopped "
+            f"with a checkpoint. Lower --lr, check the data, or resume with: unisd train --resume {s.out}"
+        )
+    if signal is not None:
+        raise TrainingInterrupted(
+            f"stopped by {signal} after step {step}; checkpoint saved. Continue with: unisd train --resume {s.out}"
+        )
+
+
+def _finish(s: Session, gap_task: Task | None) -> None:
+    """final/ (the trained weights), then the held-out evaluation after training."""
+    model_state = sharding.full_model_state(s.run.model, s.config.lora)
+    if s.env.is_main:
+        with atomic.directory(s.out / "final") as tmp:
+            save_weights(s.run.model, s.run.tokenizer, tmp, s.config.lora, state=model_state)
+    if gap_task is not None:
+        _held_out(s, gap_task, "after")
+    s.trackers.close()
+    distributed.barrier()
 
 
 def _periodic_eval(run: Run, pm: UnisdPluginManager, task_name: str, limit: int | None) -> dict[str, float]:
