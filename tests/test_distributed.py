@@ -15,7 +15,8 @@ WORKER = textwrap.dedent('''
     import dataclasses, json, sys, torch
     from unisd import distributed, sharding
     from unisd.config import RunConfig
-    from unisd.loop import build_run, distill_step, _call_all
+    from unisd.components import call_each
+    from unisd.loop import build_run, distill_step
     from unisd.plugins import get_plugin_manager
     from unisd.reporting import Reporter
     from unisd.rollout import Completion
@@ -56,7 +57,7 @@ WORKER = textwrap.dedent('''
         opt.step()
         opt.zero_grad()
         run.step = step
-        _call_all(run.components, "on_step_end", run)
+        call_each(run.components, "on_step_end", run)
         losses.append(distributed.sum_scalar(stats["loss"]))
     whole_params = [sharding.whole(p.detach()) for p in params]
     # greedy generation from the (sharded) model: the same tokens on every process count

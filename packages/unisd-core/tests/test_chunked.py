@@ -446,7 +446,7 @@ def test_when_compilation_is_wanted(monkeypatch):
     monkeypatch.setenv("UNISD_CHUNKED_COMPILE", "off")
     assert not chunk_math.compile_wanted(cuda, "on")
     monkeypatch.setenv("UNISD_CHUNKED_COMPILE", "sometimes")
-    with pytest.raises(ValueError, match="auto, on, off"):
+    with pytest.raises(ValueError, match="must be auto, on or off"):
         chunk_math.compile_wanted(cpu)
 
 

@@ -73,3 +73,20 @@ def test_the_startup_summary_names_the_control():
     text = startup_summary("m", 1, 10, 8, RunConfig(data="d.jsonl", reference_control="shuffled"), [], "out")
     assert "Data: d.jsonl (control: shuffled references), 8 examples" in text
     assert "control" not in startup_summary("m", 1, 10, 8, RunConfig(data="d.jsonl"), [], "out")
+
+
+def test_a_library_run_with_a_preset_trains_the_presets_components(tiny_llama, toy_data):
+    from unisd.components import Preset
+
+    class Marker:
+        name = "marker"
+
+        def __init__(self, options=None):
+            self.options = options
+
+    pm = get_plugin_manager(load_entry_points=False)
+    pm.registries.components.register("marker", Marker, provider="test")
+    pm.registries.presets.register("marked", Preset("marked", {"marker": {}}), provider="test")
+    run = build_run(RunConfig(model=str(tiny_llama), data=str(toy_data), preset="marked"), pm, Reporter(), None)
+    assert [c.name for c in run.components] == ["marker"]
+    assert run.config.components == {"marker": {}}

@@ -39,7 +39,7 @@ from .checkpoint import (
     save_weights,
 )
 from .chunked import chunked_target_logprobs, chunked_token_outputs
-from .components import attribute, call_each, implements, instantiate
+from .components import attribute, call_each, implements, instantiate, resolve_selection
 from .config import RunConfig, dump_config
 from .controls import shuffle_references
 from .datafiles import Columns, load_data, with_system_prompt
@@ -451,6 +451,11 @@ def build_run(config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, out
     config.validate()
     regs = pm.registries
     backend_cls = regs.backends.get(config.backend)
+    # The preset's components under the run's own (the CLI has merged them already; the same merge again
+    # changes nothing), so the library call train(RunConfig(preset=...)) trains what the name says.
+    if config.preset:
+        config.components = resolve_selection([], {}, regs.components, regs.presets, preset=config.preset,
+                                              base=config.components)
     components = instantiate(config.components, regs.components)
     task, examples = load_examples(config, pm)
     if config.eval_task:
