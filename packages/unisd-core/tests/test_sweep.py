@@ -122,7 +122,7 @@ def test_dry_run_two_tasks_three_presets_lists_six_train_and_eval_jobs(tmp_path)
         for task in ("demo", "demo2"):
             run_dir = tmp_path / "runs" / "ablation" / preset / task / "smollm2"
             assert f"--output {run_dir}" in out
-            assert f"unisd eval {task} --model {run_dir / 'final'} --output {run_dir / 'eval' / task}" in out
+            assert f"unisd eval {task} --model {run_dir / 'final'} --output {run_dir / 'eval' / task} --overwrite" in out
     assert "scale(factor=3.0)" in out
     assert "alpha=0.25" in out  # [run] beats the preset's run settings
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing

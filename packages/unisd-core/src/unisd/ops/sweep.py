@@ -423,7 +423,9 @@ def _config(values: dict[str, Any], selection: dict[str, dict[str, Any]], model:
 def _eval_job(spec: SweepSpec, task: str, model: Path, run_dir: Path, deps: list[str], meta: dict[str, Any],
               rel: Path) -> Job:
     out = run_dir / "eval" / task
-    argv = ["-m", "unisd", "eval", task, "--model", str(model), "--output", str(out), *spec.eval.args]
+    # --overwrite: the sweep owns this folder, and a job is only rerun when its results.json (written last)
+    # is missing, so what is there is an interrupted attempt's predictions.jsonl
+    argv = ["-m", "unisd", "eval", task, "--model", str(model), "--output", str(out), "--overwrite", *spec.eval.args]
     label = f"{task} | {rel.as_posix()}"
     return Job(f"eval:{rel.as_posix()}:{task}", "eval", argv, out / "results.json", label, deps, run_dir,
                meta={**meta, "eval_task": task})
