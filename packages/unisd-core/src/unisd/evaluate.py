@@ -8,6 +8,7 @@ metrics, every result has ``leakage``: the share of completions holding teacher-
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,12 +27,24 @@ class EvalResult:
 
 
 def generate_texts(model: Any, tokenizer: Any, user_texts: list[str], max_new_tokens: int, batch_size: int = 16,
-                   systems: list[str | None] | None = None) -> list[str]:
+                   systems: list[str | None] | None = None, temperature: float = 0.0,
+                   progress: Callable[[int], None] | None = None) -> list[str]:
+    """One completion per user text (chat-rendered, after its system text if any), decoded: greedy, or
+    sampled at ``temperature``. ``progress(n)`` is called after each batch of ``n`` texts.
+
+    The one "prompts in, texts out" path of evaluation, ``unisd eval`` and the contexts components build.
+    """
     systems = systems or [None] * len(user_texts)
-    prompts = [encode(tokenizer, render_chat(tokenizer, t, s)) for t, s in zip(user_texts, systems, strict=True)]
     backend = HFBackend(model, tokenizer, batch_size=batch_size)
-    completions = backend.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
-    return [tokenizer.decode(c.ids, skip_special_tokens=True) for c in completions]
+    params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens)
+    out: list[str] = []
+    for start in range(0, len(user_texts), batch_size):
+        chunk = zip(user_texts[start:start + batch_size], systems[start:start + batch_size], strict=True)
+        prompts = [encode(tokenizer, render_chat(tokenizer, text, system)) for text, system in chunk]
+        out += [tokenizer.decode(c.ids, skip_special_tokens=True) for c in backend.generate(prompts, params)]
+        if progress is not None:
+            progress(len(prompts))
+    return out
 
 
 def evaluate(

@@ -136,31 +136,23 @@ class Generator:
 
     def __init__(self, model_ref: str, max_new_tokens: int, batch_size: int, console: Console, dtype: str = "auto"):
         from unisd.models import load_model, load_tokenizer, resolve_model
-        from unisd.rollout import HFBackend
 
         source = resolve_model(model_ref, progress=console.print)
         self.tokenizer = load_tokenizer(source)
-        self.backend = HFBackend(load_model(source, dtype=dtype), self.tokenizer, batch_size=batch_size)
+        self.model = load_model(source, dtype=dtype)
         self.max_new_tokens, self.batch_size, self.console = max_new_tokens, batch_size, console
 
     def complete(self, examples: list[Example], temperature: float) -> list[str]:
         """One completion per example (in order), with a progress bar."""
         from rich.progress import Progress
 
-        from unisd.prompts import encode, render_chat
-        from unisd.rollout import SamplingParams
+        from unisd.evaluate import generate_texts
 
-        params = SamplingParams(temperature=temperature, max_new_tokens=self.max_new_tokens)
-        out: list[str] = []
         with Progress(console=self.console, transient=True) as progress:
             bar = progress.add_task("generating", total=len(examples))
-            for start in range(0, len(examples), self.batch_size):
-                chunk = examples[start : start + self.batch_size]
-                prompts = [encode(self.tokenizer, render_chat(self.tokenizer, ex.prompt)) for ex in chunk]
-                out += [self.tokenizer.decode(c.ids, skip_special_tokens=True)
-                        for c in self.backend.generate(prompts, params)]
-                progress.advance(bar, len(chunk))
-        return out
+            return generate_texts(self.model, self.tokenizer, [ex.prompt for ex in examples], self.max_new_tokens,
+                                  self.batch_size, systems=[ex.system for ex in examples], temperature=temperature,
+                                  progress=lambda n: progress.advance(bar, n))
 
 
 def generate(generator: Generator, examples: list[Example], samples: int) -> list[tuple[Example, str]]:
