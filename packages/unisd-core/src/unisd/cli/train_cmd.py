@@ -105,7 +105,7 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
         """Train a model by on-policy self-distillation.
 
         With no arguments: the built-in demo (SmolLM2-135M-Instruct on task 'demo', its settings in
-        unisd/data/demo.toml; 5 to 13 minutes on 2 CPU cores).
+        unisd/data/demo.toml; about 8 minutes on 2 CPU cores).
         """
         console = Console(stderr=False)
         if num_processes > 1 and "WORLD_SIZE" not in os.environ:
@@ -156,7 +156,7 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
                 console.print(
                     f"No --model/--task/--data given: running the built-in demo, {cfg.steps} steps of "
                     "self-distillation of SmolLM2-135M-Instruct on task 'demo' with held-out evaluations before "
-                    "and after (5 to 13 minutes on 2 CPU cores; Ctrl-C stops with a checkpoint). "
+                    "and after (about 8 minutes on 2 CPU cores; Ctrl-C stops with a checkpoint). "
                     "`unisd train --help` lists the options.", highlight=False, soft_wrap=True)
             else:
                 cfg = RunConfig()
