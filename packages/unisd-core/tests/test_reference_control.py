@@ -90,3 +90,24 @@ def test_a_library_run_with_a_preset_trains_the_presets_components(tiny_llama, t
     run = build_run(RunConfig(model=str(tiny_llama), data=str(toy_data), preset="marked"), pm, Reporter(), None)
     assert [c.name for c in run.components] == ["marker"]
     assert run.config.components == {"marker": {}}
+
+
+def test_config_toml_records_every_component_option_typed(tiny_llama, toy_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from unisd.cli.app import make_app
+    from unisd.config import read_toml
+
+    pytest.importorskip("unisd_components")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(make_app(get_plugin_manager()), [
+        "train", "--model", str(tiny_llama), "--data", str(toy_data), "--steps", "1", "--batch-size", "2",
+        "--grad-accum", "1", "--max-new-tokens", "4", "--output", str(out), "--with", "clip", "-o", "clip.max_value=5",
+        "--with", "ema"])
+    assert result.exit_code == 0, result.output
+    saved = read_toml(out / "config.toml")["components"]
+    assert saved["clip"] == {"max_value": 5.0}  # typed (not "5"); quantile is None: TOML has no null
+    assert saved["ema"] == {"sync_steps": 10, "beta": 0.9}  # defaults written too
+    resumed = CliRunner().invoke(make_app(get_plugin_manager()), [
+        "train", "--resume", str(out), "--steps", "2", "--with", "clip", "-o", "clip.max_value=5.0", "--with", "ema"])
+    assert resumed.exit_code == 0, resumed.output  # the same selection, said differently, is accepted

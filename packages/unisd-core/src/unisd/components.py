@@ -280,6 +280,14 @@ def resolve_selection(
     return selection
 
 
+def option_values(component: Any) -> dict[str, Any]:
+    """A component instance's options, every one typed and defaults included: what config.toml records."""
+    options = getattr(component, "options", None)
+    if options is None or not dataclasses.is_dataclass(options):
+        return {}
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+
+
 def instantiate(selection: Mapping[str, Mapping[str, Any]], components: Registry) -> list[Any]:
     """Create component instances, each with its typed Options, in a stable (sorted) order."""
     instances = []

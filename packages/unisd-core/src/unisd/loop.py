@@ -39,7 +39,7 @@ from .checkpoint import (
     save_weights,
 )
 from .chunked import chunked_target_logprobs, chunked_token_outputs
-from .components import attribute, call_each, implements, instantiate, resolve_selection
+from .components import attribute, call_each, implements, instantiate, option_values, resolve_selection
 from .config import RunConfig, dump_config
 from .controls import shuffle_references
 from .datafiles import Columns, load_data, with_system_prompt
@@ -457,6 +457,8 @@ def build_run(config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, out
         config.components = resolve_selection([], {}, regs.components, regs.presets, preset=config.preset,
                                               base=config.components)
     components = instantiate(config.components, regs.components)
+    # config.toml records every option of every component, typed (``-o clip.max_value=5`` is 5.0, not "5")
+    config.components = {c.name: option_values(c) for c in components}
     task, examples = load_examples(config, pm)
     if config.eval_task:
         regs.tasks.get(config.eval_task)
