@@ -43,6 +43,7 @@ COUNT_METRICS = ("items", "completions", "items_without_prediction", "problems",
                  "retries/items", "retries/recovered", "tokens_forward", "tokens_reverse")
 STDERR_METRICS = ("accuracy", "pass@1")  # means of per-item 0/1 scores: binomial standard error
 HEADLINE_METRICS = ("pass@1", "accuracy")
+BACKENDS = ("hf", "vllm")
 VERSIONED = {"unisd": "unisd-core", "unisd_eval": "unisd-eval", "torch": "torch", "transformers": "transformers"}
 SHOWN_IDS = 5  # ids named in an error message
 
@@ -403,6 +404,8 @@ def eval_command(
     data_file: Path = typer.Option(None, "--data-file", help="Local JSON/JSONL/CSV/Parquet file in the hub layout."),
     batch_size: int = typer.Option(16, "--batch-size", help="Generation batch size."),
     dtype: str = typer.Option("auto", "--dtype", help="Weights' dtype with --model: auto, float32, bfloat16 or float16."),
+    backend: str = typer.Option("hf", "--backend", help="Generation with --model: 'hf' (transformers) or 'vllm' "
+                                "(needs vLLM; a LoRA run's final/ is served as its base plus the adapter)."),
     base: str = typer.Option(None, "--base", help="retention: the base model (default: the one an adapter records)."),
     prompts_from: str = typer.Option(None, "--prompts-from", help="retention: the task whose prompts to use "
                                      "(default: the run's task, else demo)."),
@@ -423,6 +426,8 @@ def eval_command(
             raise UsageError("--samples applies to --model; with --predictions, give several records per id instead")
         if missing not in MISSING_POLICIES:
             raise UsageError(f"--missing must be one of {', '.join(MISSING_POLICIES)}, got {missing!r}")
+        if backend not in BACKENDS:
+            raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if dtype not in DTYPES:
             raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         check_protocol(protocol)
@@ -450,8 +455,15 @@ def eval_command(
                           root, console)
             return
         settings = EvalSettings(model, predictions, split, limit, samples, missing, max_new_tokens, data_file,
-                                batch_size, protocol)
-        generator = Generator(model, 0, batch_size, console, dtype=dtype) if model is not None else None
+                                batch_size, protocol, backend)
+        generator = None
+        if model is not None:
+            if backend == "vllm":
+                from .vllm_generator import VLLMGenerator
+
+                generator = VLLMGenerator(model, 0, batch_size, console, dtype=dtype)
+            else:
+                generator = Generator(model, 0, batch_size, console, dtype=dtype)
         summary = {name: evaluate_task(pm, name, settings, generator, outputs[name], console) for name in names}
         if len(names) > 1:
             atomic.write_text(root / "summary.json", json.dumps(
@@ -474,6 +486,7 @@ class EvalSettings:
     data_file: Path | None
     batch_size: int
     protocol: str
+    backend: str = "hf"
 
 
 def task_names(task: str | None, tasks: str | None) -> list[str]:
@@ -488,7 +501,7 @@ def task_names(task: str | None, tasks: str | None) -> list[str]:
     return names
 
 
-def evaluate_task(pm: Any, task: str, s: EvalSettings, generator: Generator | None, output: Path,
+def evaluate_task(pm: Any, task: str, s: EvalSettings, generator: Any, output: Path,
                   console: Console) -> dict[str, Any]:
     """Evaluate one task (generating with ``generator``, or scoring ``s.predictions``), write its files,
     print its table, and return its headline numbers."""
@@ -537,7 +550,8 @@ def evaluate_task(pm: Any, task: str, s: EvalSettings, generator: Generator | No
         "config": {"model": s.model, "predictions": str(s.predictions) if s.predictions else None,
                    "limit": s.limit, "samples": s.samples, "missing": s.missing, "max_new_tokens": max_new,
                    "temperature": 0.0 if s.samples == 1 else SAMPLING_TEMPERATURE,
-                   "data_file": str(s.data_file) if s.data_file else None, "batch_size": s.batch_size},
+                   "data_file": str(s.data_file) if s.data_file else None, "batch_size": s.batch_size,
+                   "backend": s.backend if s.model is not None else None},
         "environment": environment(Path.cwd()),
         "sandbox": sandbox_description(task_obj),
         "timings": {"load_s": loaded - began, "generate_s": generated - loaded, "score_s": scored - generated,
