@@ -442,3 +442,20 @@ def test_component_activity_is_averaged_over_steps_and_shown_beside_the_outcome(
     assert "component activity" in md and "activity/clip" in md
     assert "| clip | 4 | 0.500 | 0.700 | 0.200 | 0.500 | 0.150 |" in md  # the acting run's row, activity last
     assert "| clip(max_value=1000000.0) | 4 | 0.500 | 0.700 | 0.200 | 0.500 | 0.00 |" in md
+
+
+def test_a_setting_an_older_config_lacks_counts_as_its_default(tmp_path):
+    from unisd.ops.report import group_runs
+
+    root = tmp_path / "sweep"
+    for seed in (1, 2):
+        make_seed_run(root, "plain", seed)
+    old = root / "plain" / "demo" / "m-s1" / "config.toml"
+    lines = [line for line in old.read_text().splitlines() if not line.startswith(("reference_control", "build_cache"))]
+    old.write_text("\n".join(lines) + "\n")  # written before those settings existed
+    runs, baseline = collect([root])
+    assert [len(g.runs) for g in group_runs(runs, baseline) if not g.untrained] == [2]
+    changed = root / "plain" / "demo" / "m-s2" / "config.toml"
+    changed.write_text(changed.read_text().replace('reference_control = "none"', 'reference_control = "shuffled"'))
+    runs, baseline = collect([root])
+    assert sorted(len(g.runs) for g in group_runs(runs, baseline) if not g.untrained) == [1, 1]  # a real difference

@@ -30,6 +30,7 @@ methods in every table and chart.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -177,6 +178,13 @@ def load_run(path: Path) -> RunSummary:
     return run
 
 
+def _default_settings() -> dict[str, Any]:
+    """Every RunConfig setting at its default (``components`` empty), as config.toml would write it."""
+    from ..config import RunConfig
+
+    return json.loads(json.dumps(dataclasses.asdict(RunConfig()), default=str))
+
+
 def _describe(run: RunSummary, config: dict[str, Any], job: dict[str, Any]) -> None:
     """Task, method, components, seed and the identity that groups seeds (from config.toml/sweep_job.json)."""
     data = config.get("data")
@@ -193,7 +201,9 @@ def _describe(run: RunSummary, config: dict[str, Any], job: dict[str, Any]) -> N
     run.seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else None
     source = config or job
     if source:
-        same = {k: v for k, v in source.items() if k not in NOT_IDENTITY}
+        if config:  # a setting an older config.toml lacks is that version's default: fill it in before comparing
+            source = {**_default_settings(), **config}
+        same = {k: v for k, v in source.items() if k not in NOT_IDENTITY and v is not None}
         # Two sweep methods with equal settings are still two methods (e.g. a control under another name).
         same["__sweep_method__"] = job.get("method")
         run.identity = json.dumps(same, sort_keys=True, default=str)
