@@ -74,8 +74,8 @@ class Contrastive:
         self.attach(run.examples, cached, run_seed(self.options.seed, run))
         # Built inside the run for single-process LoRA runs only (the processes of a launch would race on the
         # file; under --full the model at setup is the one being trained); otherwise the message below says how.
-        if (self.missing and not self.options.cache and getattr(cfg, "build_cache", False) and cfg.lora
-                and not runtime.several_processes()):
+        build_cache = getattr(cfg, "build_cache", None)  # None: a config from before the setting (no build)
+        if self.missing and not self.options.cache and build_cache and cfg.lora and not runtime.several_processes():
             self._build_missing(run, path)
             self.attach(run.examples, read_cache(path), run_seed(self.options.seed, run))
         if not self.negatives:
@@ -83,7 +83,7 @@ class Contrastive:
                 f"contrastive: none of the {len(run.examples)} examples has a negative demonstration. Build them with "
                 f"`unisd cache negatives --model {cfg.model} {'--data ' + cfg.data if cfg.data else '--task ' + str(cfg.task)}` "
                 "(or give meta.negative_reference in --data records, or -o contrastive.cache=PATH"
-                + (", or drop --no-build-cache to build them in this run" if not getattr(cfg, "build_cache", True) else "")
+                + (", or drop --no-build-cache to build them in this run" if build_cache is False else "")
                 + ")"
             )
         if self.missing:

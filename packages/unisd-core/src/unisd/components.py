@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # the types hooks speak in; their modules import this one
     from .tasks import Example
     from .teacher import TeacherView
 
+
 @runtime_checkable
 class Component(Protocol):
     """What the loop knows about a component. Every method is optional; only ``name`` is required.
@@ -193,8 +194,6 @@ def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
         return _type_name(args[0]) + "?"
     return getattr(tp, "__name__", str(tp))
-
-
 
 
 DEFAULT_COMPONENT_SEED = 42  # a component's seed outside a run (tests, library calls without a run)

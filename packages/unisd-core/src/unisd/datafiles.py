@@ -125,7 +125,7 @@ def _csv_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         raise DataError(f"{path}: not UTF-8 text; save the file as UTF-8") from None
     except csv.Error as exc:
         raise DataError(f"{path}: not a readable CSV file ({exc})") from None
-    # Line 1 is the header; a row's line number is its position + 2 (for rows without embedded newlines).
+    # "row N" counts data rows (the header is not one), so a quoted newline inside a cell cannot mislead.
     return ((f"{path}:row {i + 1}", row) for i, row in enumerate(rows))
 
 

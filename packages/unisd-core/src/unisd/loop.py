@@ -158,8 +158,7 @@ class Run:
 def load_examples(config: RunConfig, pm: UnisdPluginManager) -> tuple[Task | None, list[Example]]:
     """The run's task (None for --data files) and its training examples, after any reference control."""
     task, examples = _load_examples(config, pm)
-    if config.system_prompt and task is not None:  # --data files apply it while loading
-        examples = with_system_prompt(examples, config.system_prompt)
+    examples = with_system_prompt(examples, config.system_prompt)
     if config.reference_control == "shuffled":
         examples = shuffle_references(examples, config.seed)
     return task, examples
@@ -168,8 +167,7 @@ def load_examples(config: RunConfig, pm: UnisdPluginManager) -> tuple[Task | Non
 def _load_examples(config: RunConfig, pm: UnisdPluginManager) -> tuple[Task | None, list[Example]]:
     if config.data:
         columns = Columns(prompt=config.prompt_column, reference=config.reference_column)
-        return None, load_data(config.data, split=config.split, limit=config.limit, columns=columns,
-                               system_prompt=config.system_prompt)
+        return None, load_data(config.data, split=config.split, limit=config.limit, columns=columns)
     if not config.task:
         raise ConfigError("nothing to train on: give --task NAME or --data FILE.jsonl")
     task = pm.registries.tasks.get(config.task)()

@@ -104,23 +104,26 @@ def budget_teacher_prompt(
     ``build_text`` maps a reference string to the teacher's user text. If the whole prompt is too
     long, the reference's tail is cut (with a marker) until it fits; the problem text is kept whole.
     """
-    ids = encode(tokenizer, render_chat(tokenizer, build_text(reference), system))
+    def ids_with(ref: str) -> list[int]:
+        return encode(tokenizer, render_chat(tokenizer, build_text(ref), system))
+
+    ids = ids_with(reference)
     if len(ids) <= max_tokens:
         return BudgetedPrompt(ids, False, False)
     marker = " [...]"
-    overhead = len(encode(tokenizer, render_chat(tokenizer, build_text(marker), system)))
+    overhead = len(ids_with(marker))
     ref_ids = encode(tokenizer, reference)
     keep = max_tokens - overhead
     if keep <= 0:
-        return BudgetedPrompt(encode(tokenizer, render_chat(tokenizer, build_text(marker), system)), True, True)
+        return BudgetedPrompt(ids_with(marker), True, True)
     # Re-tokenising at the cut can merge tokens differently, so shrink until it fits.
     while keep > 0:
         shortened = tokenizer.decode(ref_ids[:keep], skip_special_tokens=True) + marker
-        ids = encode(tokenizer, render_chat(tokenizer, build_text(shortened), system))
+        ids = ids_with(shortened)
         if len(ids) <= max_tokens:
             return BudgetedPrompt(ids, True, False)
         keep -= max(1, len(ids) - max_tokens)
-    return BudgetedPrompt(encode(tokenizer, render_chat(tokenizer, build_text(marker), system)), True, True)
+    return BudgetedPrompt(ids_with(marker), True, True)
 
 
 class DemonstrationText(str):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -99,7 +99,7 @@ def teacher_text_with(task: Task | None, example: Example, reference: str) -> st
     one for ``--data`` files. Budgeting (a shortened reference) and contrastive negatives (another
     demonstration in the same template) both go through it.
     """
-    swapped = Example(example.id, example.prompt, reference, example.meta, example.system)
+    swapped = replace(example, reference=reference)
     return task.teacher_text(swapped) if task is not None else teacher_text(example.prompt, reference)
 
 

@@ -250,9 +250,14 @@ def integer_counts(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: int(v) if k in COUNT_METRICS and float(v).is_integer() else v for k, v in metrics.items()}
 
 
+def headline_key(metrics: dict[str, Any]) -> str | None:
+    """The task's main score among its metrics (pass@1 for code, accuracy otherwise), or None."""
+    return next((k for k in HEADLINE_METRICS if k in metrics), None)
+
+
 def headline(metrics: dict[str, Any], scores: list[Score]) -> str | None:
     """``pass@1 = 0.0061 (1/164 items)``: the main score beside its denominator."""
-    key = next((k for k in HEADLINE_METRICS if k in metrics), None)
+    key = headline_key(metrics)
     if key is None:
         return None
     items = metrics["items"]
@@ -565,7 +570,7 @@ def evaluate_task(pm: Any, task: str, s: EvalSettings, generator: Any, output: P
     if absent:
         console.print(f"{len(absent)} item(s) had no prediction and count as failed (--missing fail)", highlight=False)
     console.print(f"Wrote {output / 'results.json'} and {output / 'predictions.jsonl'}", highlight=False)
-    key = next((k for k in HEADLINE_METRICS if k in metrics), None)
+    key = headline_key(metrics)
     return {"metric": key, "value": metrics.get(key), "stderr": metrics.get(f"{key}_stderr"),
             "items": metrics["items"], "output": str(output)}
 
