@@ -81,6 +81,57 @@ def recipe_text(recipe: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def row_description(kind: str, row: dict[str, Any], show_all: bool) -> str:
+    """One row's description, with what each kind adds under it (dimmed); ``--all`` adds more."""
+    desc = row["description"]
+    if kind == "components" and row["options"]:
+        if show_all:  # every option with its type, choices and help
+            desc += "".join(f"\n[dim]-o {row['name']}.{option_text(o)}[/]" for o in row["options"])
+        else:
+            desc += f"\n[dim]options: {short_options(row['options'])}[/]"
+    if kind == "tasks" and show_all:
+        splits = ", ".join(row["splits"]) or "?"
+        desc += f"\n[dim]splits: {splits}; {'trains and evaluates' if row['trainable'] else 'evaluation only'}[/]"
+    if kind == "presets":
+        desc = f"{desc}\n[dim]components: {components_text(row['components'])}; run: {settings_text(row['run'])}[/]" \
+            if show_all else f"{desc}\n[dim]run: {settings_text(row['run'])}[/]"
+    return desc
+
+
+def kind_table(kind: str, rows: list[dict[str, Any]], show_all: bool) -> Table:
+    """The table of one kind of entry: components, tasks, backends or presets."""
+    table = Table(title=kind, title_justify="left")
+    for col in ("name", "provider", "description"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(row["name"], row["provider"], row_description(kind, row, show_all))
+    return table
+
+
+def recipes_table(recipes: list[dict[str, Any]]) -> Table:
+    """The recipes, each with its settings under its description."""
+    table = Table(title="recipes (--recipe NAME)", title_justify="left")
+    for col in ("name", "description"):
+        table.add_column(col)
+    for row in recipes:
+        table.add_row(row["name"], f"{row['description']}\n[dim]{recipe_text(row)}[/]")
+    return table
+
+
+def plugins_table(plugins: list[dict[str, Any]], show_all: bool) -> Table | None:
+    """Plain: only the plugins with a problem (None when there is none). --all: every plugin, where it
+    comes from and its status."""
+    problems = plugins if show_all else [p for p in plugins if p["status"] != "loaded"]
+    if not problems:
+        return None
+    table = Table(title="plugins" if show_all else "plugins not loaded", title_justify="left")
+    for col in ("name", "distribution", "status", "error"):
+        table.add_column(col)
+    for p in problems:
+        table.add_row(p["name"], p["distribution"], p["status"], p["error"] or "")
+    return table
+
+
 def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
     @app.command("plugins")
     def plugins_command(
@@ -96,36 +147,8 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
             return
         console = Console()
         for kind in ("components", "tasks", "backends", "presets"):
-            table = Table(title=kind, title_justify="left")
-            for col in ("name", "provider", "description"):
-                table.add_column(col)
-            for row in data[kind]:
-                desc = row["description"]
-                if kind == "components" and row["options"]:
-                    if show_all:  # every option with its type, choices and help
-                        desc += "".join(f"\n[dim]-o {row['name']}.{option_text(o)}[/]" for o in row["options"])
-                    else:
-                        desc += f"\n[dim]options: {short_options(row['options'])}[/]"
-                if kind == "tasks" and show_all:
-                    splits = ", ".join(row["splits"]) or "?"
-                    desc += f"\n[dim]splits: {splits}; {'trains and evaluates' if row['trainable'] else 'evaluation only'}[/]"
-                if kind == "presets":
-                    desc = f"{desc}\n[dim]components: {components_text(row['components'])}; run: {settings_text(row['run'])}[/]" \
-                        if show_all else f"{desc}\n[dim]run: {settings_text(row['run'])}[/]"
-                table.add_row(row["name"], row["provider"], desc)
-            console.print(table)
-        table = Table(title="recipes (--recipe NAME)", title_justify="left")
-        for col in ("name", "description"):
-            table.add_column(col)
-        for row in data["recipes"]:
-            table.add_row(row["name"], f"{row['description']}\n[dim]{recipe_text(row)}[/]")
-        console.print(table)
-        # Plain: only the plugins with a problem. --all: every plugin, where it comes from and its status.
-        problems = data["plugins"] if show_all else [p for p in data["plugins"] if p["status"] != "loaded"]
-        if problems:
-            table = Table(title="plugins" if show_all else "plugins not loaded", title_justify="left")
-            for col in ("name", "distribution", "status", "error"):
-                table.add_column(col)
-            for p in problems:
-                table.add_row(p["name"], p["distribution"], p["status"], p["error"] or "")
-            console.print(table)
+            console.print(kind_table(kind, data[kind], show_all))
+        console.print(recipes_table(data["recipes"]))
+        problems = plugins_table(data["plugins"], show_all)
+        if problems is not None:
+            console.print(problems)
