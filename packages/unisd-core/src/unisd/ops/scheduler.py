@@ -133,39 +133,13 @@ class SweepRunner:
         """Run every job not done yet; returns each job's status. Raises KeyboardInterrupt when interrupted."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.statuses = {j.id: JobStatus() for j in self.jobs}
-        for job in self.jobs:
-            if job.marker.exists():
-                self._set(job, "skipped", note=f"{job.marker.name} exists")
-            elif job.phase == "eval" and not self.eval_available:
-                self._set(job, "no-eval", note="`unisd eval` is not installed; evaluation skipped")
-        skipped = sum(s.status == "skipped" for s in self.statuses.values())
-        if skipped:
-            self.echo(f"Skipping {skipped} job(s) whose outputs exist.")
-        if any(s.status == "no-eval" for s in self.statuses.values()):
-            self.echo("Note: the `unisd eval` command is not available; eval jobs are skipped.")
+        self._skip_unneeded()
         running: dict[str, _Running] = {}
         free = list(enumerate(self.slots))
         stop = StopRequest()  # Ctrl-C/SIGTERM set a flag; the loop stops at its next check
         self._write_state("running")
         try:
-            while True:
-                if stop.signal:
-                    raise KeyboardInterrupt
-                self._block_orphans()
-                while free and (job := self._next_ready()) is not None:
-                    index, slot = free.pop(0)
-                    running[job.id] = self._launch(job, slot, index)
-                if not running:
-                    break
-                time.sleep(self.poll_s)
-                for job_id in list(running):
-                    r = running[job_id]
-                    if r.proc.poll() is None:
-                        continue
-                    del running[job_id]
-                    free.append((r.index, r.slot))
-                    self._finish(r)
-                free.sort()
+            self._run_jobs(running, free, stop)
         except KeyboardInterrupt:
             self._terminate(running)
             self._write_state("interrupted")
@@ -178,6 +152,41 @@ class SweepRunner:
         failed = any(s.status in ("failed", "blocked") for s in self.statuses.values())
         self._write_state("failed" if failed else "finished")
         return self.statuses
+
+    def _skip_unneeded(self) -> None:
+        """Mark the jobs that will not run: those whose outputs exist, and evaluations without `unisd eval`."""
+        for job in self.jobs:
+            if job.marker.exists():
+                self._set(job, "skipped", note=f"{job.marker.name} exists")
+            elif job.phase == "eval" and not self.eval_available:
+                self._set(job, "no-eval", note="`unisd eval` is not installed; evaluation skipped")
+        skipped = sum(s.status == "skipped" for s in self.statuses.values())
+        if skipped:
+            self.echo(f"Skipping {skipped} job(s) whose outputs exist.")
+        if any(s.status == "no-eval" for s in self.statuses.values()):
+            self.echo("Note: the `unisd eval` command is not available; eval jobs are skipped.")
+
+    def _run_jobs(self, running: dict[str, _Running], free: list[tuple[int, str]], stop: StopRequest) -> None:
+        """Start ready jobs on free slots and collect finished ones until none is left. ``running`` and
+        ``free`` are updated in place, so that on an interrupt :meth:`run` terminates what is running."""
+        while True:
+            if stop.signal:
+                raise KeyboardInterrupt
+            self._block_orphans()
+            while free and (job := self._next_ready()) is not None:
+                index, slot = free.pop(0)
+                running[job.id] = self._launch(job, slot, index)
+            if not running:
+                break
+            time.sleep(self.poll_s)
+            for job_id in list(running):
+                r = running[job_id]
+                if r.proc.poll() is None:
+                    continue
+                del running[job_id]
+                free.append((r.index, r.slot))
+                self._finish(r)
+            free.sort()
 
     # -- scheduling ---------------------------------------------------------------------------
 
