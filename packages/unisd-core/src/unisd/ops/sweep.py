@@ -179,48 +179,61 @@ def load_sweep(path: str | Path, output_root: str | Path | None = None) -> Sweep
     where = str(path)
     _unknown(raw, TOP_LEVEL, where)
     base = path.parent
+    models = _models(raw, base, where)
+    tasks = _str_list(raw.get("tasks", []), f"{where}: tasks")
+    data = _data_files(raw, base, where)
+    if not tasks and not data:
+        raise ConfigError(f"{where}: nothing to train on; give tasks = [...] and/or data = [\"file.jsonl\"]")
+    run = _run_table(raw, where)
+    grid = _grid_table(raw, where)
+    methods = _methods(raw, where)
+    eval_spec = _eval_spec(raw, where)
+    root = _output_root(raw, path, output_root)
+    seeds = _seeds(raw, run, grid, methods, where)
+    return SweepSpec(path, root, models, tasks, data, methods, run, grid, eval_spec, seeds)
 
+
+def _models(raw: dict[str, Any], base: Path, where: str) -> list[str]:
+    """The models: at least one. A model that names a directory or file next to the sweep file means that path."""
     models = _str_list(raw.get("models", []), f"{where}: models")
     if not models:
         raise ConfigError(f"{where}: 'models' is empty; name at least one model, e.g. models = [\"smollm2\"]")
-    # A model that names a directory or file next to the sweep file means that path.
-    models = [str(_resolve_path(base, m)) if _resolve_path(base, m).exists() else m for m in models]
-    tasks = _str_list(raw.get("tasks", []), f"{where}: tasks")
-    # Data files are relative to the sweep file; a Hub dataset id (no such file there) stays as written.
-    data = [Path(d) if looks_like_hub_id(d) and not _resolve_path(base, d).exists() else _resolve_path(base, d)
-            for d in _str_list(raw.get("data", []), f"{where}: data")]
-    if not tasks and not data:
-        raise ConfigError(f"{where}: nothing to train on; give tasks = [...] and/or data = [\"file.jsonl\"]")
+    return [str(_resolve_path(base, m)) if _resolve_path(base, m).exists() else m for m in models]
 
+
+def _data_files(raw: dict[str, Any], base: Path, where: str) -> list[Path]:
+    """Data files are relative to the sweep file; a Hub dataset id (no such file there) stays as written."""
+    return [Path(d) if looks_like_hub_id(d) and not _resolve_path(base, d).exists() else _resolve_path(base, d)
+            for d in _str_list(raw.get("data", []), f"{where}: data")]
+
+
+def _run_table(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """[run]: settings of every training job, one value each (swept values belong in [grid])."""
     run = _table(raw.get("run", {}), f"{where}: [run]")
     for key, value in run.items():
         if isinstance(value, list):
             raise ConfigError(f"{where}: [run] {key} is a list; put swept values in [grid]")
     _check_run_keys(run, f"{where}: [run]")
+    return run
+
+
+def _grid_table(raw: dict[str, Any], where: str) -> dict[str, list[Any]]:
+    """[grid]: the values of each swept setting (a single value is a one-value axis), never none."""
     grid = _table(raw.get("grid", {}), f"{where}: [grid]")
     grid = {k: v if isinstance(v, list) else [v] for k, v in grid.items()}
     for key, values in grid.items():
         if not values:
             raise ConfigError(f"{where}: [grid] {key} is an empty list")
     _check_run_keys(grid, f"{where}: [grid]")
+    return grid
 
-    methods: list[Method] = []
-    for preset in _str_list(raw.get("presets", []), f"{where}: presets"):
-        methods.append(Method(name=preset, preset=preset))
+
+def _methods(raw: dict[str, Any], where: str) -> list[Method]:
+    """One method per preset, then one per [methods.NAME] table; ``plain`` when there is neither. Each
+    name once: it names the methods' run directories."""
+    methods = [Method(name=preset, preset=preset) for preset in _str_list(raw.get("presets", []), f"{where}: presets")]
     for name, table in _table(raw.get("methods", {}), f"{where}: [methods]").items():
-        mwhere = f"{where}: [methods.{name}]"
-        table = _table(table, mwhere)
-        _unknown(table, METHOD_KEYS, mwhere)
-        options = _table(table.get("options", {}), f"{mwhere} options")
-        for key in options:
-            if "." not in key:
-                raise ConfigError(f"{mwhere}: option '{key}' must be written COMPONENT.KEY, e.g. \"ema.beta\"")
-        mrun = _table(table.get("run", {}), f"{mwhere} run")
-        _check_run_keys(mrun, mwhere)
-        preset = table.get("preset")
-        if preset is not None and not isinstance(preset, str):
-            raise ConfigError(f"{mwhere}: preset must be a string")
-        methods.append(Method(name, preset, _str_list(table.get("with", []), f"{mwhere} with"), options, mrun))
+        methods.append(_method(name, table, f"{where}: [methods.{name}]"))
     if not methods:
         methods = [Method(name="plain")]
     seen: set[str] = set()
@@ -228,23 +241,44 @@ def load_sweep(path: str | Path, output_root: str | Path | None = None) -> Sweep
         if m.name in seen:
             raise ConfigError(f"{where}: method '{m.name}' is defined twice (a preset and a [methods] table?)")
         seen.add(m.name)
+    return methods
 
+
+def _method(name: str, table: Any, where: str) -> Method:
+    """One [methods.NAME] table (``where`` names it in errors)."""
+    table = _table(table, where)
+    _unknown(table, METHOD_KEYS, where)
+    options = _table(table.get("options", {}), f"{where} options")
+    for key in options:
+        if "." not in key:
+            raise ConfigError(f"{where}: option '{key}' must be written COMPONENT.KEY, e.g. \"ema.beta\"")
+    run = _table(table.get("run", {}), f"{where} run")
+    _check_run_keys(run, where)
+    preset = table.get("preset")
+    if preset is not None and not isinstance(preset, str):
+        raise ConfigError(f"{where}: preset must be a string")
+    return Method(name, preset, _str_list(table.get("with", []), f"{where} with"), options, run)
+
+
+def _eval_spec(raw: dict[str, Any], where: str) -> EvalSpec:
+    """[eval]: the tasks to evaluate on (None: each job's training task), extra arguments, untrained."""
     ev = _table(raw.get("eval", {}), f"{where}: [eval]")
     _unknown(ev, EVAL_KEYS, f"{where}: [eval]")
-    eval_spec = EvalSpec(
+    return EvalSpec(
         tasks=_str_list(ev["tasks"], f"{where}: [eval] tasks") if "tasks" in ev else None,
         args=_str_list(ev.get("args", []), f"{where}: [eval] args"),
         untrained=bool(ev.get("untrained", False)),
     )
 
+
+def _output_root(raw: dict[str, Any], path: Path, output_root: str | Path | None) -> Path:
+    """The caller's output root, else the file's ``output_root`` (relative to it), else runs/<file stem>."""
+    base = path.parent
     if output_root is not None:
-        root = Path(output_root)
-    elif "output_root" in raw:  # normalised: "../runs/x" next to examples/ prints as runs/x
-        root = Path(os.path.normpath(_resolve_path(base, str(raw["output_root"]))))
-    else:
-        root = base / "runs" / path.stem
-    seeds = _seeds(raw, run, grid, methods, where)
-    return SweepSpec(path, root, models, tasks, data, methods, run, grid, eval_spec, seeds)
+        return Path(output_root)
+    if "output_root" in raw:  # normalised: "../runs/x" next to examples/ prints as runs/x
+        return Path(os.path.normpath(_resolve_path(base, str(raw["output_root"]))))
+    return base / "runs" / path.stem
 
 
 def only_methods(spec: SweepSpec, names: list[str]) -> SweepSpec:
@@ -316,11 +350,7 @@ def _nested(options: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def plan(spec: SweepSpec, pm: UnisdPluginManager) -> list[Job]:
     """Every job of the sweep, in phase order (cache, train, eval). Names are checked here."""
     regs = pm.registries
-    for task in spec.tasks:
-        regs.tasks.get(task)
-    eval_tasks_all = set(spec.eval.tasks or [])
-    for task in eval_tasks_all:
-        regs.tasks.get(task)
+    _check_task_names(spec, regs)
     root = spec.output_root
     cache_jobs = _cache_jobs(spec, root)
     cache_ids = {j.meta["key"]: j.id for j in cache_jobs}
@@ -373,20 +403,38 @@ def plan(spec: SweepSpec, pm: UnisdPluginManager) -> list[Job]:
                 for ev_task in spec.eval.tasks if spec.eval.tasks is not None else ([task] if task else []):
                     eval_jobs.append(_eval_job(spec, ev_task, run_dir / "final", run_dir, [job_id], meta, rel))
     if spec.seeds:
-        # Seed-major order: a sweep stopped part-way has every method at the first seeds, rather than all
-        # seeds of the first methods (sorted() is stable, so the order within a seed is unchanged).
-        rank = {seed: i for i, seed in enumerate(spec.seeds)}
-        train_jobs = sorted(train_jobs, key=lambda j: rank[j.meta["seed"]])
-        eval_jobs = sorted(eval_jobs, key=lambda j: rank[j.meta["seed"]])
+        train_jobs, eval_jobs = _seed_major(train_jobs, spec.seeds), _seed_major(eval_jobs, spec.seeds)
     if spec.eval.untrained:
-        ev_tasks = spec.eval.tasks if spec.eval.tasks is not None else list(spec.tasks)
-        for model in spec.models:
-            rel = Path("untrained") / model_tag(model)
-            deps = [cache_ids[("model", model)]] if ("model", model) in cache_ids else []
-            meta = {"method": "untrained", "model": model, "dataset": None, "task": None, "hparams": {}}
-            for ev_task in ev_tasks:
-                eval_jobs.append(_eval_job(spec, ev_task, Path(model), root / rel, deps, meta, rel))
+        eval_jobs += _untrained_eval_jobs(spec, root, cache_ids)
     return cache_jobs + train_jobs + eval_jobs
+
+
+def _check_task_names(spec: SweepSpec, regs: Any) -> None:
+    """Every training and evaluation task is registered: an unknown name fails now, with suggestions."""
+    for task in spec.tasks:
+        regs.tasks.get(task)
+    for task in set(spec.eval.tasks or []):
+        regs.tasks.get(task)
+
+
+def _seed_major(jobs: list[Job], seeds: list[int]) -> list[Job]:
+    """Seed-major order: a sweep stopped part-way has every method at the first seeds, rather than all
+    seeds of the first methods (sorted() is stable, so the order within a seed is unchanged)."""
+    rank = {seed: i for i, seed in enumerate(seeds)}
+    return sorted(jobs, key=lambda j: rank[j.meta["seed"]])
+
+
+def _untrained_eval_jobs(spec: SweepSpec, root: Path, cache_ids: dict[Any, str]) -> list[Job]:
+    """[eval] untrained = true: each model evaluated as it is, under OUTPUT_ROOT/untrained/{model}/."""
+    ev_tasks = spec.eval.tasks if spec.eval.tasks is not None else list(spec.tasks)
+    jobs = []
+    for model in spec.models:
+        rel = Path("untrained") / model_tag(model)
+        deps = [cache_ids[("model", model)]] if ("model", model) in cache_ids else []
+        meta = {"method": "untrained", "model": model, "dataset": None, "task": None, "hparams": {}}
+        for ev_task in ev_tasks:
+            jobs.append(_eval_job(spec, ev_task, Path(model), root / rel, deps, meta, rel))
+    return jobs
 
 
 def _run_values(method: Method, spec: SweepSpec, point: dict[str, Any], regs: Any) -> dict[str, Any]:
