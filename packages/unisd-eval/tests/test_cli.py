@@ -140,6 +140,8 @@ def test_eval_several_tasks_in_one_call_loads_the_model_once(app, tmp_path, monk
     (["demo", "--tasks", "humaneval", "--model", "m"], "one of the two"),
     ([], "name the task(s)"),
     (["demo", "--model", "m", "--dtype", "float8"], "--dtype must be one of"),
+    (["demo", "--model", "m", "--samples", "0"], "--samples must be >= 1"),
+    (["demo", "--predictions", "p.jsonl", "--samples", "2"], "--samples applies to --model"),
 ])
 def test_several_task_flags_that_cannot_be_shared_exit_2(app, tmp_path, args, message):
     result = CliRunner().invoke(app, ["eval", *args, "--output", str(tmp_path / "o")])

@@ -423,39 +423,15 @@ def eval_command(
     with cli_errors():
         pm = ctx.find_root().obj
         names = task_names(task, tasks)
-        if (model is None) == (predictions is None):
-            raise UsageError("give exactly one of --model M (generate) or --predictions FILE.jsonl (score)")
-        if samples < 1:
-            raise UsageError(f"--samples must be >= 1, got {samples}")
-        if predictions is not None and samples != 1:
-            raise UsageError("--samples applies to --model; with --predictions, give several records per id instead")
-        if missing not in MISSING_POLICIES:
-            raise UsageError(f"--missing must be one of {', '.join(MISSING_POLICIES)}, got {missing!r}")
-        if backend not in BACKENDS:
-            raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        if dtype not in DTYPES:
-            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        check_protocol(protocol)
-        if (base or prompts_from) and names != [RETENTION]:
-            raise UsageError(f"--base and --prompts-from apply to `unisd eval {RETENTION}`, not to task {','.join(names)!r}")
-        if len(names) > 1:
-            given = [flag for flag, value in (("--predictions", predictions), ("--split", split),
-                                              ("--data-file", data_file)) if value is not None]
-            if given or RETENTION in names:
-                raise UsageError(f"several tasks in one call take --model and shared settings; {given[0] if given else RETENTION} "
-                                 "belongs to one task: evaluate that task on its own")
-            for name in names:
-                pm.registries.tasks.get(name)  # every name checked before the model loads
+        check_options(model, predictions, samples, missing, backend, dtype, protocol)
+        check_task_options(pm, names, base, prompts_from, predictions, split, data_file)
         stamp = time.strftime('%Y%m%d-%H%M%S')
         root = output or Path("runs") / (f"eval-{names[0]}-{stamp}" if len(names) == 1 else f"eval-{stamp}")
         outputs = {name: root if len(names) == 1 else root / name for name in names}
         for out in outputs.values():
             check_output(out, overwrite)  # before the dataset, the model and scoring: fail in seconds
         if names == [RETENTION]:
-            if model is None or predictions is not None:
-                raise UsageError(f"`unisd eval {RETENTION}` needs --model RUN/final (and --base BASE), not --predictions")
-            if samples != 1 or protocol != DEFAULT:
-                raise UsageError(f"`unisd eval {RETENTION}` compares greedy answers: --samples and --protocol do not apply")
+            check_retention_options(model, predictions, samples, protocol)
             run_retention(pm, model, base, prompts_from, split, limit, max_new_tokens, data_file, batch_size,
                           root, console)
             return
@@ -504,6 +480,50 @@ def task_names(task: str | None, tasks: str | None) -> list[str]:
     if len(set(names)) < len(names):
         raise UsageError(f"a task is named twice in {task or tasks!r}")
     return names
+
+
+def check_options(model: str | None, predictions: Path | None, samples: int, missing: str, backend: str,
+                  dtype: str, protocol: str) -> None:
+    """The options every call checks, before anything loads: one source of completions, known values."""
+    if (model is None) == (predictions is None):
+        raise UsageError("give exactly one of --model M (generate) or --predictions FILE.jsonl (score)")
+    if samples < 1:
+        raise UsageError(f"--samples must be >= 1, got {samples}")
+    if predictions is not None and samples != 1:
+        raise UsageError("--samples applies to --model; with --predictions, give several records per id instead")
+    if missing not in MISSING_POLICIES:
+        raise UsageError(f"--missing must be one of {', '.join(MISSING_POLICIES)}, got {missing!r}")
+    if backend not in BACKENDS:
+        raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_protocol(protocol)
+
+
+def check_task_options(pm: Any, names: list[str], base: str | None, prompts_from: str | None,
+                       predictions: Path | None, split: str | None, data_file: Path | None) -> None:
+    """The options that belong to one kind of call: --base and --prompts-from to retention; --predictions,
+    --split and --data-file to a single task. With several tasks every name is checked here, before the
+    model loads."""
+    if (base or prompts_from) and names != [RETENTION]:
+        raise UsageError(f"--base and --prompts-from apply to `unisd eval {RETENTION}`, not to task {','.join(names)!r}")
+    if len(names) > 1:
+        given = [flag for flag, value in (("--predictions", predictions), ("--split", split),
+                                          ("--data-file", data_file)) if value is not None]
+        if given or RETENTION in names:
+            raise UsageError(f"several tasks in one call take --model and shared settings; {given[0] if given else RETENTION} "
+                             "belongs to one task: evaluate that task on its own")
+        for name in names:
+            pm.registries.tasks.get(name)
+
+
+def check_retention_options(model: str | None, predictions: Path | None, samples: int, protocol: str) -> None:
+    """`unisd eval retention` compares the greedy answers of a model and its base: it needs --model, and
+    the scoring options do not apply."""
+    if model is None or predictions is not None:
+        raise UsageError(f"`unisd eval {RETENTION}` needs --model RUN/final (and --base BASE), not --predictions")
+    if samples != 1 or protocol != DEFAULT:
+        raise UsageError(f"`unisd eval {RETENTION}` compares greedy answers: --samples and --protocol do not apply")
 
 
 def evaluate_task(pm: Any, task: str, s: EvalSettings, generator: Any, output: Path,
