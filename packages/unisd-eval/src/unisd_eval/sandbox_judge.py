@@ -428,26 +428,37 @@ class Solution:
         tag, rest = data[0], data[1:]
         if tag == "h" and len(rest) == 1 and type(rest[0]) is int:
             return Remote(self, rest[0])
-        if tag in ("i", "f", "b", "ba") and len(rest) == 1 and isinstance(rest[0], str):
-            text = rest[0]
-            if tag == "i":
-                return int(text, 16)
-            if tag == "f":
-                return float.fromhex(text)
-            return (bytes if tag == "b" else bytearray).fromhex(text)
-        if tag == "c" and len(rest) == 2 and all(isinstance(r, str) for r in rest):
-            return complex(float.fromhex(rest[0]), float.fromhex(rest[1]))
+        if tag in ("i", "f", "b", "ba", "c"):
+            return _decode_hex(tag, rest)
         if tag in ("l", "t", "s", "fs", "d") and len(rest) == 1 and type(rest[0]) is list:
-            if tag == "d":
-                pairs = []
-                for pair in rest[0]:
-                    if type(pair) is not list or len(pair) != 2:
-                        raise ProtocolViolation("a malformed dict entry")
-                    pairs.append((self.decode(pair[0], depth + 1), self.decode(pair[1], depth + 1)))
-                return dict(pairs)
-            items = [self.decode(item, depth + 1) for item in rest[0]]
-            return {"l": list, "t": tuple, "s": set, "fs": frozenset}[tag](items)
+            return self._decode_collection(tag, rest[0], depth)
         raise ProtocolViolation("an unknown value encoding")
+
+    def _decode_collection(self, tag, items, depth):
+        """A list, tuple, set, frozenset or dict (its entries as [key, value] pairs), each item decoded."""
+        if tag == "d":
+            pairs = []
+            for pair in items:
+                if type(pair) is not list or len(pair) != 2:
+                    raise ProtocolViolation("a malformed dict entry")
+                pairs.append((self.decode(pair[0], depth + 1), self.decode(pair[1], depth + 1)))
+            return dict(pairs)
+        items = [self.decode(item, depth + 1) for item in items]
+        return {"l": list, "t": tuple, "s": set, "fs": frozenset}[tag](items)
+
+
+def _decode_hex(tag, rest):
+    """A big int, float, complex or bytes value, sent as hex text (exact, and parsed as a number only)."""
+    if tag in ("i", "f", "b", "ba") and len(rest) == 1 and isinstance(rest[0], str):
+        text = rest[0]
+        if tag == "i":
+            return int(text, 16)
+        if tag == "f":
+            return float.fromhex(text)
+        return (bytes if tag == "b" else bytearray).fromhex(text)
+    if tag == "c" and len(rest) == 2 and all(isinstance(r, str) for r in rest):
+        return complex(float.fromhex(rest[0]), float.fromhex(rest[1]))
+    raise ProtocolViolation("an unknown value encoding")
 
 
 def _ask(remote, op, args=(), kwargs=None):
@@ -536,23 +547,36 @@ def judge(job, solution):
         return {"passed": False, "stage": "load", "error": None, "lost": f"protocol violation: {exc}"}
     if isinstance(first, dict) and set(first) == {"err"} and isinstance(first["err"], dict):
         return {"passed": False, "stage": "load", "error": dict(_clean(first["err"]), origin="solution")}
-    namespace = {"__name__": "__main__", "__builtins__": builtins}
     try:
-        if not (isinstance(first, dict) and set(first) == {"ok"} and type(first["ok"]) is list):
-            raise ProtocolViolation("a first reply that is not the solution's names")
-        for pair in first["ok"]:
-            if type(pair) is not list or len(pair) != 2 or not isinstance(pair[0], str):
-                raise ProtocolViolation("a malformed name")
-            name = pair[0]
-            # The tests' builtins stay the real ones: a solution defining `abs` or `isinstance` must not
-            # change what the tests compute (unless that name is the function under test).
-            if (name.startswith("__") and name.endswith("__")) or (hasattr(builtins, name) and name != job.get("entry_point")):
-                continue
-            namespace[name] = solution.decode(pair[1], 0)
+        namespace = _tests_namespace(job, first, solution)
     except (ProtocolViolation, RecursionError, ValueError, TypeError) as exc:
         return {"passed": False, "stage": "load", "error": None, "lost": f"protocol violation: {exc}"}
     if job.get("tests") is None:
         return {"passed": True, "stage": "end", "error": None, "judged": "self-reported"}
+    return _run_tests(job, namespace, solution)
+
+
+def _tests_namespace(job, first, solution):
+    """The namespace the tests run in: the solution's names (from its first reply) as values or handles.
+    A reply that is not a list of [name, value] pairs is a ProtocolViolation."""
+    namespace = {"__name__": "__main__", "__builtins__": builtins}
+    if not (isinstance(first, dict) and set(first) == {"ok"} and type(first["ok"]) is list):
+        raise ProtocolViolation("a first reply that is not the solution's names")
+    for pair in first["ok"]:
+        if type(pair) is not list or len(pair) != 2 or not isinstance(pair[0], str):
+            raise ProtocolViolation("a malformed name")
+        name = pair[0]
+        # The tests' builtins stay the real ones: a solution defining `abs` or `isinstance` must not
+        # change what the tests compute (unless that name is the function under test).
+        if (name.startswith("__") and name.endswith("__")) or (hasattr(builtins, name) and name != job.get("entry_point")):
+            continue
+        namespace[name] = solution.decode(pair[1], 0)
+    return namespace
+
+
+def _run_tests(job, namespace, solution):
+    """Run the setup and the tests in ``namespace``: a pass only when they ran to their end and the
+    solution process never failed on the way."""
     try:
         code = compile(job["setup"] + "\n" + job["tests"], "<tests>", "exec")
         exec(code, namespace)
