@@ -262,18 +262,7 @@ class _ChunkedDivergence(torch.autograd.Function):
                 project(grad, lo, hi)
                 continue
             log_p = head_t.logits(h_t[lo:hi].to(device), temperature, buf.get("t", c)).sub_(lse_t[lo:hi, None])
-            if alpha == 0.0:  # G = gd·(q − p) + gl·(onehot − q)
-                grad = log_q.exp_().mul_(gd - gl).addcmul_(log_p.exp_(), gd, value=-1.0)
-            elif alpha == 1.0:  # G = q ⊙ (gd·(log q − log p − D) − gl) + gl·onehot
-                q = torch.exp(log_q, out=buf.get("q", c))
-                f = torch.sub(log_q, log_p, out=log_p)
-                grad = _affine_rows(f, gd, -(stat[lo:hi, None] * gd + gl)).mul_(q)
-            else:  # G = q ⊙ (gd·c(1−α)·(r − Σ q·r) − gl) + gl·onehot,  r = log q − log m
-                q = torch.exp(log_q, out=buf.get("q", c))
-                log_m = _log_mixture(log_p.exp_(), q, alpha, buf.get("m", c))
-                r = torch.sub(log_q, log_m, out=log_m)
-                gj = gd * ((1.0 - alpha) * factor)
-                grad = _affine_rows(r, gj, -(stat[lo:hi, None] * gj + gl)).mul_(q)
+            grad = _eager_logit_grad(log_q, log_p, gd, gl, stat[lo:hi, None], alpha, factor, buf, c)
             grad.scatter_add_(1, y[lo:hi, None], gl)
             project(grad, lo, hi)
         return (
@@ -425,6 +414,25 @@ def _log_mixture(p: torch.Tensor, q: torch.Tensor, alpha: float, out: torch.Tens
 def _affine_rows(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """x := x·scale + shift in place, with per-row ``scale`` and ``shift`` ``[c, 1]``: one pass."""
     return torch.addcmul(shift, x, scale, out=x)
+
+
+def _eager_logit_grad(log_q: torch.Tensor, log_p: torch.Tensor, gd: torch.Tensor, gl: torch.Tensor,
+                      stat: torch.Tensor, alpha: float, factor: float, buf: _Buffers, c: int) -> torch.Tensor:
+    """One chunk's gradient w.r.t. the student logits, less its ``gl·onehot`` term (the caller adds it),
+    from log q, log p ``[c, V]`` and the per-token ``gd``, ``gl``, ``stat`` ``[c, 1]`` (formulas: the
+    module docstring). Computed in the chunk's buffers (``log_p`` is overwritten): no ``[c, V]`` allocation."""
+    if alpha == 0.0:  # G = gd·(q − p) + gl·(onehot − q)
+        return log_q.exp_().mul_(gd - gl).addcmul_(log_p.exp_(), gd, value=-1.0)
+    if alpha == 1.0:  # G = q ⊙ (gd·(log q − log p − D) − gl) + gl·onehot
+        q = torch.exp(log_q, out=buf.get("q", c))
+        f = torch.sub(log_q, log_p, out=log_p)
+        return _affine_rows(f, gd, -(stat * gd + gl)).mul_(q)
+    # G = q ⊙ (gd·c(1−α)·(r − Σ q·r) − gl) + gl·onehot,  r = log q − log m
+    q = torch.exp(log_q, out=buf.get("q", c))
+    log_m = _log_mixture(log_p.exp_(), q, alpha, buf.get("m", c))
+    r = torch.sub(log_q, log_m, out=log_m)
+    gj = gd * ((1.0 - alpha) * factor)
+    return _affine_rows(r, gj, -(stat * gj + gl)).mul_(q)
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
