@@ -184,3 +184,47 @@ def test_with_leak_guard_and_clip_from_the_command_line(tiny_model_dir, data_fil
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert record["leak-guard/leaking_fraction"] == record["leakage"] == 0.0  # a random model copies nothing
     assert record["leak-guard/guarded_fraction"] == 0.0 and "clip/fraction" in record
+
+
+def test_reference_end_is_the_first_position_after_a_reproduced_reference(tokenizer):
+    comp = guard(tokenizer, stop_weight=1)
+    answer = len(tokenizer("CLOUD TABLE", add_special_tokens=False)["input_ids"])
+    assert comp.reference_end(EX, ids_of(tokenizer, "CLOUD TABLE\n\nThis is a classic example")) == answer
+    assert comp.reference_end(EX, ids_of(tokenizer, "CLOUD TABLE")) == answer  # the EOS: stopping there is right
+    no_eos = tokenizer("CLOUD TABLE", add_special_tokens=False)["input_ids"]
+    assert comp.reference_end(EX, no_eos) is None  # cut right after it: no position left to stop at
+    assert comp.reference_end(EX, ids_of(tokenizer, "CLOUDY TABLE\n\n")) is None
+    sums = Example("s", "What is 20 + 56? Reply with only the number.", "76")
+    assert comp.reference_end(sums, ids_of(tokenizer, "20 + 156 = 176\n")) is None  # "76" inside a word is not it
+    ids = ids_of(tokenizer, "So 20 + 56 = 76 and that is all")
+    end = comp.reference_end(sums, ids)
+    prefix = tokenizer.decode(ids[:end], skip_special_tokens=True)
+    assert prefix.endswith("76") and "76" not in tokenizer.decode(ids[: end - 1], skip_special_tokens=True)
+    with pytest.raises(OptionError, match="stop_weight"):
+        make_options(LeakGuard, {"stop_weight": "-1"})
+
+
+def test_stop_term_is_minus_log_p_eos_where_the_reference_ends_and_the_rest_is_guarded(tokenizer):
+    texts = ["CLOUD TABLE\n\nThis is a classic", "CLOUD TABLE", "GREEN"]
+    comp = LeakGuard(make_options(LeakGuard, {"stop_weight": "0.5"}))
+    run = lora_run(tokenizer, [comp])
+    completions = [Completion(ids_of(tokenizer, t), False) for t in texts]
+    run.model.zero_grad(set_to_none=True)
+    stats = distill_step(run, [EX] * len(texts), completions)
+    answer = len(tokenizer("CLOUD TABLE", add_special_tokens=False)["input_ids"])
+    # The reference: -log p_student(EOS) at the position after "CLOUD TABLE" (float64 softmax of the full logits).
+    expected = 0.0
+    with torch.no_grad():
+        for c in completions[:2]:
+            ids = run.student_ids(EX) + c.ids[:answer]
+            logits = run.model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+            expected += -0.5 * float(torch.log_softmax(logits, -1)[tokenizer.eos_token_id])
+    tokens = sum(len(c.ids) for c in completions)
+    assert stats["loss/stop"] == pytest.approx(expected / tokens, rel=1e-4)
+    assert comp.metrics()["reference_end_fraction"] == pytest.approx(2 / 3)
+    w, done = weights_for(comp, tokenizer, texts)
+    assert w[0, :answer].tolist() == [1.0] * answer and w[0, answer : len(done[0])].eq(0).all()
+    assert w[1, :answer].tolist() == [1.0] * answer and w[1, answer] == 0.0  # its EOS: taught by the stop term
+    assert w[2, : len(done[2])].eq(1).all()  # "GREEN" never reproduced the reference
+    without = LeakGuard(make_options(LeakGuard, {}))
+    assert "stop" not in without.extra_losses(scores(w), step_batch([EX], [w], [{}]))

@@ -36,6 +36,19 @@ ahead from. Masked tokens stay in the step's loss-token count (the
 denominator is fixed before components act, as for agreement's weights), so a masked token lowers
 the step's loss rather than re-weighting the others. Extra terms (contrastive, matching) are summed
 over the loss mask by the loop and are not weighted by the guard.
+
+Where the reference ends (``stop_weight``): in the teacher's prompt the reference is followed by more
+template text, not by the end of a turn. Once a completion has reproduced the reference's ending, the
+teacher goes on copying what follows it in its prompt (a blank line, then template phrases or a
+paraphrase of them: "CLOUD TABLE\n\nThis is a classic example of …"), and it gives the end of the
+turn little probability (0.04 after "CLOUD TABLE" on the demo's SmolLM2, against 0.55 for "\n"). Its
+target there is an artefact of the prompt's layout, and the student learns never to stop. With
+``stop_weight`` > 0 the guard finds the first position where the completion's text ends with the
+reference's last ``REFERENCE_TAIL_CHARS`` characters (at a word boundary), guards the divergence from
+there to the end (whatever follows is conditioned on text after a finished answer), and adds a term
+``stop_weight · −log p_student(EOS)`` at that position: the demonstration ends there, so the student
+is taught to end its turn where the reference ends. The term is an extra loss (``leak-guard/stop``),
+divided by the step's token count like the divergence.
 """
 
 from __future__ import annotations
@@ -51,9 +64,13 @@ from unisd.errors import ConfigError
 from unisd.hookspecs import hookimpl
 from unisd.leakage import MIN_TEMPLATE_WORDS, NGRAM, detect_leak, token_range
 from unisd.rollout import HFBackend, SamplingParams, eos_ids_of
+from unisd.scoring import lm_head_weight
 from unisd.tasks import Example
 
 SCOPES = ("rest", "span", "completion")
+# The characters of the reference's ending a completion must reproduce before it counts as finished:
+# all of a short answer ("CLOUD TABLE", "46"), the last line or two of a longer one (a code block's end).
+REFERENCE_TAIL_CHARS = 32
 
 
 class LeakGuard:
@@ -74,6 +91,8 @@ class LeakGuard:
         ngram: int = option(NGRAM, "Length, in words, of a reference span whose copy counts as a leak.")
         lookahead: int = option(0, "Tokens the teacher greedily continues a completion that ended by itself; when "
                                    "that continuation leaks, the EOS position is guarded too (0: off).")
+        stop_weight: float = option(0.0, "Weight of -log p(EOS) where a completion has just reproduced the reference's "
+                                         "ending (the divergence from there on is guarded); 0: off.")
 
         def __post_init__(self) -> None:
             if not 0.0 <= self.weight < 1.0:
@@ -82,23 +101,31 @@ class LeakGuard:
                 raise ValueError("leak-guard.min_template_words and leak-guard.ngram must be >= 1")
             if self.lookahead < 0:
                 raise ValueError(f"leak-guard.lookahead must be >= 0, got {self.lookahead}")
+            if self.stop_weight < 0:
+                raise ValueError(f"leak-guard.stop_weight must be >= 0, got {self.stop_weight}")
 
     def __init__(self, options: Options | None = None):
         self.options = options or self.Options()
         self.tokenizer: Any = None
         self.task: Any = None
         self.run: Any = None
+        # The stop term needs the student's hidden states (its full next-token distribution at one position).
+        self.needs_hidden = self.options.stop_weight > 0
+        self._eos: list[int] = []
         self._step = -1
-        self._completions = self._leaking = self._starts = 0
+        self._completions = self._leaking = self._starts = self._finished = 0
         self._tokens = self._guarded = 0.0
+        self._ends: tuple[tuple[int, int], list[int | None]] | None = None  # (step, micro) -> reference ends
 
     def setup(self, run: Any) -> None:
         # The task picks the teacher template whose phrases count as leaks (None: the generic one).
         self.tokenizer, self.task = run.tokenizer, run.task
         self.run = run  # its teacher is read at each step: a component (EMA) may replace it after setup
-        if self.options.lookahead and runtime.is_sharded(run.model):
-            raise ConfigError("leak-guard.lookahead is not supported with sharding (--shard fsdp) yet; "
-                              "use -o leak-guard.lookahead=0")
+        self._eos = sorted(eos_ids_of(run.tokenizer, getattr(run, "model", None)))
+        for name, value in (("lookahead", self.options.lookahead), ("stop_weight", self.options.stop_weight)):
+            if value and runtime.is_sharded(getattr(run, "model", None)):
+                raise ConfigError(f"leak-guard.{name} is not supported with sharding (--shard fsdp) yet; "
+                                  f"use -o leak-guard.{name}=0")
 
     def _leak(self, text: str, example: Example) -> Any:
         return detect_leak(text, example, self.task, min_template_words=self.options.min_template_words,
@@ -122,6 +149,38 @@ class LeakGuard:
             return list(range(ranges[0].start, len(ids)))
         return sorted({t for r in ranges for t in r})
 
+    def reference_end(self, example: Example, ids: list[int]) -> int | None:
+        """The first position (token index) of the completion ``ids`` whose preceding text ends with the
+        reference's ending, or None: where a completion that reproduced the reference should stop."""
+        tail = example.reference.strip()[-REFERENCE_TAIL_CHARS:]
+        if not tail:
+            return None
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        end = _first_occurrence_end(text, tail)
+        if end is None:
+            return None
+
+        def length(t: int) -> int:
+            return len(self.tokenizer.decode(ids[:t], skip_special_tokens=True))
+
+        lo, hi = 1, len(ids)  # the first t whose decoded prefix covers the tail's last character
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if length(mid) >= end:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo if lo < len(ids) else None  # a tail that ends the completion leaves no position to stop at
+
+    def _reference_ends(self, batch: Any) -> list[int | None]:
+        """:meth:`reference_end` of every completion of the micro-batch (computed once per micro-batch:
+        ``token_weights`` and ``extra_losses`` both need them)."""
+        key = (batch.step, batch.micro_index)
+        if self._ends is None or self._ends[0] != key:
+            ends = [self.reference_end(ex, list(ids)) for ex, ids in zip(batch.examples, batch.completions, strict=True)]
+            self._ends = (key, ends)
+        return self._ends[1]
+
     @torch.no_grad()
     def teacher_would_leak(self, examples: list[Example], completions: list[list[int]]) -> list[bool]:
         """For each completion that ended with EOS: does the teacher's greedy continuation of it leak?"""
@@ -141,12 +200,17 @@ class LeakGuard:
 
     def token_weights(self, scores: Any, batch: Any) -> torch.Tensor:
         if batch.step != self._step:  # statistics cover one optimiser step
-            self._step, self._completions, self._leaking, self._starts = batch.step, 0, 0, 0
+            self._step, self._completions, self._leaking, self._starts, self._finished = batch.step, 0, 0, 0, 0
             self._tokens = self._guarded = 0.0
         weights = torch.ones_like(scores.mask)  # [B, C]
         completions = [list(ids) for ids in batch.completions]
         guarded = [self.guarded_positions(ex, ids) for ex, ids in zip(batch.examples, completions, strict=True)]
         self._leaking += sum(bool(positions) for positions in guarded)
+        if self.options.stop_weight > 0:
+            for row, end in enumerate(self._reference_ends(batch)):
+                if end is not None:  # from the end of the reproduced reference on: guarded, and taught to stop
+                    guarded[row] = sorted(set(guarded[row]) | set(range(end, len(completions[row]))))
+                    self._finished += 1
         if self.options.lookahead:
             clean = [i for i, positions in enumerate(guarded) if not positions]
             starts = self.teacher_would_leak([batch.examples[i] for i in clean], [completions[i] for i in clean])
@@ -162,6 +226,23 @@ class LeakGuard:
         self._guarded += float(((weights < 1) & (scores.mask > 0)).sum())
         return weights
 
+    def extra_losses(self, scores: Any, batch: Any) -> dict[str, torch.Tensor]:
+        """``stop_weight · −log p_student(EOS)`` at each completion's reference end (0 elsewhere)."""
+        if self.options.stop_weight <= 0 or scores.student_hidden is None:
+            return {}
+        term = torch.zeros_like(scores.divergence)
+        ends = [(row, end) for row, end in enumerate(self._reference_ends(batch)) if end is not None]
+        if not ends:
+            return {"stop": term}
+        rows = torch.tensor([r for r, _ in ends], device=term.device)
+        cols = torch.tensor([c for _, c in ends], device=term.device)
+        hidden = scores.student_hidden[rows, cols]  # [N, H], with grad
+        weight = lm_head_weight(self.run.model)
+        logits = (hidden.to(torch.float32) @ weight.to(hidden.device, torch.float32).T)  # [N, V]: N positions only
+        log_stop = torch.logsumexp(logits[:, self._eos], -1) - torch.logsumexp(logits, -1)
+        term = term.index_put((rows, cols), -log_stop.to(term.dtype) * self.options.stop_weight)
+        return {"stop": term}
+
     def metrics(self) -> dict[str, float]:
         """Share of the step's completions that leaked, of its loss tokens that were guarded, and (with
         ``lookahead``) of its clean completions' EOS guarded because the teacher would go on copying."""
@@ -172,7 +253,20 @@ class LeakGuard:
                "activity": guarded}
         if self.options.lookahead:
             out["teacher_start_fraction"] = self._starts / self._completions
+        if self.options.stop_weight > 0:
+            out["reference_end_fraction"] = self._finished / self._completions
         return out
+
+
+def _first_occurrence_end(text: str, tail: str) -> int | None:
+    """The end offset of the first occurrence of ``tail`` in ``text`` that starts at a word boundary
+    ("76" does not end "176"), or None."""
+    start = text.find(tail)
+    while start != -1:
+        if start == 0 or not (text[start - 1].isalnum() and tail[0].isalnum()):
+            return start + len(tail)
+        start = text.find(tail, start + 1)
+    return None
 
 
 @hookimpl
