@@ -4,7 +4,16 @@ import pytest
 
 from unisd.demo import DemoTask
 from unisd.errors import ConfigError
-from unisd.leakage import detect_leak, leakage_flags, leakage_rate, template_fragments, token_range
+from unisd.leakage import (
+    detect_leak,
+    leakage_flags,
+    leakage_rate,
+    overrun_rate,
+    overruns,
+    reference_end_offset,
+    template_fragments,
+    token_range,
+)
 from unisd.prompts import DEMO_MARKER, SELF_DISTILLATION_INSTRUCTION, teacher_text
 from unisd.tasks import Example, Task
 from unisd.testing import make_tokenizer
@@ -96,3 +105,26 @@ def test_token_range_maps_characters_to_tokens():
     assert "This is an example for a" in covered and "TABLE" not in covered
     assert tokens.stop == len(ids) - 1  # the EOS after the text is not part of the span
     assert list(token_range(decode, len(ids), 0, 1)) == [0]
+
+
+@pytest.mark.parametrize(("completion", "reference", "expected"), [
+    ("CLOUD TABLE\n\nThis is a classic example of a mathematical problem", "CLOUD TABLE", True),  # a paraphrase
+    ("CLOUD TABLE", "CLOUD TABLE", False),
+    ("CLOUD TABLE.\n", "CLOUD TABLE", True),  # anything but whitespace after the answer counts
+    ("CLOUD TABLE \n\n", "CLOUD TABLE", False),
+    ("CALLOON TABLE\n\nThis is a classic example", "CLOUD TABLE", False),  # never finished the reference
+    ("20 + 56 = 176, so", "76", False),  # "76" inside a word is not the reference's ending
+    ("20 + 56 = 76, so", "76", True),
+    ("anything at all", "", False),
+])
+def test_overrun_is_text_after_a_reproduced_reference(completion, reference, expected):
+    assert overruns(completion, reference) is expected
+
+
+def test_reference_end_offset_and_the_overrun_share():
+    code = "```python\ndef add(a, b):\n    return a + b\n```"
+    assert reference_end_offset("Here it is:\n" + code + "\nDone.", code) == len("Here it is:\n" + code)
+    assert reference_end_offset(code[:-3], code) is None  # the closing fence is part of the ending
+    examples = [Example("a", "q", "CLOUD TABLE"), Example("b", "q", "46")]
+    assert overrun_rate(examples, ["CLOUD TABLE\n\nThis is", "46"]) == 0.5
+    assert overrun_rate([], []) == 0.0

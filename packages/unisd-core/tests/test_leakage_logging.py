@@ -24,6 +24,7 @@ def test_evaluate_reports_the_share_of_leaking_completions(monkeypatch):
     result = evaluate(None, None, task, examples, 12)
     assert result.metrics["leakage"] == 0.5
     assert result.metrics["accuracy"] == 0.5 and result.metrics["strict_accuracy"] == 0.25
+    assert result.metrics["overrun"] == 0.25  # the second goes on after its finished answer
 
 
 def test_training_logs_leakage_per_step_and_per_evaluation(monkeypatch, tiny_llama, tmp_path):
@@ -50,6 +51,7 @@ def test_training_logs_leakage_per_step_and_per_evaluation(monkeypatch, tiny_lla
     # demo-test-0 is 'cloud table': its first line is right, the whole completion is not
     assert before["student_accuracy"] == pytest.approx(1 / 3) and before["student_strict_accuracy"] == 0.0
     assert before["leakage"] == 1.0 and before["n"] == 3
+    assert before["overrun"] == pytest.approx(1 / 3)  # only 'CLOUD TABLE' is finished before the template follows
     printed = " ".join(result.output.split())  # the console wraps long lines
-    assert "before training: student accuracy 0.333 (strict 0.000), leakage 1.000 | teacher-with-reference" in printed
+    assert "before training: student accuracy 0.333 (strict 0.000), leakage 1.000, overrun 0.333 | teacher-with-reference" in printed
     assert json.loads((out / "eval" / "after.json").read_text())["leakage"] == 1.0

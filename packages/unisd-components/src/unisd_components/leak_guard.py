@@ -44,7 +44,7 @@ paraphrase of them: "CLOUD TABLE\n\nThis is a classic example of …"), and it g
 turn little probability (0.04 after "CLOUD TABLE" on the demo's SmolLM2, against 0.55 for "\n"). Its
 target there is an artefact of the prompt's layout, and the student learns never to stop. With
 ``stop_weight`` > 0 the guard finds the first position where the completion's text ends with the
-reference's last ``REFERENCE_TAIL_CHARS`` characters (at a word boundary), guards the divergence from
+reference's ending (:func:`unisd.leakage.reference_end_offset`), guards the divergence from
 there to the end (whatever follows is conditioned on text after a finished answer), and adds a term
 ``stop_weight · −log p_student(EOS)`` at that position: the demonstration ends there, so the student
 is taught to end its turn where the reference ends. The term is an extra loss (``leak-guard/stop``),
@@ -62,15 +62,12 @@ from unisd import runtime
 from unisd.components import option
 from unisd.errors import ConfigError
 from unisd.hookspecs import hookimpl
-from unisd.leakage import MIN_TEMPLATE_WORDS, NGRAM, detect_leak, token_range
+from unisd.leakage import MIN_TEMPLATE_WORDS, NGRAM, detect_leak, reference_end_offset, token_range
 from unisd.rollout import HFBackend, SamplingParams, eos_ids_of
 from unisd.scoring import lm_head_weight
 from unisd.tasks import Example
 
 SCOPES = ("rest", "span", "completion")
-# The characters of the reference's ending a completion must reproduce before it counts as finished:
-# all of a short answer ("CLOUD TABLE", "46"), the last line or two of a longer one (a code block's end).
-REFERENCE_TAIL_CHARS = 32
 
 
 class LeakGuard:
@@ -152,11 +149,7 @@ class LeakGuard:
     def reference_end(self, example: Example, ids: list[int]) -> int | None:
         """The first position (token index) of the completion ``ids`` whose preceding text ends with the
         reference's ending, or None: where a completion that reproduced the reference should stop."""
-        tail = example.reference.strip()[-REFERENCE_TAIL_CHARS:]
-        if not tail:
-            return None
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        end = _first_occurrence_end(text, tail)
+        end = reference_end_offset(self.tokenizer.decode(ids, skip_special_tokens=True), example.reference)
         if end is None:
             return None
 
@@ -257,16 +250,6 @@ class LeakGuard:
             out["reference_end_fraction"] = self._finished / self._completions
         return out
 
-
-def _first_occurrence_end(text: str, tail: str) -> int | None:
-    """The end offset of the first occurrence of ``tail`` in ``text`` that starts at a word boundary
-    ("76" does not end "176"), or None."""
-    start = text.find(tail)
-    while start != -1:
-        if start == 0 or not (text[start - 1].isalnum() and tail[0].isalnum()):
-            return start + len(tail)
-        start = text.find(tail, start + 1)
-    return None
 
 
 @hookimpl

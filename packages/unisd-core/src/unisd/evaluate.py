@@ -3,7 +3,9 @@
 The difference between the two accuracies is the *privileged gap*: the headroom self-distillation can
 close. Used before/after training, by ``--eval-task``, and by ``unisd eval``. Besides the task's own
 metrics, every result has ``leakage``: the share of completions holding teacher-only text
-(:mod:`unisd.leakage`), which a student trained toward a teacher that saw the reference can learn to copy.
+(:mod:`unisd.leakage`), which a student trained toward a teacher that saw the reference can learn to copy,
+and ``overrun``: the share that reproduce the reference's ending and then go on writing (a copied template
+or a paraphrase of it after a finished answer).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import distributed
-from .leakage import leakage_flags, leakage_rate
+from .leakage import leakage_flags, leakage_rate, overrun_rate
 from .prompts import encode, render_chat
 from .rollout import HFBackend, SamplingParams
 from .tasks import Example, Score, Task
@@ -82,4 +84,5 @@ def evaluate(
 def _result(task: Task, examples: list[Example], completions: list[str], scores: list[Score]) -> EvalResult:
     metrics = dict(task.aggregate(scores))
     metrics["leakage"] = leakage_rate(leakage_flags(examples, completions, task))
+    metrics["overrun"] = overrun_rate(examples, completions)
     return EvalResult(metrics, completions, scores)

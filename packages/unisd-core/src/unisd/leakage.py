@@ -37,6 +37,9 @@ from .tasks import Example, Task, teacher_text_with
 
 MIN_TEMPLATE_WORDS = 4
 NGRAM = 6
+# The characters of the reference's ending a completion must reproduce before it counts as finished:
+# all of a short answer ("CLOUD TABLE", "46"), the last line or two of a longer one (a code block's end).
+REFERENCE_TAIL_CHARS = 32
 _WORD = re.compile(r"\w+")
 # Plain letters: a task's template may format or strip its inputs, but leaves words like these alone.
 _PROMPT_SENTINEL = "UNISDSENTINELPROMPTQ"
@@ -208,3 +211,38 @@ def token_range(decode: Callable[[int], str], num_tokens: int, start: int, end: 
     first_token = first(lambda t: length(t + 1) > start) if num_tokens else 0
     stop = first(lambda t: length(t) >= end)  # tokens [0, stop) cover the span's end
     return range(min(first_token, num_tokens), max(min(stop, num_tokens), first_token))
+
+
+def reference_end_offset(completion: str, reference: str) -> int | None:
+    """Where ``completion`` first finishes reproducing the reference's ending (its last
+    ``REFERENCE_TAIL_CHARS`` characters), as a character offset; None when it never does.
+
+    The match must start at a word boundary: "76" does not end "176".
+    """
+    tail = reference.strip()[-REFERENCE_TAIL_CHARS:]
+    if not tail:
+        return None
+    start = completion.find(tail)
+    while start != -1:
+        if start == 0 or not (completion[start - 1].isalnum() and tail[0].isalnum()):
+            return start + len(tail)
+        start = completion.find(tail, start + 1)
+    return None
+
+
+def overruns(completion: str, reference: str) -> bool:
+    """Whether ``completion`` reproduces the reference's ending and then goes on writing.
+
+    The teacher's prompt has template text after the reference, not the end of a turn, so a student
+    distilled from it can learn to continue past a finished answer with the template's phrases or
+    *paraphrases* of them ("CLOUD TABLE\n\nThis is a classic example of …"), which no list of
+    teacher-only phrases catches. This counts them without knowing what they say.
+    """
+    end = reference_end_offset(completion, reference)
+    return end is not None and bool(completion[end:].strip())
+
+
+def overrun_rate(examples: Sequence[Example], completions: Sequence[str]) -> float:
+    """The share of completions that go on after reproducing their reference's ending (0.0 for none)."""
+    flags = [overruns(c, ex.reference) for ex, c in zip(examples, completions, strict=True)]
+    return sum(flags) / len(flags) if flags else 0.0

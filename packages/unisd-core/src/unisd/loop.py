@@ -547,6 +547,7 @@ def privileged_gap(run: Run, task: Task, limit: int | None) -> dict[str, float]:
         "privileged_gap": teacher["accuracy"] - student["accuracy"],
         "leakage": student["leakage"],  # the student's completions holding teacher-only text
         "teacher_leakage": teacher["leakage"],
+        "overrun": student["overrun"],  # the student's completions that go on after a finished answer
     }
     if "strict_accuracy" in student:  # tasks that also score the whole completion (the demo)
         gap.update(student_strict_accuracy=student["strict_accuracy"], teacher_strict_accuracy=teacher["strict_accuracy"])
@@ -904,7 +905,8 @@ def _previous_elapsed(log: MetricsLog) -> float:
 def _gap_line(when: str, gap: dict[str, float]) -> str:
     strict = f" (strict {gap['student_strict_accuracy']:.3f})" if "student_strict_accuracy" in gap else ""
     return (
-        f"[bold]{when}[/]: student accuracy {gap['student_accuracy']:.3f}{strict}, leakage {gap['leakage']:.3f} | "
+        f"[bold]{when}[/]: student accuracy {gap['student_accuracy']:.3f}{strict}, leakage {gap['leakage']:.3f}, "
+        f"overrun {gap.get('overrun', 0.0):.3f} | "
         f"teacher-with-reference {gap['teacher_accuracy']:.3f} | privileged gap {gap['privileged_gap']:+.3f} "
         f"(n={int(gap['n'])})"
     )

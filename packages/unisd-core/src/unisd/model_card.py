@@ -22,6 +22,7 @@ HEADLINE_METRICS = (
     ("teacher_accuracy", "teacher-with-reference accuracy"),
     ("privileged_gap", "privileged gap"),
     ("leakage", "leakage (share of completions with teacher-only text)"),
+    ("overrun", "overrun (share of completions that go on after a finished answer)"),
 )
 
 

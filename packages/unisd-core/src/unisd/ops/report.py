@@ -51,8 +51,10 @@ SKIP_DIRS = {"checkpoints", "final", "eval", "jobs", "logs", ".cache"}
 ASIDE = re.compile(r".+\.(partial|oom)-\d+")
 # Config keys that differ between the seeds of one experiment (or only say where it was written).
 NOT_IDENTITY = ("seed", "output")
-# after/…, in this order: first-line and strict accuracy, the student's leakage, then the teacher and the gap
-HELD_OUT = ("student_accuracy", "student_strict_accuracy", "leakage", "teacher_accuracy", "privileged_gap", "gap_closed")
+# after/…, in this order: first-line and strict accuracy, the student's leakage and overrun, then the teacher and the gap
+HELD_OUT = (
+    "student_accuracy", "student_strict_accuracy", "leakage", "overrun", "teacher_accuracy", "privileged_gap", "gap_closed",
+)
 EVAL_HEADLINES = ("accuracy", "pass@1")  # the headline of a `unisd eval` results.json
 UNTRAINED = "untrained (before training)"
 SPECIAL = ("final_loss", "final_divergence", "privileged_gap")
