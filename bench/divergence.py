@@ -41,8 +41,8 @@ _fix_malloc()
 
 import torch  # noqa: E402
 
-from unisd.chunked import chunked_token_outputs  # noqa: E402
-from unisd.losses import token_outputs  # noqa: E402
+from unisd.divergence.chunked import chunked_token_outputs  # noqa: E402
+from unisd.divergence.losses import token_outputs  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # Peak memory

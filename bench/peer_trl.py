@@ -9,7 +9,7 @@ the unisd packages never import it. Both trainers start from the same SmolLM2-13
 split with the demo's settings (60 steps, batch 4 x 2, lr 1e-3 cosine with 10 % warm-up, LoRA r16/α32
 on every attention and MLP projection, 12 new tokens at temperature 0.7, forward KL on the full
 logits, the teacher = the base with the adapter off, shown the reference in unisd's teacher template)
-and are scored by unisd's own evaluator (``unisd.evaluate.evaluate``, greedy, the demo's scoring) on
+and are scored by unisd's own evaluator (``unisd.evaluation.evaluate.evaluate``, greedy, the demo's scoring) on
 the first ``--eval-limit`` held-out items. The base model is evaluated once: both adapters start as
 zero updates, so "before" is the same model for both.
 
@@ -156,7 +156,7 @@ def parse_final_line(line: str) -> dict[str, float]:
 
 def demo_items(eval_limit: int | None) -> tuple[Any, list, list]:
     """The demo task, its train split and the first ``eval_limit`` held-out items (all when None)."""
-    from unisd.demo import DemoTask
+    from unisd.data.demo import DemoTask
 
     task = DemoTask()
     return task, task.load("train"), task.load(task.eval_split, limit=eval_limit)
@@ -165,7 +165,7 @@ def demo_items(eval_limit: int | None) -> tuple[Any, list, list]:
 def score(model: Any, tokenizer: Any, task: Any, examples: list, settings: Settings) -> dict[str, float]:
     """unisd's evaluation of the student (greedy, the task's scoring) with the run's completion budget,
     as unisd's own before/after evaluation uses."""
-    from unisd.evaluate import evaluate
+    from unisd.evaluation.evaluate import evaluate
 
     return evaluate(model, tokenizer, task, examples, settings.max_new_tokens).metrics
 
@@ -173,7 +173,7 @@ def score(model: Any, tokenizer: Any, task: Any, examples: list, settings: Setti
 def run_unisd(settings: Settings, model_dir: str, work: Path, task: Any, held_out: list) -> dict[str, Any]:
     """``unisd train`` in a child process, then its final adapter scored; step times from metrics.jsonl."""
     from unisd.config import load_config
-    from unisd.models import load_model, load_tokenizer
+    from unisd.model.models import load_model, load_tokenizer
 
     config = work / "unisd.toml"
     config.write_text(toml_text(unisd_settings_mapping(settings, model_dir)))
@@ -253,7 +253,7 @@ def trl_config(settings: Settings, template: str, out: Path, bf16: bool) -> Any:
 def check_same_prompts(trainer: Any, task: Any, train: list, template: str) -> bool:
     """Whether TRL tokenises the student and teacher prompts of a few items exactly as unisd does
     (through TRL's own ``_tokenize_prompts`` and context builder: private, but the path training takes)."""
-    from unisd.prompts import encode, render_chat
+    from unisd.data.prompts import encode, render_chat
 
     tok = trainer.processing_class
     for ex in train[:4]:
@@ -272,7 +272,7 @@ def run_trl(settings: Settings, model_dir: str, work: Path, task: Any, train: li
     from peft import LoraConfig
     from trl.experimental.sdft import SDFTTrainer
 
-    from unisd.models import load_model, load_tokenizer, lora_targets
+    from unisd.model.models import load_model, load_tokenizer, lora_targets
 
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir, "auto")  # unisd's dtype choice
     dataset, template = trl_dataset(task, train)
@@ -319,7 +319,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from unisd.models import load_model, load_tokenizer, resolve_model
+    from unisd.model.models import load_model, load_tokenizer, resolve_model
 
     settings = Settings(steps=args.steps or Settings.steps, loss_reduction=args.loss_reduction)
     model_dir = resolve_model(args.model, print)  # the same local HF directory for both trainers

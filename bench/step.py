@@ -33,11 +33,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from divergence import PeakMemory, _fix_malloc  # noqa: E402  (bench scripts share the memory probe)
 
-import unisd.loop as loop  # noqa: E402
+import unisd.step as unisd_step  # noqa: E402
 from unisd.config import RunConfig  # noqa: E402
+from unisd.io.reporting import Reporter  # noqa: E402
+from unisd.model.rollout import HFBackend, SamplingParams  # noqa: E402
 from unisd.plugins import get_plugin_manager  # noqa: E402
-from unisd.reporting import Reporter  # noqa: E402
-from unisd.rollout import HFBackend, SamplingParams  # noqa: E402
+from unisd.run import Run, build_run  # noqa: E402
 from unisd.testing import make_tiny_model, make_tokenizer, toy_records, write_jsonl  # noqa: E402
 
 PRESETS = {  # random-init shapes (hidden, layers, heads, kv heads, intermediate, vocab)
@@ -62,17 +63,17 @@ def build_model_dir(preset: str, root: Path) -> str:
     return str(root / "model")
 
 
-def make_run(args, root: Path, components: dict, teacher_rows: int | None = None) -> loop.Run:
+def make_run(args, root: Path, components: dict, teacher_rows: int | None = None) -> Run:
     root.mkdir(parents=True, exist_ok=True)
     model = args.model or build_model_dir(args.preset, root)
     data = write_jsonl(root / "data.jsonl", toy_records(max(64, args.batch_size * 4)))
     cfg = RunConfig(model=model, data=str(data), batch_size=args.batch_size, grad_accum=1, lr=1e-4,
                     max_new_tokens=args.max_new_tokens, components=components, lora=not args.full,
                     dtype="bfloat16" if args.device == "cuda" else "float32", teacher_batch_rows=teacher_rows)
-    return loop.build_run(cfg, get_plugin_manager(), Reporter(), None)
+    return build_run(cfg, get_plugin_manager(), Reporter(), None)
 
 
-def timed_steps(args, run: loop.Run) -> dict:
+def timed_steps(args, run: Run) -> dict:
     params = [p for p in run.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     if args.backend == "hf":
@@ -81,7 +82,7 @@ def timed_steps(args, run: loop.Run) -> dict:
         backend = get_plugin_manager().registries.backends.get(args.backend)(
             run.model, run.tokenizer, source=run.source, config=run.config)
     teacher_time = [0.0]
-    real_teacher_pass = loop.teacher_pass
+    real_teacher_pass = unisd_step.teacher_pass
 
     def timed_teacher_pass(*a, **kw):
         t = time.perf_counter()
@@ -90,7 +91,7 @@ def timed_steps(args, run: loop.Run) -> dict:
         teacher_time[0] += time.perf_counter() - t
         return out
 
-    loop.teacher_pass = timed_teacher_pass
+    unisd_step.teacher_pass = timed_teacher_pass
     phases: dict[str, list[float]] = {"generate": [], "teacher": [], "student": [], "optimizer": []}
     counted: dict[str, list[int]] = {"student": [], "teacher": [], "completion": []}
     sampling = SamplingParams(temperature=0.7, max_new_tokens=args.max_new_tokens)
@@ -103,7 +104,7 @@ def timed_steps(args, run: loop.Run) -> dict:
             sync(args.device)
             t1 = time.perf_counter()
             teacher_time[0] = 0.0
-            loop.distill_step(run, examples, completions)
+            unisd_step.distill_step(run, examples, completions)
             sync(args.device)
             t2 = time.perf_counter()
             opt.step()
@@ -120,7 +121,7 @@ def timed_steps(args, run: loop.Run) -> dict:
                 for kind, count in token_counts(run, examples, completions).items():
                     counted[kind].append(count)
     finally:
-        loop.teacher_pass = real_teacher_pass
+        unisd_step.teacher_pass = real_teacher_pass
         if hasattr(backend, "close"):
             backend.close()
     med = {k: statistics.median(v) for k, v in phases.items()}
@@ -137,7 +138,7 @@ def timed_steps(args, run: loop.Run) -> dict:
     return result
 
 
-def token_counts(run: loop.Run, examples: list, completions: list) -> dict[str, int]:
+def token_counts(run: Run, examples: list, completions: list) -> dict[str, int]:
     """Tokens of one step: the student's sequences (prompt + completion), the teacher's (its longer
     prompt + completion), and the completions alone (where the divergence is computed)."""
     pairs = list(zip(examples, completions, strict=True))
@@ -146,7 +147,7 @@ def token_counts(run: loop.Run, examples: list, completions: list) -> dict[str, 
             "completion": sum(len(c.ids) for _, c in pairs)}
 
 
-def training_flops(run: loop.Run, full: bool, student_tokens: float, teacher_tokens: float,
+def training_flops(run: Run, full: bool, student_tokens: float, teacher_tokens: float,
                    completion_tokens: float) -> float:
     """Matmul FLOPs of the training part of one step (teacher forward, student forward and backward).
 
@@ -183,10 +184,10 @@ def context_memory(args, root: Path) -> dict:
         torch.manual_seed(0)
         completions = HFBackend(run.model, run.tokenizer).generate(
             [run.student_ids(e) for e in examples], SamplingParams(temperature=0.7, max_new_tokens=args.max_new_tokens))
-        loop.distill_step(run, examples, completions)  # warm-up (allocator, caches)
+        unisd_step.distill_step(run, examples, completions)  # warm-up (allocator, caches)
         run.model.zero_grad(set_to_none=True)
         probe.start()
-        loop.distill_step(run, examples, completions)
+        unisd_step.distill_step(run, examples, completions)
         out[k] = probe.peak()
         c = max(len(c.ids) for c in completions)
         hidden_bytes = args.batch_size * c * run.model.config.hidden_size * next(run.model.parameters()).element_size()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from unisd.config import load_config
-from unisd.demo import DemoTask
+from unisd.data.demo import DemoTask
 
 ROOT = Path(__file__).resolve().parents[1]
 

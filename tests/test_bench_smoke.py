@@ -47,8 +47,8 @@ def test_step_benchmark_flop_count_matches_a_measured_count(tmp_path):
         import step as bench_step
     finally:
         sys.path.pop(0)
-    from unisd import loop
-    from unisd.rollout import HFBackend, SamplingParams
+    from unisd.model.rollout import HFBackend, SamplingParams
+    from unisd.step import distill_step
 
     for full in (False, True):
         args = argparse.Namespace(model=None, preset="tiny", batch_size=2, max_new_tokens=8, full=full, device="cpu")
@@ -58,7 +58,7 @@ def test_step_benchmark_flop_count_matches_a_measured_count(tmp_path):
         completions = HFBackend(run.model, run.tokenizer).generate(
             [run.student_ids(e) for e in examples], SamplingParams(temperature=0.7, max_new_tokens=8))
         with FlopCounterMode(display=False) as counter:
-            loop.distill_step(run, examples, completions)
+            distill_step(run, examples, completions)
         measured = counter.get_total_flops()
         tokens = bench_step.token_counts(run, examples, completions)
         counted = bench_step.training_flops(run, full, tokens["student"], tokens["teacher"], tokens["completion"])

@@ -1,11 +1,12 @@
 """Which module may import which (issue 15): read from the sources with ``ast``, so a violation fails here.
 
-* mechanism and plugin packages do not reach into the parallel machinery (``unisd.sharding``,
-  ``unisd.distributed``: they use :mod:`unisd.runtime`) or the CLI's internals (``unisd.cli``: they use
-  :mod:`unisd.commands`);
+* mechanism and plugin packages do not reach into the parallel machinery (``unisd.parallel``: they use
+  :mod:`unisd.runtime`) or the CLI's internals (``unisd.cli``: they use :mod:`unisd.commands`);
 * the run configuration does not import the component machinery;
-* the divergence math imports nothing of unisd;
-* the core's module-level imports form no circle.
+* the divergence math (``unisd.divergence.chunk_math``) imports nothing of unisd;
+* the core's module-level imports form no circle, between modules nor between its folders (``data``,
+  ``divergence``, ``model``, ``parallel``, ``io``, ``evaluation``, ``ops``, ``cli``; each top-level module
+  counts as its own).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def sources(src: Path) -> list[Path]:
 
 @pytest.mark.parametrize("src", PLUGIN_SOURCES, ids=lambda p: p.parent.name)
 def test_plugin_packages_use_the_public_runtime_and_commands(src):
-    forbidden = ("unisd.sharding", "unisd.distributed", "unisd.cli")
+    forbidden = ("unisd.parallel", "unisd.cli")
     bad = [f"{p.relative_to(ROOT)} imports {name}" for p in sources(src) for name in sorted(imports(p, src))
            if name.startswith(forbidden) and (name in forbidden or name.startswith(tuple(f + "." for f in forbidden)))]
     assert not bad, "\n".join(bad)
@@ -63,7 +64,7 @@ def test_configuration_does_not_import_the_component_machinery():
 
 
 def test_the_divergence_math_imports_nothing_of_unisd():
-    names = imports(CORE / "chunk_math.py", CORE.parent)
+    names = imports(CORE / "divergence" / "chunk_math.py", CORE.parent)
     assert not {n for n in names if n == "unisd" or n.startswith("unisd.")}
 
 
@@ -90,22 +91,50 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_core_module_imports_form_no_circle():
+def core_graph() -> dict[str, set[str]]:
+    """The core's modules and what each imports of them at module level."""
     modules = {module_name(p, CORE.parent): p for p in sources(CORE)}
     graph = {m: {n for n in imports(p, CORE.parent, top_level_only=True) if n in modules and n != m}
              for m, p in modules.items()}
     # a package's __init__ importing its own submodules is not a circle of concern
-    graph = {m: {n for n in deps if m != n.rsplit(".", 1)[0]} for m, deps in graph.items()}
-    cycle = find_cycle(graph)
+    return {m: {n for n in deps if m != n.rsplit(".", 1)[0]} for m, deps in graph.items()}
+
+
+def folder_of(module: str) -> str:
+    """``unisd.io.atomic`` -> ``unisd.io``; a top-level module (``unisd.loop``) stands for itself."""
+    return ".".join(module.split(".")[:2])
+
+
+def folder_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    folders: dict[str, set[str]] = {}
+    for m, deps in graph.items():
+        folders.setdefault(folder_of(m), set()).update(folder_of(n) for n in deps)
+    return {f: deps - {f} for f, deps in folders.items()}
+
+
+def test_core_module_imports_form_no_circle():
+    cycle = find_cycle(core_graph())
     assert cycle is None, "import circle: " + " -> ".join(cycle or [])
+
+
+def test_core_folders_import_each_other_in_no_circle():
+    graph = folder_graph(core_graph())
+    assert {"unisd.data", "unisd.divergence", "unisd.model", "unisd.parallel", "unisd.io", "unisd.evaluation",
+            "unisd.loop", "unisd.step", "unisd.run"} <= set(graph)
+    cycle = find_cycle(graph)
+    assert cycle is None, "import circle between folders: " + " -> ".join(cycle or [])
 
 
 def test_the_checks_themselves_find_what_they_look_for(tmp_path):
     pkg = tmp_path / "mech"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / "a.py").write_text("def f():\n    from unisd import sharding\n    from . import b\n")
-    assert {"unisd", "unisd.sharding", "mech", "mech.b"} <= imports(pkg / "a.py", tmp_path)
+    (pkg / "a.py").write_text("def f():\n    from unisd.parallel import sharding\n    from . import b\n")
+    assert {"unisd.parallel", "unisd.parallel.sharding", "mech", "mech.b"} <= imports(pkg / "a.py", tmp_path)
     assert imports(pkg / "a.py", tmp_path, top_level_only=True) == set()
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+    # io.x -> model.y -> io.z is no circle of modules, but one of folders
+    modules = {"unisd.io.x": {"unisd.model.y"}, "unisd.model.y": {"unisd.io.z"}, "unisd.io.z": set()}
+    assert find_cycle(modules) is None
+    assert find_cycle(folder_graph(modules)) == ["unisd.io", "unisd.model", "unisd.io"]

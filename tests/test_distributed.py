@@ -13,13 +13,14 @@ from unisd.testing import make_tiny_model_dir, toy_records, write_jsonl
 
 WORKER = textwrap.dedent('''
     import dataclasses, json, sys, torch
-    from unisd import distributed, sharding
+    from unisd.parallel import distributed, sharding
     from unisd.config import RunConfig
     from unisd.components import call_each
-    from unisd.loop import build_run, distill_step
+    from unisd.run import build_run
+    from unisd.step import distill_step
     from unisd.plugins import get_plugin_manager
-    from unisd.reporting import Reporter
-    from unisd.rollout import Completion
+    from unisd.io.reporting import Reporter
+    from unisd.model.rollout import Completion
 
     model_dir, data, components, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
     shard, lora, overrides = sys.argv[5], sys.argv[6] == "lora", json.loads(sys.argv[7])
@@ -27,9 +28,9 @@ WORKER = textwrap.dedent('''
     cfg = RunConfig(model=model_dir, data=data, batch_size=2, grad_accum=8 // (2 * env.world_size),
                     lora_dropout=0.0, max_new_tokens=8, components=components, lr=1e-2, shard=shard, lora=lora,
                     **overrides)
-    import unisd.loop
-    loads, real_load = [], unisd.loop.load_model
-    unisd.loop.load_model = lambda *a, **kw: loads.append(kw.get("on_meta", False)) or real_load(*a, **kw)
+    import unisd.run
+    loads, real_load = [], unisd.run.load_model
+    unisd.run.load_model = lambda *a, **kw: loads.append(kw.get("on_meta", False)) or real_load(*a, **kw)
     run = build_run(cfg, get_plugin_manager(), Reporter(), None)
     sharded = shard in ("fsdp", "auto") and env.active
     assert sharding.is_sharded(run.model) == sharded
@@ -61,12 +62,12 @@ WORKER = textwrap.dedent('''
         losses.append(distributed.sum_scalar(stats["loss"]))
     whole_params = [sharding.whole(p.detach()) for p in params]
     # greedy generation from the (sharded) model: the same tokens on every process count
-    from unisd.rollout import HFBackend, SamplingParams
+    from unisd.model.rollout import HFBackend, SamplingParams
     prompts = [run.student_ids(e) for e in run.examples[:3]]
     generated = [c.ids for c in HFBackend(run.model, run.tokenizer).generate(prompts, SamplingParams(0.0, 1.0, 6))]
     # evaluation split over the processes (5 items: the second process's share is padded), gathered in order
-    from unisd.evaluate import evaluate
-    from unisd.tasks import Score, Task
+    from unisd.evaluation.evaluate import evaluate
+    from unisd.data.tasks import Score, Task
 
     class ByIndex(Task):
         def score(self, example, completion):
@@ -178,8 +179,8 @@ def test_num_processes_flag_trains_with_two_processes(tmp_path):
 
 def test_more_processes_than_gpus_is_a_usage_error(monkeypatch):
     """Emulated CUDA with one GPU and two local processes: refused before any process group is started."""
-    from unisd import distributed
     from unisd.errors import UsageError
+    from unisd.parallel import distributed
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

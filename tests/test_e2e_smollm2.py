@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from unisd.cli.app import make_app
-from unisd.demo import DemoTask
+from unisd.data.demo import DemoTask
 from unisd.plugins import get_plugin_manager
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from unisd.errors import ConfigError
-from unisd.sharding import ShardPlan, choose_plan, plan_from_accelerate, plan_from_deepspeed
+from unisd.parallel.sharding import ShardPlan, choose_plan, plan_from_accelerate, plan_from_deepspeed
 from unisd.testing import make_tiny_model_dir, toy_records, write_jsonl
 
 
@@ -257,9 +257,9 @@ def test_sharded_full_fine_tuning_resumes_exactly(tmp_path):
 def test_positional_optimizer_state_of_older_checkpoints_resumes_exactly(tmp_path):
     """Checkpoints written before the optimizer state was keyed by name still resume to the same weights."""
     from unisd.config import RunConfig
+    from unisd.io.reporting import Reporter
     from unisd.loop import train
     from unisd.plugins import get_plugin_manager
-    from unisd.reporting import Reporter
 
     model_dir = make_tiny_model_dir(tmp_path / "model")
     data = write_jsonl(tmp_path / "data.jsonl", toy_records(8))
@@ -300,8 +300,8 @@ def test_a_torch_without_fsdp2_sum_reductions_is_refused_before_loading(monkeypa
     """torch < 2.9 has no force-sum reductions; sharding would average (or, on gloo, fail) mid-run."""
     from torch.distributed.fsdp import FSDPModule
 
-    from unisd import sharding
     from unisd.errors import UsageError
+    from unisd.parallel import sharding
 
     sharding.require_support()  # this torch has them
     monkeypatch.delattr(FSDPModule, "set_force_sum_reduction_for_comms")
@@ -319,8 +319,8 @@ def test_generation_keeps_blocks_whole_unless_offloaded(tmp_path, monkeypatch, o
 
     import torch.distributed as dist
 
-    from unisd import sharding
-    from unisd.models import load_model
+    from unisd.model.models import load_model
+    from unisd.parallel import sharding
 
     dist.init_process_group("gloo", store=dist.FileStore(tempfile.mktemp(dir=tmp_path), 1), rank=0, world_size=1)
     try:

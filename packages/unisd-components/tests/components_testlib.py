@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
-from unisd.loop import StepBatch
-from unisd.scoring import Scores
-from unisd.tasks import Example
+from unisd.data.tasks import Example
+from unisd.model.scoring import Scores
+from unisd.step import StepBatch
 
 
 def examples(n: int) -> list[Example]:

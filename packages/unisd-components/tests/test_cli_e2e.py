@@ -8,8 +8,8 @@ import torch
 from typer.testing import CliRunner
 
 from unisd.cli.app import make_app
+from unisd.data.tasks import load_jsonl_examples
 from unisd.plugins import get_plugin_manager
-from unisd.tasks import load_jsonl_examples
 from unisd_components.contexts.retrieval import EMBEDDER_NAME, cached_embeddings, embedding_text
 
 runner = CliRunner()

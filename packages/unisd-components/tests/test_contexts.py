@@ -11,8 +11,8 @@ import torch
 from components_testlib import examples
 
 from unisd.components import make_options
-from unisd.reporting import Reporter
-from unisd.tasks import Example
+from unisd.data.tasks import Example
+from unisd.io.reporting import Reporter
 from unisd_components.agreement import Agreement
 from unisd_components.contexts.fewshot import HEADERS, SEPARATORS, fewshot_context, induction_context
 from unisd_components.contexts.induction import FALLBACK_INSTRUCTION, induced_instructions
@@ -160,7 +160,7 @@ MEDMCQA_ROWS = [
 
 def task_examples(name, tmp_path):
     """(task, examples) of MBPP, MedMCQA, the demo and a --data file, built offline from hand rows."""
-    from unisd.demo import DemoTask
+    from unisd.data.demo import DemoTask
     from unisd.testing import toy_records, write_jsonl
     from unisd_eval.tasks.mbpp import MBPPTask
     from unisd_eval.tasks.mcqa import MedMCQATask
@@ -173,7 +173,7 @@ def task_examples(name, tmp_path):
         return task, task.load("train", path=str(write_jsonl(tmp_path / "med.jsonl", MEDMCQA_ROWS)))
     if name == "demo":
         return DemoTask(), DemoTask().load("train", limit=6)
-    from unisd.tasks import load_jsonl_examples
+    from unisd.data.tasks import load_jsonl_examples
 
     return None, load_jsonl_examples(write_jsonl(tmp_path / "d.jsonl", toy_records(4)))
 
@@ -239,7 +239,7 @@ def test_mcqa_contexts_show_the_method_block(tmp_path):
 
 def fit(text, budget):
     """A context through the loop's budgeting (Run.context_ids), decoded."""
-    from unisd.loop import Run
+    from unisd.run import Run
     from unisd.testing import make_tokenizer
 
     tok = make_tokenizer()
@@ -250,8 +250,8 @@ def fit(text, budget):
 
 
 def test_a_too_long_context_keeps_the_whole_problem():
-    from unisd.prompts import SELF_DISTILLATION_INSTRUCTION
-    from unisd.tasks import teacher_text_with
+    from unisd.data.prompts import SELF_DISTILLATION_INSTRUCTION
+    from unisd.data.tasks import teacher_text_with
     from unisd.testing import make_tokenizer
     from unisd_components.contrastive import Contrastive
 

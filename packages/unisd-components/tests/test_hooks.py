@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 
 from unisd.cli.app import make_app
 from unisd.components import Preset
+from unisd.data.tasks import Example, Score, Task
 from unisd.hookspecs import hookimpl
 from unisd.plugins import get_plugin_manager
-from unisd.tasks import Example, Score, Task
 
 
 class EchoTask(Task):

@@ -10,15 +10,16 @@ from components_testlib import scores, step_batch
 
 from unisd.components import make_options
 from unisd.config import RunConfig
-from unisd.demo import DemoTask
+from unisd.data.demo import DemoTask
+from unisd.data.tasks import Example
 from unisd.errors import OptionError
-from unisd.loop import Run, distill_step
-from unisd.models import apply_lora
+from unisd.io.reporting import Reporter
+from unisd.model.models import apply_lora
+from unisd.model.rollout import Completion, HFBackend
+from unisd.model.teacher import default_teacher
 from unisd.plugins import get_plugin_manager
-from unisd.reporting import Reporter
-from unisd.rollout import Completion, HFBackend
-from unisd.tasks import Example
-from unisd.teacher import default_teacher
+from unisd.run import Run
+from unisd.step import distill_step
 from unisd.testing import make_tiny_model, make_tokenizer
 from unisd_components.clip import Clip
 from unisd_components.leak_guard import LeakGuard

@@ -11,10 +11,10 @@ from components_testlib import examples
 from typer.testing import CliRunner
 
 from unisd.cli.app import make_app
-from unisd.demo import DemoTask
+from unisd.data.demo import DemoTask
+from unisd.data.prompts import reference_with_reasoning
+from unisd.data.tasks import Example, teacher_text_with
 from unisd.plugins import get_plugin_manager
-from unisd.prompts import reference_with_reasoning
-from unisd.tasks import Example, teacher_text_with
 from unisd.testing import make_tokenizer, toy_records, write_jsonl
 from unisd_components.contrastive import Contrastive
 from unisd_components.negatives import (
@@ -108,7 +108,7 @@ def test_contrastive_without_any_negative_says_how_to_fix(tmp_path):
     from types import SimpleNamespace
 
     from unisd.errors import UsageError
-    from unisd.reporting import Reporter
+    from unisd.io.reporting import Reporter
 
     run = SimpleNamespace(task=None, examples=examples(2), reporter=Reporter(),
                           config=SimpleNamespace(model="m", data="d.jsonl", task=None))
@@ -329,8 +329,8 @@ def test_sampling_stops_once_the_json_object_closes():
 
 
 def test_hf_generator_samples_with_the_tiny_model(tiny_model_dir):
-    from unisd.models import load_model, load_tokenizer
-    from unisd.rollout import SamplingParams
+    from unisd.model.models import load_model, load_tokenizer
+    from unisd.model.rollout import SamplingParams
 
     tok = load_tokenizer(str(tiny_model_dir))
     generate = hf_generator(load_model(str(tiny_model_dir)), tok, SamplingParams(max_new_tokens=5), batch_size=2)

@@ -11,14 +11,15 @@ from components_testlib import examples
 
 from unisd.components import make_options
 from unisd.config import RunConfig
-from unisd.loop import Run, distill_step
-from unisd.models import apply_lora
-from unisd.prompts import teacher_text
-from unisd.reporting import Reporter
-from unisd.rollout import Completion
-from unisd.scoring import completion_hidden, pack
-from unisd.tasks import Example, Task
-from unisd.teacher import AdapterDisabledTeacher, default_teacher
+from unisd.data.prompts import teacher_text
+from unisd.data.tasks import Example, Task
+from unisd.io.reporting import Reporter
+from unisd.model.models import apply_lora
+from unisd.model.rollout import Completion
+from unisd.model.scoring import completion_hidden, pack
+from unisd.model.teacher import AdapterDisabledTeacher, default_teacher
+from unisd.run import Run
+from unisd.step import distill_step
 from unisd.testing import make_tiny_model, make_tokenizer
 from unisd_components.agreement import Agreement
 from unisd_components.contrastive import Contrastive

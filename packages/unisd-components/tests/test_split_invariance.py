@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from unisd.config import RunConfig
-from unisd.loop import build_run, distill_step
+from unisd.io.reporting import Reporter
+from unisd.model.rollout import Completion
 from unisd.plugins import get_plugin_manager
-from unisd.reporting import Reporter
-from unisd.rollout import Completion
+from unisd.run import build_run
+from unisd.step import distill_step
 from unisd.testing import make_tiny_model, make_tokenizer, toy_records, write_jsonl
 
 STAR = {"agreement": {"num_contexts": 2, "gamma": 5.0}, "ema": {"sync_steps": 1},
@@ -116,11 +117,11 @@ def test_the_whole_recipe_is_split_invariant_under_the_sequence_reduction(sharp_
 
 def test_the_no_grad_pass_runs_only_when_a_component_asks(sharp_model_dir, negatives_file, monkeypatch):
     """``needs_step_scores`` costs one more student forward per micro-batch; nothing else pays it."""
-    import unisd.loop as loop
+    import unisd.step as step
 
     calls = []
-    real = loop._student_outputs
-    monkeypatch.setattr(loop, "_student_outputs", lambda *a: calls.append(torch.is_grad_enabled()) or real(*a))
+    real = step._student_outputs
+    monkeypatch.setattr(step, "_student_outputs", lambda *a: calls.append(torch.is_grad_enabled()) or real(*a))
     one_step(sharp_model_dir, negatives_file, CASES["clip-static"], batch_size=4)
     assert calls == [True, True]
     calls.clear()

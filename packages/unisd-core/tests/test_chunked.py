@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from unisd import chunk_math
-from unisd.chunked import chunked_target_logprobs, chunked_token_outputs
+from unisd.divergence import chunk_math
+from unisd.divergence.chunked import chunked_target_logprobs, chunked_token_outputs
+from unisd.divergence.losses import token_outputs
 from unisd.errors import UsageError
-from unisd.losses import token_outputs
 
 B, C, H, V = 4, 9, 16, 97
 
@@ -269,7 +269,7 @@ class Recorder(TorchDispatchMode):
 
 def test_bf16_head_is_never_converted_whole(monkeypatch):
     """A bf16 head is converted a slice of rows at a time: forward holds no float32 [V, H] copy."""
-    import unisd.chunked as chunked
+    import unisd.divergence.chunked as chunked
 
     monkeypatch.setattr(chunked._Head, "SLICE", 40)  # 97 = 40 + 40 + 17 rows
     case = make_case(torch.bfloat16, seed=11)
@@ -284,7 +284,7 @@ def test_bf16_head_is_never_converted_whole(monkeypatch):
 def test_low_precision_matmul_path(monkeypatch, alpha):
     """The CUDA path (bf16 operands, float32 accumulation and output), emulated on CPU: exact products
     of the bf16 values accumulated in float32 — what ``torch.mm(..., out_dtype=torch.float32)`` does."""
-    import unisd.chunked as chunked
+    import unisd.divergence.chunked as chunked
 
     def emulated(a, b, out):
         assert a.dtype == b.dtype == torch.bfloat16  # the logit gradient is rounded to bf16 on this path
@@ -302,7 +302,7 @@ def test_low_precision_matmul_path(monkeypatch, alpha):
 
 def test_mixed_dtypes_keep_float32_precision(monkeypatch):
     """float32 hidden states with a bf16 head: never rounded to bf16, even where the fast path exists."""
-    import unisd.chunked as chunked
+    import unisd.divergence.chunked as chunked
 
     monkeypatch.setattr(chunked, "_lowp_available", lambda w, compute: True)
     monkeypatch.setattr(chunked, "_lowp_mm", lambda *a: pytest.fail("float32 hidden states went to bf16"))

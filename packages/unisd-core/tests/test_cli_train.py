@@ -188,19 +188,19 @@ def test_eval_during_training_logs_student_teacher_and_gap(tiny_llama, toy_data,
 def test_full_finetuning_keeps_float32_weights_unless_told_otherwise(monkeypatch, tiny_llama, toy_data, lora, dtype,
                                                                      loaded):
     """'auto' is bf16 on a GPU; trained bf16 weights would round most AdamW updates away, so --full loads fp32."""
-    import unisd.loop as loop
+    import unisd.run as run_module
     from unisd.config import RunConfig
-    from unisd.reporting import Reporter
+    from unisd.io.reporting import Reporter
 
     seen = []
-    real_load = loop.load_model
+    real_load = run_module.load_model
 
     def spy(source, dtype, *args, **kwargs):
         seen.append(dtype)
         return real_load(source, dtype, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "load_model", spy)
-    loop.build_run(RunConfig(model=str(tiny_llama), data=str(toy_data), lora=lora, dtype=dtype),
+    monkeypatch.setattr(run_module, "load_model", spy)
+    run_module.build_run(RunConfig(model=str(tiny_llama), data=str(toy_data), lora=lora, dtype=dtype),
                    get_plugin_manager(), Reporter(), None)
     assert seen == [loaded]
 
@@ -220,16 +220,16 @@ def test_half_precision_training_warns_what_it_loses(tiny_llama, toy_data, tmp_p
 @pytest.mark.parametrize("tf32, precision", [(True, "high"), (False, "highest")])
 def test_float32_matmuls_use_tf32_on_gpus_unless_turned_off(monkeypatch, tiny_llama, toy_data, tf32, precision):
     """Emulated GPU: float32 weights (--full) multiply as TF32 by default; tf32 = false keeps full float32."""
-    import unisd.loop as loop
+    import unisd.run as run_module
     from unisd.config import RunConfig
-    from unisd.reporting import Reporter
+    from unisd.io.reporting import Reporter
 
     set_to = []
-    real_load = loop.load_model
+    real_load = run_module.load_model
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch, "set_float32_matmul_precision", set_to.append)
-    monkeypatch.setattr(loop, "load_model", lambda *a, **kw: real_load(*a, **{**kw, "to_gpu": False}))
-    loop.build_run(RunConfig(model=str(tiny_llama), data=str(toy_data), lora=False, tf32=tf32),
+    monkeypatch.setattr(run_module, "load_model", lambda *a, **kw: real_load(*a, **{**kw, "to_gpu": False}))
+    run_module.build_run(RunConfig(model=str(tiny_llama), data=str(toy_data), lora=False, tf32=tf32),
                    get_plugin_manager(), Reporter(), None)
     assert set_to == [precision]
 

@@ -10,11 +10,11 @@ from typer.testing import CliRunner
 
 from unisd.cli.app import make_app
 from unisd.config import RunConfig
-from unisd.datafiles import Columns, load_data
+from unisd.data.datafiles import Columns, load_data
 from unisd.errors import DataError
-from unisd.loop import build_run
+from unisd.io.reporting import Reporter
 from unisd.plugins import get_plugin_manager
-from unisd.reporting import Reporter
+from unisd.run import build_run
 
 ROWS = [{"id": f"q{i}", "prompt": f"What is {i} + {i}?", "reference": str(2 * i)} for i in range(5)]
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from unisd.demo import FIRST_TEST, DemoTask
+from unisd.data.demo import FIRST_TEST, DemoTask
 
 TASK = DemoTask()
 EX = TASK.load("test")[0]  # Rewrite 'cloud table' in capital letters -> CLOUD TABLE

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from unisd.cli.app import make_app
 from unisd.cli.command_line import command_line
 from unisd.errors import UsageError
-from unisd.export import push_run
-from unisd.model_card import is_unisd_card, render_model_card
+from unisd.io.model_card import is_unisd_card, render_model_card
+from unisd.model.export import push_run
 from unisd.plugins import get_plugin_manager
 
 

@@ -2,9 +2,11 @@
 
 import pytest
 
-from unisd.demo import DemoTask
+from unisd.data.demo import DemoTask
+from unisd.data.prompts import DEMO_MARKER, SELF_DISTILLATION_INSTRUCTION, teacher_text
+from unisd.data.tasks import Example, Task
 from unisd.errors import ConfigError
-from unisd.leakage import (
+from unisd.evaluation.leakage import (
     detect_leak,
     leakage_flags,
     leakage_rate,
@@ -14,8 +16,6 @@ from unisd.leakage import (
     template_fragments,
     token_range,
 )
-from unisd.prompts import DEMO_MARKER, SELF_DISTILLATION_INSTRUCTION, teacher_text
-from unisd.tasks import Example, Task
 from unisd.testing import make_tokenizer
 
 UPPER = Example("u1", "Rewrite 'cloud table' in capital letters. Reply with only the rewritten words.", "CLOUD TABLE")

@@ -5,12 +5,12 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from unisd import evaluate as evaluate_module
 from unisd.cli.app import make_app
-from unisd.demo import DemoTask
-from unisd.evaluate import evaluate
+from unisd.data.demo import DemoTask
+from unisd.evaluation import evaluate as evaluate_module
+from unisd.evaluation.evaluate import evaluate
+from unisd.model.rollout import Completion, HFBackend
 from unisd.plugins import get_plugin_manager
-from unisd.rollout import Completion, HFBackend
 
 LEAKED = "CLOUD TABLE\n\nThis is an example for a"
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unisd import distributed, reduction
 from unisd.config import RunConfig
+from unisd.divergence import reduction
 from unisd.errors import ConfigError, UsageError
-from unisd.loop import build_run, distill_step
+from unisd.io.reporting import Reporter
+from unisd.model.rollout import Completion
+from unisd.parallel import distributed
 from unisd.plugins import get_plugin_manager
-from unisd.reporting import Reporter
-from unisd.rollout import Completion
+from unisd.run import build_run
+from unisd.step import distill_step
 
 
 def make_run(model_dir, data, **overrides):

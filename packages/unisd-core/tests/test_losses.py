@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from unisd.losses import generalized_jsd, token_outputs
+from unisd.divergence.losses import generalized_jsd, token_outputs
 
 
 def reference_divergence(student_logits, teacher_logits, alpha, temperature):

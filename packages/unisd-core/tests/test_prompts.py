@@ -1,8 +1,8 @@
-"""Reference layout helpers and the budgeting of component contexts (unisd.prompts)."""
+"""Reference layout helpers and the budgeting of component contexts (unisd.data.prompts)."""
 
 from __future__ import annotations
 
-from unisd.prompts import (
+from unisd.data.prompts import (
     DemonstrationText,
     fence_code,
     fit_context,

@@ -7,12 +7,12 @@ import random
 import pytest
 
 from unisd.config import RunConfig
-from unisd.controls import shuffle_references
+from unisd.data.controls import shuffle_references
+from unisd.data.tasks import Example
 from unisd.errors import ConfigError, DataError
-from unisd.loop import build_run
+from unisd.io.reporting import Reporter
 from unisd.plugins import get_plugin_manager
-from unisd.reporting import Reporter
-from unisd.tasks import Example
+from unisd.run import build_run
 
 
 def examples(refs):
@@ -68,7 +68,7 @@ def test_unknown_control_is_a_config_error():
 
 
 def test_the_startup_summary_names_the_control():
-    from unisd.reporting import startup_summary
+    from unisd.io.reporting import startup_summary
 
     text = startup_summary("m", 1, 10, 8, RunConfig(data="d.jsonl", reference_control="shuffled"), [], "out")
     assert "Data: d.jsonl (control: shuffled references), 8 examples" in text

@@ -9,8 +9,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from unisd.cli.app import make_app
+from unisd.io.reporting import RichReporter, eval_line, step_line
 from unisd.plugins import get_plugin_manager
-from unisd.reporting import RichReporter, eval_line, step_line
 
 
 def _record(step: int, **extra) -> dict:

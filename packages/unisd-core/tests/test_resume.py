@@ -7,13 +7,13 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from unisd.checkpoint import checkpoint_problem, load_pickled, write_manifest
 from unisd.cli.app import make_app
 from unisd.config import RunConfig
 from unisd.errors import CheckpointError
+from unisd.io.checkpoint import checkpoint_problem, load_pickled, write_manifest
+from unisd.io.runlog import MetricsLog
 from unisd.loop import train
 from unisd.plugins import get_plugin_manager
-from unisd.runlog import MetricsLog
 
 
 class Crash(Exception):
@@ -129,7 +129,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tiny_llama, toy_data, t
 
 def test_nonfinite_steps_are_skipped_then_stop_with_a_checkpoint(tiny_llama, toy_data, tmp_path, monkeypatch):
     import unisd.loop as loop
-    from unisd.loop import TrainingDiverged
+    from unisd.errors import TrainingDiverged
 
     real_step = loop.distill_step
     calls = {"n": 0}
@@ -158,7 +158,7 @@ def test_nonfinite_steps_are_skipped_then_stop_with_a_checkpoint(tiny_llama, toy
 def test_cuda_rng_state_is_this_gpus_and_resumes_on_fewer_gpus(monkeypatch):
     """Emulated CUDA: a checkpoint holds the process's own GPU generator; an older one that holds every
     visible GPU's state still resumes where fewer GPUs are visible (set_rng_state_all would index past them)."""
-    from unisd.checkpoint import rng_state, set_rng_state
+    from unisd.io.checkpoint import rng_state, set_rng_state
 
     restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -269,7 +269,7 @@ def test_saved_states_load_weights_only_and_older_rng_states_still_load(tmp_path
 
     import numpy as np
 
-    from unisd.checkpoint import rng_state, set_rng_state
+    from unisd.io.checkpoint import rng_state, set_rng_state
 
     torch.save([rng_state()], tmp_path / "rng.pt")
     expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
@@ -284,7 +284,7 @@ def test_saved_states_load_weights_only_and_older_rng_states_still_load(tmp_path
 
 
 def test_choose_checkpoint_names_what_is_wrong(tmp_path):
-    from unisd.checkpoint import choose_checkpoint
+    from unisd.io.checkpoint import choose_checkpoint
 
     def checkpoint(step):
         path = tmp_path / "checkpoints" / f"step-{step}"

@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 from unisd.cli.app import make_app
 from unisd.config import RunConfig
+from unisd.io.rundir import LOCK_FILE, RunLockedError, acquire_lock
+from unisd.io.runlog import MetricsLog
 from unisd.loop import train
 from unisd.plugins import get_plugin_manager
-from unisd.rundir import LOCK_FILE, RunLockedError, acquire_lock
-from unisd.runlog import MetricsLog
 
 TIMINGS = {"tokens_per_s", "generation_s", "step_s", "elapsed_s"}
 
@@ -190,7 +190,7 @@ def test_resume_accepts_the_flags_the_run_was_started_with(tiny_llama, toy_data,
 
 
 def test_leftovers_of_interrupted_saves_are_removed_or_put_back(tmp_path):
-    from unisd.rundir import remove_leftovers
+    from unisd.io.rundir import remove_leftovers
 
     ckpts = tmp_path / "checkpoints"
     for name in (".step-2.tmp-abc", ".step-4.old-99", "step-2", ".step-2.old-98"):

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from unisd.config import RunConfig
-from unisd.loop import build_run, distill_step
+from unisd.data.prompts import budget_teacher_prompt, render_chat, teacher_text
+from unisd.io.reporting import Reporter
+from unisd.model.rollout import Completion, split_completion
+from unisd.model.scoring import completion_hidden, lm_head_weight, pack
 from unisd.plugins import get_plugin_manager
-from unisd.prompts import budget_teacher_prompt, render_chat, teacher_text
-from unisd.reporting import Reporter
-from unisd.rollout import Completion, split_completion
-from unisd.scoring import completion_hidden, lm_head_weight, pack
+from unisd.run import build_run
+from unisd.step import distill_step
 from unisd.testing import make_tiny_model, make_tokenizer
 
 
@@ -134,16 +135,16 @@ def test_run_counts_truncated_references(tiny_llama, toy_data):
 
 
 def test_loop_uses_the_chunked_divergence_by_default(tiny_llama, toy_data, monkeypatch):
-    import unisd.loop as loop
+    import unisd.step as step
 
     calls = []
-    real = loop.chunked_token_outputs
+    real = step.chunked_token_outputs
 
     def spy(*args, **kwargs):
         calls.append(kwargs["chunk_size"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "chunked_token_outputs", spy)
+    monkeypatch.setattr(step, "chunked_token_outputs", spy)
     run = make_run(tiny_llama, toy_data, batch_size=2, grad_accum=2)
     distill_step(run, run.examples[:4], fixed_completions(run, 4))
     assert calls == [1024, 1024]  # one call per micro-batch, default chunk size
@@ -173,7 +174,7 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny_llama, toy_data):
 
 
 def test_completion_hidden_under_lora_matches_logits_with_and_without_adapter():
-    from unisd.models import apply_lora
+    from unisd.model.models import apply_lora
 
     tok = make_tokenizer()
     model = apply_lora(make_tiny_model(tok), r=4, alpha=8, dropout=0.0)

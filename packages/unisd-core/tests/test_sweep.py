@@ -63,7 +63,7 @@ class TestPlugin:
 
     @hookimpl
     def register_tasks(self, register):
-        from unisd.demo import DemoTask
+        from unisd.data.demo import DemoTask
 
         class OtherTask(DemoTask):
             name = "demo2"

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from unisd.cli.app import make_app
 from unisd.hookspecs import hookimpl
+from unisd.io.trackers import Tracker
 from unisd.plugins import get_plugin_manager
-from unisd.trackers import Tracker
 
 
 def _train(app, toy_data, model_dir, out, *extra):

@@ -50,7 +50,7 @@ def test_vllm_server_generation_follows_the_lora_adapter(tmp_path):
     import time
     import urllib.request
 
-    from unisd.vllm_backend import VLLMServerBackend
+    from unisd.model.vllm_backend import VLLMServerBackend
 
     model_dir = _vllm_model_dir(tmp_path)
     with socket.socket() as sock:
@@ -88,8 +88,8 @@ def test_vllm_settings_it_refuses_are_a_usage_error(tmp_path):
 
     from unisd.config import RunConfig
     from unisd.errors import UsageError
-    from unisd.models import load_model, load_tokenizer
-    from unisd.vllm_backend import VLLMBackend
+    from unisd.model.models import load_model, load_tokenizer
+    from unisd.model.vllm_backend import VLLMBackend
 
     if torch.cuda.is_available():
         pytest.skip("sleep mode is supported on CUDA")
@@ -111,9 +111,9 @@ def _check_generation_follows_student(model_dir, lora, changed, std, backend_cls
     import torch
 
     from unisd.config import RunConfig
-    from unisd.models import apply_lora, load_model, load_tokenizer
-    from unisd.rollout import HFBackend, SamplingParams
-    from unisd.vllm_backend import VLLMBackend
+    from unisd.model.models import apply_lora, load_model, load_tokenizer
+    from unisd.model.rollout import HFBackend, SamplingParams
+    from unisd.model.vllm_backend import VLLMBackend
 
     tokenizer = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir), "float32")
@@ -154,9 +154,9 @@ def test_vllm_server_backend_talks_to_an_openai_compatible_server(tiny_llama, tm
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
     from unisd.config import RunConfig
-    from unisd.models import apply_lora, load_model, load_tokenizer
-    from unisd.rollout import SamplingParams
-    from unisd.vllm_backend import VLLMServerBackend
+    from unisd.model.models import apply_lora, load_model, load_tokenizer
+    from unisd.model.rollout import SamplingParams
+    from unisd.model.vllm_backend import VLLMServerBackend
 
     tokenizer = load_tokenizer(str(tiny_llama))
     eos = tokenizer.eos_token_id
@@ -211,8 +211,8 @@ def test_vllm_server_backend_talks_to_an_openai_compatible_server(tiny_llama, tm
 
 def test_another_run_on_the_same_server_uses_other_adapter_names(tiny_llama):
     from unisd.config import RunConfig
-    from unisd.models import apply_lora, load_model, load_tokenizer
-    from unisd.vllm_backend import VLLMServerBackend
+    from unisd.model.models import apply_lora, load_model, load_tokenizer
+    from unisd.model.vllm_backend import VLLMServerBackend
 
     model = apply_lora(load_model(str(tiny_llama), "float32"), r=4, alpha=8, dropout=0.0)
     tokenizer = load_tokenizer(str(tiny_llama))
@@ -228,9 +228,9 @@ def test_vllm_server_errors_name_the_server_and_its_reason(tiny_llama, tmp_path)
 
     from unisd.config import RunConfig
     from unisd.errors import UsageError
-    from unisd.models import apply_lora, load_model, load_tokenizer
-    from unisd.rollout import SamplingParams
-    from unisd.vllm_backend import VLLMServerBackend
+    from unisd.model.models import apply_lora, load_model, load_tokenizer
+    from unisd.model.rollout import SamplingParams
+    from unisd.model.vllm_backend import VLLMServerBackend
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802

@@ -106,7 +106,7 @@ def test_eval_tasks_are_registered():
 
 
 def test_eval_several_tasks_in_one_call_loads_the_model_once(app, tmp_path, monkeypatch):
-    import unisd.models as models
+    import unisd.model.models as models
 
     loads = []
     real = models.load_model

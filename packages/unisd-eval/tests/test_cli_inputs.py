@@ -17,7 +17,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from unisd.cli.app import make_app
-from unisd.demo import DemoTask
+from unisd.data.demo import DemoTask
 from unisd.plugins import get_plugin_manager
 from unisd.testing import write_jsonl
 from unisd_eval.cli import git_commit, score_rows, standard_error

@@ -69,7 +69,7 @@ def test_retry_unparsed_replaces_only_completions_that_then_parse():
 
 
 def task_example(i):
-    from unisd.tasks import Example
+    from unisd.data.tasks import Example
 
     return Example(f"t{i}", "p", "r", {"gold_calls": []})
 

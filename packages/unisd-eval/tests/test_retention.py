@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from unisd.cli.app import make_app
-from unisd.losses import generalized_jsd
+from unisd.divergence.losses import generalized_jsd
 from unisd.plugins import get_plugin_manager
 from unisd.testing import make_tiny_model_dir, make_tokenizer
 from unisd_eval.retention import base_of, score_direction

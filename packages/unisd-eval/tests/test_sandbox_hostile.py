@@ -436,7 +436,7 @@ def test_stopping_unisd_eval_mid_run_leaves_nothing(sig, tmp_path):
 
 def test_a_lone_surrogate_is_that_items_failure(sandbox):
     task = HumanEvalTask(sandbox)
-    from unisd.tasks import Example
+    from unisd.data.tasks import Example
 
     example = Example(id="t/0", prompt="", reference="", meta={
         "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n", "entry_point": "add"})

@@ -7,8 +7,8 @@ import random
 import pytest
 from eval_fixtures import COS_E, GPQA, MEDMCQA, SCIENCEQA, TOOL_PROMPT
 
+from unisd.data.prompts import teacher_text
 from unisd.errors import UsageError
-from unisd.prompts import teacher_text
 from unisd_eval.tasks import (
     CosETask,
     GPQADiamondTask,

@@ -10,9 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from unisd import OptionError, UsageError
 from unisd.cli.app import make_app
 from unisd.components import make_options
-from unisd.errors import OptionError, UsageError
 from unisd.plugins import get_plugin_manager
 from unisd.testing import make_tiny_model_dir, toy_records, write_jsonl
 
@@ -110,9 +110,10 @@ def test_update_does_not_depend_on_the_micro_batch_split(installed, tmp_path):
     """1×8 and 8×1 micro-batches of the same completions give the same update (≤ 1e-5 relative): the
     threshold is one number for the whole optimiser step."""
     from unisd.config import RunConfig
-    from unisd.loop import build_run, distill_step
-    from unisd.reporting import Reporter
-    from unisd.rollout import Completion
+    from unisd.io.reporting import Reporter
+    from unisd.model.rollout import Completion
+    from unisd.run import build_run
+    from unisd.step import distill_step
 
     model = make_tiny_model_dir(tmp_path / "model")
     data_file = write_jsonl(tmp_path / "train.jsonl", toy_records(8))

@@ -23,8 +23,8 @@ from typing import Any, ClassVar
 import torch
 
 from unisd.components import option, run_seed
+from unisd.divergence.stepstats import step_quantile
 from unisd.errors import UsageError
-from unisd.stepstats import step_quantile
 
 from .contexts.fewshot import family_of, fewshot_context, induction_context
 
@@ -242,7 +242,7 @@ class Agreement:
 
 
 def _model_generator(run: Any, max_new_tokens: int) -> Any:
-    from unisd.evaluate import generate_texts
+    from unisd.evaluation.evaluate import generate_texts
 
     def generate(prompts: list[str]) -> list[str]:
         run.reporter.info(f"agreement: inducing {len(prompts)} instruction(s) with the model (cached afterwards)")

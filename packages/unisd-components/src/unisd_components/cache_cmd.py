@@ -119,9 +119,9 @@ class Progress:
 def _run(pm: Any, req: Request) -> None:
     import torch
 
-    from unisd.models import load_model, load_tokenizer, resolve_model
-    from unisd.rollout import SamplingParams
-    from unisd.tasks import load_jsonl_examples
+    from unisd.data.tasks import load_jsonl_examples
+    from unisd.model.models import load_model, load_tokenizer, resolve_model
+    from unisd.model.rollout import SamplingParams
 
     from .negatives import build_negatives, default_cache_path, negative_budget, negative_kind
     from .negatives_gen import hf_generator, pick_backend, vllm_generator

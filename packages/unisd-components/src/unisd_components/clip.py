@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from unisd import stepstats
 from unisd.components import option
+from unisd.divergence import stepstats
 from unisd.errors import UsageError
 
 DEFAULT_CAP = 10.0

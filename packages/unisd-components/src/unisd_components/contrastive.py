@@ -23,9 +23,9 @@ import torch
 
 from unisd import runtime
 from unisd.components import option, run_seed
+from unisd.data.prompts import DemonstrationText
+from unisd.data.tasks import Example, teacher_text_with
 from unisd.errors import UsageError
-from unisd.prompts import DemonstrationText
-from unisd.tasks import Example, teacher_text_with
 
 from .negatives import choose_negative, default_cache_path, read_cache
 
@@ -97,7 +97,7 @@ class Contrastive:
         would, with the run's own model (still the base model at setup: LoRA starts as a no-op). Examples
         already in the cache are not redone, so an interrupted build resumes. The RNG is forked: a run that
         built the cache trains exactly like one that found it built."""
-        from unisd.rollout import SamplingParams
+        from unisd.model.rollout import SamplingParams
 
         from .cache_cmd import Progress
         from .negatives import build_negatives, negative_budget, negative_kind

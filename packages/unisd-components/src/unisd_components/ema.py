@@ -18,7 +18,7 @@ import torch
 
 from unisd import runtime
 from unisd.components import option
-from unisd.teacher import FrozenCopyTeacher, SwappedWeightsTeacher
+from unisd.model.teacher import FrozenCopyTeacher, SwappedWeightsTeacher
 
 
 def ema_update_(shadow: torch.Tensor, current: torch.Tensor, beta: float) -> None:

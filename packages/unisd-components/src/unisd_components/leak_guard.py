@@ -8,7 +8,7 @@ the student to produce it without the prompt. Such a leak feeds itself: once sam
 token is confirmed by the teacher. The trained demo student ended 17 of 48 test answers with the
 template this way.
 
-What the guard does: each sampled completion goes through :func:`unisd.leakage.detect_leak` (template
+What the guard does: each sampled completion goes through :func:`unisd.evaluation.leakage.detect_leak` (template
 prefixes of at least ``min_template_words`` words, ``ngram``-word spans of the reference or template
 that the student prompt does not hold). In a completion that leaks, the divergence of the guarded
 tokens is multiplied by ``weight`` (0: masked) through ``token_weights``, so it composes with every
@@ -44,7 +44,7 @@ paraphrase of them: "CLOUD TABLE\n\nThis is a classic example of …"), and it g
 turn little probability (0.04 after "CLOUD TABLE" on the demo's SmolLM2, against 0.55 for "\n"). Its
 target there is an artefact of the prompt's layout, and the student learns never to stop. With
 ``stop_weight`` > 0 the guard finds the first position where the completion's text ends with the
-reference's ending (:func:`unisd.leakage.reference_end_offset`), guards the divergence from
+reference's ending (:func:`unisd.evaluation.leakage.reference_end_offset`), guards the divergence from
 there to the end (whatever follows is conditioned on text after a finished answer), and adds a term
 ``stop_weight · −log p_student(EOS)`` at that position: the demonstration ends there, so the student
 is taught to end its turn where the reference ends. The term is an extra loss (``leak-guard/stop``),
@@ -60,12 +60,12 @@ import torch
 
 from unisd import runtime
 from unisd.components import option
+from unisd.data.tasks import Example
 from unisd.errors import ConfigError
+from unisd.evaluation.leakage import MIN_TEMPLATE_WORDS, NGRAM, detect_leak, reference_end_offset, token_range
 from unisd.hookspecs import hookimpl
-from unisd.leakage import MIN_TEMPLATE_WORDS, NGRAM, detect_leak, reference_end_offset, token_range
-from unisd.rollout import HFBackend, SamplingParams, eos_ids_of
-from unisd.scoring import lm_head_weight
-from unisd.tasks import Example
+from unisd.model.rollout import HFBackend, SamplingParams, eos_ids_of
+from unisd.model.scoring import lm_head_weight
 
 SCOPES = ("rest", "span", "completion")
 

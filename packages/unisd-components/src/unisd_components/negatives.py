@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from unisd.data.prompts import render_like, strip_fence
+from unisd.data.tasks import Example
 from unisd.errors import DataError
-from unisd.models import cache_dir
-from unisd.prompts import render_like, strip_fence
-from unisd.tasks import Example
+from unisd.model.models import cache_dir
 
 from .contexts.fewshot import family_of
 
@@ -227,7 +227,7 @@ def parse_output(text: str) -> tuple[str, str]:
 def render_negative(example: Example, kind: str, target: str, reasoning: str, answer: str, task: Any = None) -> str:
     """A negative demonstration rendered exactly as the task renders the example's reference.
 
-    The task's :meth:`~unisd.tasks.Task.render_reference` does it (fenced code for MBPP,
+    The task's :meth:`~unisd.data.tasks.Task.render_reference` does it (fenced code for MBPP,
     ``Reasoning:/Answer:`` for MCQA); without a task (``--data`` files) the example's own reference
     gives the layout. So the positive and negative teacher prompts differ only in content (§7.9).
     """
@@ -332,7 +332,7 @@ def cached_reference(example: Example, entry: dict, task: Any = None) -> str:
 def choose_negative(example: Example, cached: list[dict], task: Any = None, seed: int = 42) -> str | None:
     """The one negative demonstration of ``example`` for a run, or None.
 
-    In order: ``meta["negative_reference"]``, the task's own :meth:`~unisd.tasks.Task.negative`
+    In order: ``meta["negative_reference"]``, the task's own :meth:`~unisd.data.tasks.Task.negative`
     (e.g. the demo's deterministic wrong answers: no model, no cache), then one cached negative
     chosen with a seed independent of the data order.
     """

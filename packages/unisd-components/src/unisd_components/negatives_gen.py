@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from unisd.prompts import encode, render_chat
-from unisd.rollout import SamplingParams, eos_ids_of, split_completion
+from unisd.data.prompts import encode, render_chat
+from unisd.model.rollout import SamplingParams, eos_ids_of, split_completion
 
 from .negatives import JSON_SCHEMA, schema_object_end
 
@@ -119,7 +119,7 @@ def guided_json_kwargs(schema: dict) -> dict[str, Any]:
 def vllm_generator(source: str, tokenizer: Any, params: SamplingParams, seed: int,
                    gpu_memory_utilization: float = 0.85) -> Generate:
     """Sample with an offline vLLM engine (the method's 0.85 of GPU memory) and guided JSON decoding."""
-    from unisd.vllm_backend import _require_vllm
+    from unisd.model.vllm_backend import _require_vllm
 
     vllm = _require_vllm()
     llm = vllm.LLM(model=source, tokenizer=source, seed=seed, gpu_memory_utilization=gpu_memory_utilization)

@@ -3,11 +3,11 @@ the experiment trackers (tensorboard, wandb, trackio, mlflow)."""
 
 from __future__ import annotations
 
-from .demo import DemoTask
+from .data.demo import DemoTask
 from .hookspecs import hookimpl
-from .rollout import HFBackend
-from .trackers import BUILTIN_TRACKERS
-from .vllm_backend import VLLMBackend, VLLMServerBackend
+from .io.trackers import BUILTIN_TRACKERS
+from .model.rollout import HFBackend
+from .model.vllm_backend import VLLMBackend, VLLMServerBackend
 
 
 @hookimpl

@@ -22,10 +22,11 @@ from .values import convert_value
 if TYPE_CHECKING:  # the types hooks speak in; their modules import this one
     import torch
 
-    from .loop import Run, StepBatch
-    from .scoring import Scores
-    from .tasks import Example
-    from .teacher import TeacherView
+    from .data.tasks import Example
+    from .model.scoring import Scores
+    from .model.teacher import TeacherView
+    from .run import Run
+    from .step import StepBatch
 
 
 @runtime_checkable
@@ -75,8 +76,8 @@ class ComponentHooks(Protocol):
 
     A component implements any subset (see :class:`Component` for what each is for); the loop calls
     them only through :func:`call_each` and :func:`implements`, which know this list. The types are
-    ``unisd.loop.Run``, ``unisd.loop.StepBatch``, ``unisd.scoring.Scores``, ``unisd.teacher.TeacherView``
-    and ``unisd.tasks.Example``.
+    ``unisd.run.Run``, ``unisd.step.StepBatch``, ``unisd.model.scoring.Scores``,
+    ``unisd.model.teacher.TeacherView`` and ``unisd.data.tasks.Example``.
     """
 
     def setup(self, run: Run) -> None:

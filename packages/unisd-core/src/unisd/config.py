@@ -15,12 +15,12 @@ from .errors import ConfigError, OptionError
 from .recipes import check_recipe
 from .values import convert_value
 
-SHARD_CHOICES = ("auto", "none", "fsdp")  # see unisd.sharding
-COMPILE_CHOICES = ("auto", "on", "off")  # see unisd.chunk_math
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # see unisd.models.training_dtype
-GJSD_SCALE_CHOICES = ("normalized", "research")  # see unisd.losses
-LOSS_REDUCTION_CHOICES = ("token", "sequence")  # see unisd.reduction
-REFERENCE_CONTROL_CHOICES = ("none", "shuffled")  # see unisd.controls
+SHARD_CHOICES = ("auto", "none", "fsdp")  # see unisd.parallel.sharding
+COMPILE_CHOICES = ("auto", "on", "off")  # see unisd.divergence.chunk_math
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # see unisd.model.models.training_dtype
+GJSD_SCALE_CHOICES = ("normalized", "research")  # see unisd.divergence.losses
+LOSS_REDUCTION_CHOICES = ("token", "sequence")  # see unisd.divergence.reduction
+REFERENCE_CONTROL_CHOICES = ("none", "shuffled")  # see unisd.data.controls
 
 
 @dataclass
@@ -87,7 +87,7 @@ class RunConfig:
     # "token": mean over the step's loss tokens; "sequence": mean over each sequence's tokens, then over
     # the step's sequences (the research code's); both are independent of the micro-batch split
     loss_reduction: str = "token"
-    # "shuffled": a control run whose teacher sees another training example's reference (unisd.controls)
+    # "shuffled": a control run whose teacher sees another training example's reference (unisd.data.controls)
     reference_control: str = "none"
     # components that need a cache (contrastive's negatives) build what is missing with the run's model
     build_cache: bool = True

@@ -30,7 +30,7 @@ def register_tasks(register: Callable[[type], None]) -> None:
     """Register Task classes: call ``register(TaskClass)`` once for each.
 
     A task class has a ``name`` (what ``--task`` and ``unisd eval`` select) and implements
-    :class:`unisd.tasks.Task`.
+    :class:`unisd.data.tasks.Task`.
     """
 
 
@@ -39,7 +39,7 @@ def register_backends(register: Callable[[type], None]) -> None:
     """Register generation backends: call ``register(BackendClass)`` once for each.
 
     A backend class has a ``name`` (what ``--backend`` selects) and implements
-    :class:`unisd.rollout.Backend`.
+    :class:`unisd.model.rollout.Backend`.
     """
 
 
@@ -56,7 +56,7 @@ def register_trackers(register: Callable[[type], None]) -> None:
     """Register experiment trackers: call ``register(TrackerClass)`` once for each.
 
     A tracker class has a ``name`` (what ``--report-to`` selects) and the methods of
-    :class:`unisd.trackers.Tracker` (``check``, ``log_metrics``, ``log_summary``, ``close``).
+    :class:`unisd.io.trackers.Tracker` (``check``, ``log_metrics``, ``log_summary``, ``close``).
     """
 
 

@@ -11,25 +11,31 @@ One optimiser step:
      "sequence"``, each sequence by its own and the sum by the number of sequences) of the *whole*
      step, so the update does not depend on how the step is split into micro-batches;
   6. clip the gradient norm, AdamW, cosine schedule; components' ``on_step_end``; metrics; checkpoint.
+
+``run.py`` builds the run (model, data, components) and ``step.py`` computes steps 3 to 5; this module
+holds the session around them: the run directory, the optimiser, records, checkpoints and the evaluations.
 """
 
 from __future__ import annotations
 
 import math
-import random
 import time
-from array import array
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 
-from . import atomic, distributed, reduction, rundir, sharding
 from .activity import ActivityWatch, inert_warnings
-from .checkpoint import (
+from .components import call_each, implements
+from .config import RunConfig, dump_config
+from .data.tasks import Example, Task
+from .errors import TrainingDiverged, TrainingInterrupted, UsageError
+from .evaluation.evaluate import privileged_gap
+from .evaluation.leakage import count_leaks
+from .io import atomic, rundir
+from .io.checkpoint import (
     choose_checkpoint,
     gather_component_states,
     load_checkpoint,
@@ -38,384 +44,17 @@ from .checkpoint import (
     save_checkpoint,
     save_weights,
 )
-from .chunked import chunked_target_logprobs, chunked_token_outputs
-from .components import attribute, call_each, implements, instantiate, option_values, resolve_selection
-from .config import RunConfig, dump_config
-from .controls import shuffle_references
-from .datafiles import Columns, load_data, with_system_prompt
-from .errors import ConfigError, DataError, TrainingDiverged, TrainingInterrupted, UsageError
-from .evaluate import evaluate
-from .leakage import count_leaks
-from .models import apply_lora, load_model, load_tokenizer, loading, resolve_model, training_dtype
+from .io.reporting import Reporter, startup_summary
+from .io.runlog import MetricsLog
+from .io.signals import StopRequest
+from .io.trackers import Trackers, check_trackers
+from .model.rollout import Completion, SamplingParams
+from .parallel import distributed, sharding
 from .plugins import UnisdPluginManager
-from .prompts import budget_teacher_prompt, encode, fit_context, render_chat
-from .reporting import Reporter, startup_summary
-from .rollout import Completion, SamplingParams
-from .runlog import MetricsLog
-from .scoring import Scores, completion_hidden, lm_head_weight, pack
-from .signals import StopRequest
-from .tasks import Example, Task, teacher_text_with
-from .teacher import default_teacher
-from .trackers import Trackers, check_trackers
+from .run import DataStream, Run, build_run
+from .step import distill_step
 
 T = TypeVar("T")
-
-
-@dataclass
-class StepBatch:
-    """What components see about the current optimiser step and micro-batch."""
-
-    examples: list[Example]  # this micro-batch
-    completions: list[list[int]]
-    step: int  # the optimiser step being computed (1-based)
-    num_tokens: float  # loss tokens in the whole optimiser step (the loss denominator)
-    micro_index: int
-    # Teacher token log-probs and masks of *every* micro-batch of this step, for statistics
-    # (quantiles, normalisation) that must not depend on the micro-batch split (see unisd.stepstats).
-    step_teacher_logp: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    step_masks: list[torch.Tensor] = field(default_factory=list)
-    # The student's divergence and entropy [B, C] of every micro-batch (no grad), only when a selected
-    # component sets ``needs_step_scores``: the student's own statistics then also cover the step.
-    step_divergence: list[torch.Tensor] = field(default_factory=list)
-    step_entropy: list[torch.Tensor] = field(default_factory=list)
-
-
-@dataclass
-class Run:
-    """The state of one run, handed to components' ``setup``, ``teacher`` and ``on_step_end``."""
-
-    config: RunConfig
-    model: Any
-    tokenizer: Any
-    task: Task | None
-    examples: list[Example]
-    components: list[Any]
-    output_dir: Path | None
-    reporter: Reporter
-    plugins: UnisdPluginManager | None = None
-    source: str | None = None  # where the model was loaded from (directory or hub id)
-    teacher: Any = None
-    step: int = 0
-    reference_truncations: int = 0
-    context_truncations: int = 0
-    # Token ids of every prompt seen, as compact int32 arrays: a list of Python ints costs ~9× more,
-    # which matters when a large dataset's prompts are all checked against the budget.
-    _prompt_cache: dict[tuple[str, str], array] = field(default_factory=dict)
-
-    @property
-    def pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return int(pad if pad is not None else self.tokenizer.eos_token_id)
-
-    def student_ids(self, ex: Example) -> list[int]:
-        key = ("student", ex.id)
-        if key not in self._prompt_cache:
-            self._prompt_cache[key] = array("i", encode(self.tokenizer, render_chat(self.tokenizer, ex.prompt, ex.system)))
-        return list(self._prompt_cache[key])
-
-    def teacher_ids(self, ex: Example) -> list[int]:
-        """The teacher prompt within its token budget: the reference is cut, never the problem."""
-        key = ("teacher", ex.id)
-        if key not in self._prompt_cache:
-            budgeted = budget_teacher_prompt(
-                self.tokenizer, lambda ref: teacher_text_with(self.task, ex, ref), ex.reference, self.teacher_budget,
-                ex.system,
-            )
-            self.reference_truncations += budgeted.reference_truncated
-            self._prompt_cache[key] = array("i", budgeted.ids)
-        return list(self._prompt_cache[key])
-
-    def context_ids(self, ex: Example, name: str, text: str) -> list[int]:
-        """A component's extra teacher prompt, within the teacher budget: an over-long context that
-        holds a demonstration shortens it, like the main prompt, and keeps the problem whole."""
-        key = (f"ctx:{name}", ex.id)
-        if key not in self._prompt_cache:
-            ids = encode(self.tokenizer, render_chat(self.tokenizer, text, ex.system))
-            if len(ids) > self.teacher_budget:
-                ids = fit_context(self.tokenizer, text, self.teacher_budget, ex.system)
-                self.context_truncations += 1
-            self._prompt_cache[key] = array("i", ids)
-        return list(self._prompt_cache[key])
-
-    @property
-    def teacher_rows(self) -> int:
-        """Rows per teacher forward: by default one micro-batch, i.e. one forward per context."""
-        return self.config.teacher_batch_rows or self.config.batch_size
-
-    @property
-    def max_new_tokens(self) -> int:
-        return self.config.completion_budget(self.task)
-
-    @property
-    def teacher_budget(self) -> int:
-        return self.config.teacher_budget(self.task)
-
-
-# ----------------------------------------------------------------------------------------------
-# Data
-
-
-def load_examples(config: RunConfig, pm: UnisdPluginManager) -> tuple[Task | None, list[Example]]:
-    """The run's task (None for --data files) and its training examples, after any reference control."""
-    task, examples = _load_examples(config, pm)
-    examples = with_system_prompt(examples, config.system_prompt)
-    if config.reference_control == "shuffled":
-        examples = shuffle_references(examples, config.seed)
-    return task, examples
-
-
-def _load_examples(config: RunConfig, pm: UnisdPluginManager) -> tuple[Task | None, list[Example]]:
-    if config.data:
-        columns = Columns(prompt=config.prompt_column, reference=config.reference_column)
-        return None, load_data(config.data, split=config.split, limit=config.limit, columns=columns)
-    if not config.task:
-        raise ConfigError("nothing to train on: give --task NAME or --data FILE.jsonl")
-    task = pm.registries.tasks.get(config.task)()
-    if getattr(task, "train_split", "train") is None:
-        raise UsageError(f"task '{config.task}' is evaluation-only; train on another task and evaluate on it")
-    examples = task.load(config.split, path=config.task_data, limit=config.limit)
-    if not examples:
-        raise DataError(f"task '{config.task}' split '{config.split}' has no examples")
-    return task, examples
-
-
-class DataStream:
-    """Endless, reproducible stream over the examples: a fresh seeded permutation per epoch.
-
-    The position (``cursor``, examples consumed so far) is all a checkpoint needs to resume it.
-    """
-
-    def __init__(self, examples: list[Example], seed: int, cursor: int = 0):
-        self.examples, self.seed, self.cursor = examples, seed, cursor
-
-    def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.examples)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
-
-    def take(self, n: int) -> list[Example]:
-        out = []
-        for _ in range(n):
-            epoch, index = divmod(self.cursor, len(self.examples))
-            out.append(self.examples[self._order(epoch)[index]])
-            self.cursor += 1
-        return out
-
-
-# ----------------------------------------------------------------------------------------------
-# One optimiser step
-
-
-def _micro_batches(n: int, size: int) -> list[range]:
-    return [range(start, min(start + size, n)) for start in range(0, n, size)]
-
-
-@torch.no_grad()
-def teacher_pass(run: Run, examples: list[Example], completions: list[list[int]], masks: torch.Tensor) -> dict[str, Any]:
-    """Teacher hidden states and token log-probs for the main prompt and every component context.
-
-    All contexts of the micro-batch (main, agreement, negative, ...) are packed into one batch of
-    B·(1+K) rows and go through the teacher ``teacher_batch_rows`` rows at a time: by default one
-    context per forward, so an extra context adds only its kept hidden states (B·C·H) to the peak;
-    raising it runs several contexts per forward (faster, with a larger activation peak). Token
-    log-probs are formed chunk by chunk from hidden states: never a B·C·V tensor per context.
-    """
-    with sharding.gathered(teacher_model(run)):
-        return _teacher_pass(run, examples, completions, masks)
-
-
-def teacher_model(run: Run) -> Any:
-    """The module behind the teacher view (the student itself unless the teacher keeps a copy)."""
-    return getattr(run.teacher, "model", None)
-
-
-def _teacher_pass(run: Run, examples: list[Example], completions: list[list[int]], masks: torch.Tensor) -> dict[str, Any]:
-    cfg = run.config
-    temperature = cfg.divergence_temperature
-    # (name, temperature, keep hidden?, prompt ids per example), main prompt first
-    rows: list[tuple[str, float, bool, list[list[int]]]] = [
-        ("main", temperature, True, [run.teacher_ids(e) for e in examples])
-    ]
-    for comp in run.components:
-        if not implements(comp, "teacher_contexts"):
-            continue
-        ctx_temperature = attribute(comp, "context_temperature") or temperature
-        per_example = [comp.teacher_contexts(e) for e in examples]
-        for name in sorted({n for ctx in per_example for n in ctx}):
-            missing = [e.id for e, ctx in zip(examples, per_example, strict=True) if name not in ctx]
-            if missing:
-                raise UsageError(f"component {comp.name} gave no context '{name}' for example(s) {missing[:3]}")
-            ids = [run.context_ids(e, name, ctx[name]) for e, ctx in zip(examples, per_example, strict=True)]
-            rows.append((name, ctx_temperature, bool(attribute(comp, "needs_hidden")), ids))
-
-    b = len(examples)
-    packed_all = pack([p for _, _, _, ids in rows for p in ids], completions * len(rows), run.pad_id)
-    hidden_all = torch.cat([
-        run.teacher.hidden(_rows(packed_all, start, start + run.teacher_rows))
-        for start in range(0, b * len(rows), run.teacher_rows)
-    ])  # [B·(1+K), C, H]
-    weight = run.teacher.head_weight()
-    targets = packed_all.targets[:b].to(hidden_all.device)
-    token_mask = packed_all.mask[:b].to(hidden_all.device)
-    logp: dict[str, torch.Tensor] = {}
-    hidden_by_ctx: dict[str, torch.Tensor] = {}
-    for i, (name, ctx_temperature, keep, _) in enumerate(rows):
-        hidden = hidden_all[i * b : (i + 1) * b]  # [B, C, H]
-        logp[name] = chunked_target_logprobs(
-            hidden, weight, targets, token_mask, ctx_temperature, chunk_size=cfg.divergence_chunk_size,
-            compile=cfg.compile_divergence,
-        ).cpu()  # [B, C], 0 on padding
-        if keep:
-            hidden_by_ctx[name] = hidden
-    packed = _rows(packed_all, 0, b)
-    return {"packed": packed, "hidden": hidden_by_ctx, "logp": logp, "mask": masks}
-
-
-def _rows(packed: Any, start: int, stop: int) -> Any:
-    """Rows [start, stop) of a packed batch, trimmed to the widest real row (less padding per forward)."""
-    from .scoring import Packed
-
-    width = int(packed.attention_mask[start:stop].sum(-1).max())
-    return Packed(
-        packed.input_ids[start:stop, :width], packed.attention_mask[start:stop, :width],
-        packed.positions[start:stop], packed.targets[start:stop], packed.mask[start:stop],
-    )
-
-
-def distill_step(run: Run, examples: list[Example], completions: list[Completion]) -> dict[str, float]:
-    """Forward/backward of one optimiser step's loss over fixed completions (gradients accumulate in
-    the parameters; the caller steps the optimiser). Returns the step's loss statistics."""
-    cfg = run.config
-    comp_ids = [c.ids for c in completions]
-    micro = _micro_batches(len(examples), cfg.batch_size)
-
-    # Teacher first, for the whole step: its token statistics may weight every micro-batch.
-    teacher_out = []
-    for idx in micro:
-        ex = [examples[i] for i in idx]
-        ids = [comp_ids[i] for i in idx]
-        mask = pack([[0]] * len(ids), ids, run.pad_id).mask  # [B, C]
-        if cfg.mask_truncated:  # a cut-off completion has no ending to learn from
-            for row, i in enumerate(idx):
-                if completions[i].truncated:
-                    mask[row] = 0.0
-        teacher_out.append(teacher_pass(run, ex, ids, mask))
-    # The denominator counts the whole optimiser step, over every process: its loss tokens, or its
-    # sequences under loss_reduction = "sequence".
-    masks = [t["mask"] for t in teacher_out]
-    num_tokens = reduction.step_denominator(masks, "token")
-    count = num_tokens if cfg.loss_reduction == "token" else reduction.step_denominator(masks, cfg.loss_reduction)
-    totals = _StepTotals(count)
-    # A teacher that keeps its own (sharded) copy needs its lm-head gathered for the student's micro-batches.
-    separate_teacher = teacher_model(run) if teacher_model(run) is not run.model else None
-    with sharding.gathered(separate_teacher):
-        step_div, step_ent = _step_student_scores(run, [[examples[i] for i in idx] for idx in micro],
-                                                  [[comp_ids[i] for i in idx] for idx in micro], teacher_out)
-        for m, idx in enumerate(micro):
-            batch = StepBatch(
-                [examples[i] for i in idx], [comp_ids[i] for i in idx], run.step + 1, num_tokens, m,
-                step_teacher_logp=[o["logp"] for o in teacher_out], step_masks=[o["mask"] for o in teacher_out],
-                step_divergence=step_div, step_entropy=step_ent,
-            )
-            _micro_step(run, batch, teacher_out[m], totals)
-    stats = {**totals.sums, "loss_tokens": num_tokens}
-    stats.update({f"loss/{k}": v for k, v in totals.extras.items()})
-    return stats
-
-
-@dataclass
-class _StepTotals:
-    """Per-token sums of one optimiser step, each already divided by the step's denominator."""
-
-    count: float  # the step's loss tokens, or its sequences with a loss token (see unisd.reduction)
-    sums: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "divergence": 0.0, "weight": 0.0})
-    extras: dict[str, float] = field(default_factory=dict)  # components' extra loss terms, by name
-
-    @property
-    def denominator(self) -> float:
-        return max(self.count, 1.0)
-
-    def add(self, name: str, value: torch.Tensor, extra: bool = False) -> None:
-        into = self.extras if extra else self.sums
-        into[name] = into.get(name, 0.0) + float(value.detach()) / self.denominator
-
-
-def _student_outputs(run: Run, packed: Any, teacher_hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The student's hidden states and per-token outputs against the main teacher (one root forward
-    under sharding, so the embedding and lm-head are gathered for it)."""
-    cfg = run.config
-    student_hidden = completion_hidden(run.model, packed)  # [B, C, H], with grad
-    # Chunked over tokens: never a [tokens, vocab] tensor for student or teacher (losses.token_outputs
-    # is the plain reference implementation the tests compare against).
-    outputs = chunked_token_outputs(
-        student_hidden, lm_head_weight(run.model), teacher_hidden, run.teacher.head_weight(),
-        packed.targets.to(mask.device), mask, alpha=cfg.alpha, temperature=cfg.divergence_temperature,
-        chunk_size=cfg.divergence_chunk_size, compile=cfg.compile_divergence, gjsd_scale=cfg.gjsd_scale,
-    )
-    return student_hidden, outputs.divergence, outputs.student_logp, outputs.entropy
-
-
-@torch.no_grad()
-def _step_student_scores(run: Run, examples: list[list[Example]], completions: list[list[list[int]]],
-                         teacher_out: list[dict[str, Any]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The student's divergence and entropy ``[B, C]`` of every micro-batch, before any backward pass,
-    for components whose thresholds must cover the whole step (``needs_step_scores``: a clip quantile,
-    an entropy mask). It costs one more student forward per micro-batch, so it runs only when asked."""
-    if not any(attribute(c, "needs_step_scores") for c in run.components):
-        return [], []
-    divergences, entropies = [], []
-    for ex, ids, t in zip(examples, completions, teacher_out, strict=True):
-        packed = pack([run.student_ids(e) for e in ex], ids, run.pad_id)
-        mask = t["mask"].to(t["hidden"]["main"].device)
-        _, div, _, ent = sharding.forward_call(run.model, _student_outputs, run, packed, t["hidden"]["main"], mask)
-        divergences.append(div.detach())
-        entropies.append(ent.detach())
-    return divergences, entropies
-
-
-def _micro_step(run: Run, batch: StepBatch, t: dict[str, Any], totals: _StepTotals) -> None:
-    """Forward and backward of one micro-batch (``t``: its teacher pass); adds to the step's totals."""
-    packed = pack([run.student_ids(e) for e in batch.examples], batch.completions, run.pad_id)
-    mask = t["mask"].to(t["hidden"]["main"].device)  # [B, C]
-    student_hidden, divergence, student_logp, entropy = sharding.forward_call(
-        run.model, _student_outputs, run, packed, t["hidden"]["main"], mask
-    )
-    needs_hidden = any(attribute(c, "needs_hidden") for c in run.components)
-    scores = Scores(
-        mask=mask, targets=packed.targets, divergence=divergence, student_logp=student_logp,
-        entropy=entropy, teacher_logp={k: v.to(mask.device) for k, v in t["logp"].items()},
-        student_hidden=student_hidden if needs_hidden else None,
-        teacher_hidden=t["hidden"] if needs_hidden else {},
-    )
-    div = scores.divergence  # [B, C]
-    for comp in run.components:  # each transform sees the previous one's output
-        if implements(comp, "transform_divergence"):
-            div = comp.transform_divergence(div, batch)
-    weights = torch.ones_like(div)
-    for w in call_each(run.components, "token_weights", scores, batch):
-        weights = weights * w.to(div.device)
-    distill_weight = math.prod(float(attribute(c, "distill_weight")) for c in run.components)
-    factors = reduction.token_factors(mask, run.config.loss_reduction)  # the mask, or mask / sequence length
-    loss_sum = distill_weight * (div * weights * factors).sum()
-    for extras in call_each(run.components, "extra_losses", scores, batch):
-        for name, per_token in extras.items():
-            term = (per_token * factors).sum()
-            loss_sum = loss_sum + term
-            totals.add(name, term, extra=True)
-    (loss_sum / totals.denominator).backward()
-    totals.add("loss", loss_sum)
-    totals.add("divergence", (scores.divergence * factors).sum())
-    totals.add("weight", (weights * factors).sum())
-
-
-# ----------------------------------------------------------------------------------------------
-# The run
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -426,133 +65,6 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def use_chat_template(tokenizer: Any, config: RunConfig) -> None:
-    """The run's ``chat_template`` setting replaces the tokenizer's; a tokenizer without one is refused
-    unless ``allow_no_chat_template`` (base models: prompts are then plain text)."""
-    if config.chat_template:
-        tokenizer.chat_template = config.chat_template  # saved with the tokenizer in checkpoints and final/
-        return
-    if getattr(tokenizer, "chat_template", None) or config.allow_no_chat_template:
-        return
-    raise UsageError(
-        f"--model {config.model}: the tokenizer has no chat template, so prompts would be plain text that a chat "
-        "model was never trained on. Use the model's instruct/chat version, set chat_template = \"...\" (a Jinja "
-        "template) in the run config (--config), or pass --allow-no-chat-template to train a base model on "
-        "plain-text prompts"
-    )
-
-
-def build_run(config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, output_dir: Path | None) -> Run:
-    """Load everything a run needs, in an order that fails fast on bad input (names before models)."""
-    config.validate()
-    regs = pm.registries
-    backend_cls = regs.backends.get(config.backend)
-    # The preset's components under the run's own (the CLI has merged them already; the same merge again
-    # changes nothing), so the library call train(RunConfig(preset=...)) trains what the name says.
-    if config.preset:
-        config.components = resolve_selection([], {}, regs.components, regs.presets, preset=config.preset,
-                                              base=config.components)
-    components = instantiate(config.components, regs.components)
-    # config.toml records every option of every component, typed (``-o clip.max_value=5`` is 5.0, not "5")
-    config.components = {c.name: option_values(c) for c in components}
-    task, examples = load_examples(config, pm)
-    if config.eval_task:
-        regs.tasks.get(config.eval_task)
-
-    env = distributed.current()
-    if env.active and getattr(backend_cls, "one_process_only", False):
-        raise UsageError(f"--backend {config.backend} runs in one process only; use --backend hf for "
-                         f"{env.world_size} processes, or --backend vllm-server with a separate vLLM server")
-    plan = sharding.choose_plan(config.shard, config.deepspeed, env.world_size)
-    if plan is not None:
-        sharding.require_support()
-    if plan is not None and config.backend != "hf":
-        raise UsageError(f"--backend {config.backend} cannot generate from a sharded model yet; use --backend hf "
-                         f"with sharding ({plan.source}), or plain data parallelism (--shard none)")
-
-    seed_everything(config.seed)
-    if torch.cuda.is_available():
-        # float32 weights (--full keeps them for the optimizer) would otherwise multiply at a fraction of
-        # the tensor cores' rate; TF32 keeps float32's range with a 10-bit mantissa in the products.
-        torch.set_float32_matmul_precision("high" if config.tf32 else "highest")
-    source = resolve_model(config.model, progress=reporter.info)
-    with loading(source, "tokenizer"):
-        tokenizer = load_tokenizer(source)
-    use_chat_template(tokenizer, config)
-    # Under sharding only the main process reads the weights, on the CPU: the others build the model on
-    # the meta device and receive their shards after sharding (sharding.fill_from_main), and each unit
-    # moves to its device as it is sharded, so no GPU ever holds the whole model.
-    with loading(source, "model"):
-        model = load_model(source, training_dtype(config.dtype, not config.lora), config.attn_implementation,
-                           to_gpu=plan is None, on_meta=plan is not None and not env.is_main)
-    if not config.lora and config.dtype in ("bfloat16", "float16"):
-        reporter.info(f"[yellow]--full with {config.dtype} weights: AdamW updates smaller than the weights' "
-                      "precision (most of them, at small learning rates) are rounded away. --dtype float32 (what "
-                      "'auto' loads under --full) keeps them: on GPUs its matmuls run as TF32, and a sharded run's "
-                      "bf16 mixed precision computes in bf16.[/]")
-    if config.dtype == "float16":
-        reporter.info("[yellow]--dtype float16: unisd runs no loss scaler, so float16 activations and gradients can "
-                      "overflow or underflow; prefer bfloat16 (GPUs since Ampere) or float32.[/]")
-    if config.gradient_checkpointing or (plan is not None and plan.activation_checkpointing):
-        # the method's memory setting: recompute activations in backward
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if config.lora:
-        model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
-    model.train()
-    if hasattr(model, "config"):
-        model.config.use_cache = False
-    run = Run(config, model, tokenizer, task, examples, components, output_dir, reporter, plugins=pm, source=source)
-    run.teacher = default_teacher(model, config.lora)
-    if plan is not None:  # after the teacher's copy is taken, before components capture parameters
-        reporter.info(f"Sharding: {plan.describe()}")
-        if plan.ignored:
-            reporter.info(f"[yellow]Not applied from {plan.source}: {'; '.join(plan.ignored)}.[/]")
-        models = [model] + [m for m in [teacher_model(run)] if m is not None and m is not model]
-        for sharded in models:  # the state is read before sharding (whole tensors), filled in after
-            state = sharded.state_dict() if env.is_main else None
-            sharding.shard_model(sharded, plan)
-            sharding.fill_from_main(sharded, state)
-            del state
-    owners = [c for c in components if implements(c, "teacher")]
-    call_each(components, "setup", run)
-    if owners:
-        run.teacher = owners[0].teacher(run)
-    over = [e.id for e in examples if len(run.student_ids(e)) > config.max_prompt_tokens]
-    if over:
-        if len(over) == len(examples):
-            raise DataError(
-                f"every student prompt is longer than max_prompt_tokens={config.max_prompt_tokens}; raise it"
-            )
-        reporter.info(f"[yellow]Skipping {len(over)} example(s) whose student prompt exceeds "
-                      f"{config.max_prompt_tokens} tokens (e.g. {over[0]}).[/]")
-        keep = set(over)
-        run.examples = [e for e in examples if e.id not in keep]
-    return run
-
-
-def privileged_gap(run: Run, task: Task, limit: int | None) -> dict[str, float]:
-    """Student accuracy, teacher-with-reference accuracy, and their difference, on the eval split."""
-    examples = with_system_prompt(task.load(task.eval_split, limit=limit), run.config.system_prompt)
-    max_new = run.config.completion_budget(task)
-    # Every process evaluates its share of the items (a sharded model needs all of them to generate).
-    student = evaluate(run.model, run.tokenizer, task, examples, max_new, split_over_processes=True).metrics
-    with run.teacher.as_model() as teacher_model:
-        teacher = evaluate(teacher_model, run.tokenizer, task, examples, max_new, with_reference=True,
-                           split_over_processes=True).metrics
-    gap = {
-        "student_accuracy": student["accuracy"],
-        "teacher_accuracy": teacher["accuracy"],
-        "privileged_gap": teacher["accuracy"] - student["accuracy"],
-        "leakage": student["leakage"],  # the student's completions holding teacher-only text
-        "teacher_leakage": teacher["leakage"],
-        "overrun": student["overrun"],  # the student's completions that go on after a finished answer
-    }
-    if "strict_accuracy" in student:  # tasks that also score the whole completion (the demo)
-        gap.update(student_strict_accuracy=student["strict_accuracy"], teacher_strict_accuracy=teacher["strict_accuracy"])
-    gap["n"] = float(len(examples))
-    return gap
 
 
 def train(

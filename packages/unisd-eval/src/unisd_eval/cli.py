@@ -24,11 +24,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from unisd import atomic
 from unisd.commands import cli_errors
 from unisd.config import DTYPE_CHOICES as DTYPES
+from unisd.data.tasks import Example, Score, Task, iter_jsonl_lines
 from unisd.errors import DataError, UnisdError, UsageError
-from unisd.tasks import Example, Score, Task, iter_jsonl_lines
+from unisd.io import atomic
 
 from .protocols import DEFAULT, check_protocol, retry_rounds, retry_unparsed, use_protocol
 from .protocols import describe as describe_protocol
@@ -136,7 +136,7 @@ class Generator:
     """A loaded model that completes examples' prompts: greedy, or sampled at a temperature."""
 
     def __init__(self, model_ref: str, max_new_tokens: int, batch_size: int, console: Console, dtype: str = "auto"):
-        from unisd.models import load_model, load_tokenizer, resolve_model
+        from unisd.model.models import load_model, load_tokenizer, resolve_model
 
         source = resolve_model(model_ref, progress=console.print)
         self.tokenizer = load_tokenizer(source)
@@ -147,7 +147,7 @@ class Generator:
         """One completion per example (in order), with a progress bar."""
         from rich.progress import Progress
 
-        from unisd.evaluate import generate_texts
+        from unisd.evaluation.evaluate import generate_texts
 
         with Progress(console=self.console, transient=True) as progress:
             bar = progress.add_task("generating", total=len(examples))
@@ -356,7 +356,7 @@ def run_retention(pm: Any, model: str, base: str | None, prompts_from: str | Non
                   limit: int | None, max_new_tokens: int | None, data_file: Path | None, batch_size: int,
                   output: Path, console: Console) -> None:
     """``unisd eval retention``: the trained model against its base on a task's prompts (§5.5)."""
-    from unisd.models import load_model, load_tokenizer, resolve_model
+    from unisd.model.models import load_model, load_tokenizer, resolve_model
 
     began = time.perf_counter()
     base_ref = base_of(model, base)

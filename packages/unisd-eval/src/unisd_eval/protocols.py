@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from unisd.data.tasks import Example, Task
 from unisd.errors import UsageError
-from unisd.tasks import Example, Task
 
 DEFAULT = "default"
 RESEARCH = "research"

@@ -10,7 +10,7 @@
   how much of the base's own behaviour the trained model still assigns probability to.
 
 The JSD is ``½KL(p‖m) + ½KL(q‖m)``, ``m = ½(p+q)``, in [0, ln 2], computed by the training loss's
-chunked divergence (:func:`unisd.chunked.chunked_token_outputs` at α = ½, whose JSD is normalised by
+chunked divergence (:func:`unisd.divergence.chunked.chunked_token_outputs` at α = ½, whose JSD is normalised by
 α(1−α) = ¼; undone here), so no tokens × vocabulary tensor is built. A model equal to its base gives 0.
 
 Which text: the research code used the evaluation task's prompts (and the models' own completions).
@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
+from unisd.data.tasks import Example
 from unisd.errors import UsageError
-from unisd.tasks import Example
 
 RETENTION = "retention"
 JSD_ALPHA = 0.5  # the symmetric JSD; chunked_token_outputs divides it by alpha(1-alpha)
@@ -84,7 +84,7 @@ def prompts_task_of(model_ref: str, prompts_from: str | None) -> tuple[str, str]
 def generate_ids(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
                  batch_size: int) -> list[list[int]]:
     """Greedy completion ids (EOS included) for each prompt."""
-    from unisd.rollout import HFBackend, SamplingParams
+    from unisd.model.rollout import HFBackend, SamplingParams
 
     backend = HFBackend(model, tokenizer, batch_size=batch_size)
     return [c.ids for c in backend.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))]
@@ -94,8 +94,8 @@ def generate_ids(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_t
 def score_direction(writer: Any, scorer: Any, prompts: list[list[int]], completions: list[list[int]],
                     pad_id: int, batch_size: int, chunk_size: int = 1024) -> Direction:
     """JSD(writer, scorer) per token on the writer's completions, and the scorer's log-prob of them."""
-    from unisd.chunked import chunked_token_outputs
-    from unisd.scoring import completion_hidden, lm_head_weight, pack
+    from unisd.divergence.chunked import chunked_token_outputs
+    from unisd.model.scoring import completion_hidden, lm_head_weight, pack
 
     out = Direction(completions, [], [], [])
     for start in range(0, len(prompts), batch_size):
@@ -118,7 +118,7 @@ def score_direction(writer: Any, scorer: Any, prompts: list[list[int]], completi
 
 def check_same_vocabulary(model: Any, base: Any, model_ref: str, base_ref: str) -> None:
     """Token-level divergences need one vocabulary: a different lm-head size is the wrong --base."""
-    from unisd.scoring import lm_head_weight
+    from unisd.model.scoring import lm_head_weight
 
     a, b = lm_head_weight(model).shape[0], lm_head_weight(base).shape[0]
     if a != b:
@@ -177,7 +177,7 @@ def records(examples: list[Example], forward: Direction, reverse: Direction, dec
 def measure(model: Any, base: Any, tokenizer: Any, examples: list[Example], max_new_tokens: int,
             batch_size: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Generate with both models, score both directions; returns (summary metrics, per-item records)."""
-    from unisd.prompts import encode, render_chat
+    from unisd.data.prompts import encode, render_chat
 
     prompts = [encode(tokenizer, render_chat(tokenizer, ex.prompt)) for ex in examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

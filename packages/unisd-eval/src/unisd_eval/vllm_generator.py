@@ -13,8 +13,8 @@ from typing import Any
 
 from rich.console import Console
 
+from unisd.data.tasks import Example
 from unisd.errors import UsageError
-from unisd.tasks import Example
 
 GPU_MEMORY_UTILIZATION = 0.85  # evaluation only: the engine has the GPU to itself
 
@@ -23,8 +23,8 @@ class VLLMGenerator:
     """Completes examples' prompts with vLLM: greedy, or sampled at a temperature (as ``Generator``)."""
 
     def __init__(self, model_ref: str, max_new_tokens: int, batch_size: int, console: Console, dtype: str = "auto"):
-        from unisd.models import load_tokenizer, resolve_model
-        from unisd.vllm_backend import _require_vllm
+        from unisd.model.models import load_tokenizer, resolve_model
+        from unisd.model.vllm_backend import _require_vllm
 
         self._vllm = _require_vllm()
         source = resolve_model(model_ref, progress=console.print)
@@ -55,7 +55,7 @@ class VLLMGenerator:
 
     def complete(self, examples: list[Example], temperature: float) -> list[str]:
         """One completion per example, in order (vLLM batches them itself)."""
-        from unisd.prompts import encode, render_chat
+        from unisd.data.prompts import encode, render_chat
 
         prompts = [{"prompt_token_ids": encode(self.tokenizer, render_chat(self.tokenizer, ex.prompt, ex.system))}
                    for ex in examples]

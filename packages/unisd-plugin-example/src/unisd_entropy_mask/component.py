@@ -13,9 +13,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from unisd import stepstats
-from unisd.components import option
-from unisd.errors import UsageError
+from unisd import UsageError, option
+from unisd.divergence import stepstats
 
 
 class EntropyMask:

@@ -1,6 +1,6 @@
 """The module named by this distribution's ``unisd`` entry point."""
 
-from unisd.hookspecs import hookimpl
+from unisd import hookimpl
 
 from .component import EntropyMask
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from unisd.prompts import DemonstrationText, fence_code, strip_fence
-from unisd.tasks import Example
+from unisd.data.prompts import DemonstrationText, fence_code, strip_fence
+from unisd.data.tasks import Example
 
 _REF_HEADER = "## Reference Samples (DO NOT SOLVE THESE)\n"
 _NO_MENTION = "Do NOT mention these examples in your final answer."

@@ -8,8 +8,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from unisd.data.tasks import Example
 from unisd.errors import ConfigError
-from unisd.tasks import Example
 
 
 def _skip_self(draws: np.ndarray, rows: np.ndarray) -> np.ndarray:

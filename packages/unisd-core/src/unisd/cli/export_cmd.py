@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ..export import DTYPES, export_run, push_run
+from ..model.export import DTYPES, export_run, push_run
 from ..plugins import UnisdPluginManager
 from .errors import cli_errors
 

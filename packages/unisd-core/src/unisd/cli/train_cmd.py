@@ -12,16 +12,16 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from .. import distributed
 from ..components import make_options, parse_option_flags, resolve_selection
 from ..config import RunConfig, load_config, read_toml
 from ..errors import UsageError
-from ..export import check_repo_id, push_run
+from ..io.model_card import write_model_card
+from ..io.reporting import RichReporter
 from ..loop import train
-from ..model_card import write_model_card
+from ..model.export import check_repo_id, push_run
+from ..parallel import distributed
 from ..plugins import UnisdPluginManager
 from ..recipes import apply_unless_set, named_run_settings, recipe_task
-from ..reporting import RichReporter
 from .command_line import command_line
 from .errors import cli_errors
 
@@ -256,7 +256,7 @@ def _same_setting(key: str, given: object, saved: object) -> bool:
 
 
 def _resume_config(resume: Path) -> RunConfig:
-    from ..checkpoint import resume_target
+    from ..io.checkpoint import resume_target
 
     run_dir, _ = resume_target(resume)
     if not (run_dir / "config.toml").is_file():

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
+from ..data.prompts import budget_teacher_prompt, encode, render_chat
+from ..data.tasks import Example, Task, teacher_text_with
 from ..errors import UnisdError
 from ..plugins import UnisdPluginManager
-from ..prompts import budget_teacher_prompt, encode, render_chat
-from ..tasks import Example, Task, teacher_text_with
 from .memory import GIB, estimate_step_memory, free_memory
 
 BUDGET_SAMPLE = 200  # the longest examples whose teacher prompts are tokenised
@@ -127,8 +127,8 @@ def check_chat_template(ctx: Context) -> Check:
 
 
 def check_eos_pad(ctx: Context) -> Check:
-    from ..rollout import eos_ids_of
-    from ..scoring import pack
+    from ..model.rollout import eos_ids_of
+    from ..model.scoring import pack
 
     tok = ctx.tokenizer
     eos = tok.eos_token_id
@@ -147,7 +147,7 @@ def check_eos_pad(ctx: Context) -> Check:
     details = {"eos_id": eos, "pad_id": tok.pad_token_id, "stop_ids": stops}
     if not kept:
         return Check("EOS vs pad", "fail", "EOS is not in the loss mask of a packed completion: the student would "
-                     "never be taught to stop", "report this as a bug in unisd.scoring.pack", details)
+                     "never be taught to stop", "report this as a bug in unisd.model.scoring.pack", details)
     if tok.pad_token_id is None or tok.pad_token_id == eos:
         return Check("EOS vs pad", "warn",
                      f"pad token == EOS (id {eos}); unisd builds the loss mask from lengths, and EOS stays in it "
@@ -224,10 +224,10 @@ def check_zero_divergence(ctx: Context) -> Check:
     the teacher side through the teacher view, one unpadded row at a time. Dropout left on, padding
     leaking into real positions, or a teacher view that does not match the weights show up here.
     """
-    from ..losses import token_outputs
-    from ..models import apply_lora
-    from ..scoring import completion_hidden, lm_head_weight, pack
-    from ..teacher import default_teacher
+    from ..divergence.losses import token_outputs
+    from ..model.models import apply_lora
+    from ..model.scoring import completion_hidden, lm_head_weight, pack
+    from ..model.teacher import default_teacher
 
     cfg, tok = ctx.config, ctx.tokenizer
     if cfg.lora and not hasattr(ctx.model, "disable_adapter"):
@@ -270,7 +270,7 @@ def check_zero_divergence(ctx: Context) -> Check:
 
 
 def check_backend(ctx: Context) -> Check:
-    from ..rollout import SamplingParams
+    from ..model.rollout import SamplingParams
 
     cls = ctx.pm.registries.backends.get(ctx.config.backend)
     backend = cls(ctx.model, ctx.tokenizer)
@@ -332,8 +332,8 @@ def run_doctor(config: RunConfig, pm: UnisdPluginManager, loader: Callable[[RunC
 
     ``loader(config) -> (tokenizer, model)`` replaces loading from ``config.model`` (tests, notebooks).
     """
-    from ..loop import load_examples
-    from ..models import load_model, load_tokenizer, resolve_model, training_dtype
+    from ..model.models import load_model, load_tokenizer, resolve_model, training_dtype
+    from ..run import load_examples
 
     say = progress or (lambda _msg: None)
     checks: list[Check] = []

@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def prepare_model(model: str) -> str:
-    from ..models import resolve_model
+    from ..model.models import resolve_model
 
     source = resolve_model(model, progress=print)
     if not Path(source).exists():  # a hub id: download it now (transformers would, per job)

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..runlog import MetricsLog
+from ..io.runlog import MetricsLog
 from .stats import CONFIDENCE, Summary, interval_description, summarize
 
 RUN_FILES = ("config.toml", "metrics.jsonl", "sweep_job.json")

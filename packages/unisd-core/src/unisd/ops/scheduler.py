@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import atomic
 from ..config import dump_config
 from ..errors import UsageError
-from ..signals import StopRequest
+from ..io import atomic
+from ..io.signals import StopRequest
 from .sweep import PHASES, Job, train_argv
 
 OOM_PATTERN = re.compile(r"out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED", re.IGNORECASE)
@@ -235,7 +235,7 @@ class SweepRunner:
         return _Running(job, proc, slot, index, log, time.perf_counter(), handle)
 
     def _prepare_train(self, job: Job) -> None:
-        from ..checkpoint import latest_checkpoint
+        from ..io.checkpoint import latest_checkpoint
 
         assert job.run_dir is not None and job.config is not None and job.config_path is not None
         run_dir = job.run_dir

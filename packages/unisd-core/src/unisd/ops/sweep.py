@@ -65,7 +65,7 @@ from typing import Any
 
 from ..components import make_options, resolve_selection
 from ..config import RunConfig, config_from_mapping, read_toml
-from ..datafiles import looks_like_hub_id
+from ..data.datafiles import looks_like_hub_id
 from ..errors import ConfigError
 from ..plugins import UnisdPluginManager
 from ..recipes import recipe_settings, recipe_task
@@ -512,7 +512,7 @@ def _negatives_job(cfg: RunConfig, root: Path, deps: list[str]) -> Job | None:
 
 def train_argv(job: Job) -> list[str]:
     """The train command as things stand on disk: resume from a checkpoint when the run left one."""
-    from ..checkpoint import latest_checkpoint
+    from ..io.checkpoint import latest_checkpoint
 
     assert job.run_dir is not None and job.config is not None and job.config_path is not None
     if latest_checkpoint(job.run_dir) is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import ClassVar
 
-from unisd.tasks import Example, Score, Task
+from unisd.data.tasks import Example, Score, Task
 
 from ..metrics import ks_for, mean, mean_pass_at_k
 from ..parsing.code import extract_code

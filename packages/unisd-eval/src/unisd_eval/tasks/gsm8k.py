@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from unisd.prompts import reference_with_reasoning
-from unisd.tasks import Example, Score, Task
+from unisd.data.prompts import reference_with_reasoning
+from unisd.data.tasks import Example, Score, Task
 
 from ..parsing.numbers import extract_number, normalize_number, numbers_match, split_gold
 from .sources import check_split, hub_rows, package_file, read_rows, require_fields, take

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar
 
-from unisd.tasks import Example
+from unisd.data.tasks import Example
 
 from ..sandbox import Program
 from .code_base import CodeTask

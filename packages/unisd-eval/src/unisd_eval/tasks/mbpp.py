@@ -6,8 +6,8 @@ import ast
 import re
 from typing import Any, ClassVar
 
-from unisd.prompts import fence_code
-from unisd.tasks import Example
+from unisd.data.prompts import fence_code
+from unisd.data.tasks import Example
 
 from ..sandbox import Program
 from .code_base import CodeTask

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from unisd.data.prompts import reference_with_reasoning
+from unisd.data.tasks import Example, Score, Task
 from unisd.errors import DataError
-from unisd.prompts import reference_with_reasoning
-from unisd.tasks import Example, Score, Task
 
 from ..metrics import grouped_mean, mean
 from ..parsing.letters import extract_letter, extract_letter_research, letter_list, letters_for

@@ -15,8 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from unisd.data.tasks import iter_jsonl_lines
 from unisd.errors import DataError, UsageError
-from unisd.tasks import iter_jsonl_lines
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:

@@ -6,8 +6,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from unisd.prompts import DEMO_MARKER, SELF_DISTILLATION_INSTRUCTION
-from unisd.tasks import Example, Score, Task
+from unisd.data.prompts import DEMO_MARKER, SELF_DISTILLATION_INSTRUCTION
+from unisd.data.tasks import Example, Score, Task
 
 from ..metrics import mean
 from ..parsing.react import golden_text, parse_calls, score_calls

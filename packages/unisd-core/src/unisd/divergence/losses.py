@@ -24,8 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .config import GJSD_SCALE_CHOICES
-from .errors import UsageError
+from ..config import GJSD_SCALE_CHOICES
+from ..errors import UsageError
 
 
 def generalized_jsd(

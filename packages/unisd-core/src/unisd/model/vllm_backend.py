@@ -27,8 +27,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from . import distributed
-from .errors import UsageError
+from ..errors import UsageError
+from ..parallel import distributed
 from .rollout import Completion, SamplingParams, eos_ids_of, split_completion
 
 

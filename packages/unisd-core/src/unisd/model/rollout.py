@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from . import sharding
+from ..parallel import sharding
 
 
 @dataclass

@@ -23,9 +23,10 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from . import atomic, distributed
-from .components import implements
-from .errors import CheckpointError
+from ..components import implements
+from ..errors import CheckpointError
+from ..parallel import distributed
+from . import atomic
 
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
@@ -95,7 +96,7 @@ def load_weights(model: Any, directory: Path, lora: bool) -> None:
     A model sharded over several processes is read by the main process alone, which broadcasts each
     tensor while every process keeps its shard: no other process holds a whole copy.
     """
-    from . import sharding
+    from ..parallel import sharding
 
     if not sharding.is_sharded(model):
         _load_unsharded(model, directory, lora)
@@ -108,7 +109,7 @@ def _read_once(model: Any, read: Callable[[], T]) -> tuple[T | None, bool]:
     """``read()`` where a resume needs it: on the main process alone when ``model`` is sharded over
     several processes (the others get None and receive by broadcast), else on every process. Returns
     the value and whether it is to be broadcast from the main process."""
-    from . import sharding
+    from ..parallel import sharding
 
     if sharding.is_sharded(model) and distributed.current().active:
         return distributed.on_main_only(read, CheckpointError), True
@@ -239,7 +240,7 @@ def save_checkpoint(
     """Write one checkpoint (main process). ``model_state``/``optimizer_state``: whole states gathered
     beforehand by every process (sharded runs); the optimizer state is keyed by parameter name, so a
     run can resume on another process count or with(out) sharding."""
-    from . import sharding
+    from ..parallel import sharding
 
     with atomic.directory(path) as tmp:
         save_weights(model, tokenizer, tmp, lora, state=model_state)
@@ -341,7 +342,7 @@ def _named_optimizer_state(model: Any, state: dict[str, Any], path: Path) -> dic
 def gather_component_states(components: list[Any]) -> dict[str, Any]:
     """Every stateful component's state, with sharded tensors made whole (collective under sharding:
     every process calls it)."""
-    from . import sharding
+    from ..parallel import sharding
 
     return sharding.whole_tree({c.name: c.state_dict() for c in components if implements(c, "state_dict")})
 
@@ -410,7 +411,7 @@ def load_checkpoint(
     if state.get("lora", lora) != lora:
         raise CheckpointError(f"{path}: saved with lora={state['lora']}, resumed with lora={lora}")
     load_weights(model, path, lora)
-    from . import sharding
+    from ..parallel import sharding
 
     def read_optimizer_state() -> dict[str, Any]:
         optim_state = load_pickled(path / "optimizer.pt")

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import UsageError
+from ..errors import UsageError
 
 # Whether this module started the process group. Only then is it ours to destroy: an in-process vLLM
 # engine starts a one-process group of its own and tears it down at exit.

@@ -1,6 +1,6 @@
 """The memory-efficient exact divergence: per-token outputs from hidden states, one chunk of tokens at a time.
 
-Same inputs and outputs as :func:`unisd.losses.token_outputs` (the naive reference, kept as the test
+Same inputs and outputs as :func:`unisd.divergence.losses.token_outputs` (the naive reference, kept as the test
 oracle), but no ``tokens × vocab`` tensor is ever built for the student or the teacher. Peak memory is
 O(chunk × V + tokens × H), plus the head's float32 gradient accumulator (V × H) when the head is
 trained; a bf16 head is never converted whole (see :class:`_Head`).
@@ -27,7 +27,7 @@ Gradients w.r.t. the student logits z = h·Wᵀ/T, with q = softmax(z), p the te
                                       ∂D/∂z = c(1−α) · q ⊙ (r − Σ q·r),   r = log q − log m
 
 (the mixture's own derivative cancels: ∂JSD_α/∂q_i = (1−α)·log(q_i/m_i)). c = 1/(α(1−α)) by default
-(then c(1−α) = 1/α), 1 for ``gjsd_scale="research"`` (see :func:`unisd.losses.jsd_factor`).
+(then c(1−α) = 1/α), 1 for ``gjsd_scale="research"`` (see :func:`unisd.divergence.losses.jsd_factor`).
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from collections.abc import Mapping
 
 import torch
 
+from ..errors import UsageError
 from . import chunk_math
-from .errors import UsageError
 from .losses import TokenOutputs, check_gjsd_scale, jsd_factor
 
 ContextSpec = tuple[torch.Tensor, torch.Tensor, float]  # (hidden [B, C, H], head [V, H], temperature)
@@ -72,7 +72,7 @@ def chunked_token_outputs(
 ) -> ChunkedTokenOutputs:
     """Divergence, log-probs and entropy from final hidden states ``[B, C, H]`` and lm-heads ``[V, H]``.
 
-    A drop-in for :func:`unisd.losses.token_outputs` (same arguments first, same ``[B, C]`` outputs,
+    A drop-in for :func:`unisd.divergence.losses.token_outputs` (same arguments first, same ``[B, C]`` outputs,
     zero on padding; ``divergence`` and ``student_logp`` carry gradients to ``student_hidden`` and
     ``student_head``, the teacher side never does). ``chunk_size`` masked tokens are projected to the
     vocabulary at a time, in float32 (float64 for float64 inputs).
@@ -81,7 +81,7 @@ def chunked_token_outputs(
     teacher log-prob of each target under every context is returned in ``.context_logp[name]``.
 
     ``compile``: fuse each chunk's vocabulary math with ``torch.compile`` — ``auto`` (on CUDA), ``on``,
-    ``off`` (see :mod:`unisd.chunk_math`); the results are the same up to float rounding.
+    ``off`` (see :mod:`unisd.divergence.chunk_math`); the results are the same up to float rounding.
 
     ``gjsd_scale``: at 0 < α < 1, ``normalized`` divides the JSD by α(1−α), ``research`` does not.
     """

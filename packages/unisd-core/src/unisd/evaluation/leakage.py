@@ -32,8 +32,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError
-from .tasks import Example, Task, teacher_text_with
+from ..data.tasks import Example, Task, teacher_text_with
+from ..errors import ConfigError
 
 MIN_TEMPLATE_WORDS = 4
 NGRAM = 6

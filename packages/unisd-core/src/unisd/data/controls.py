@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-from .errors import DataError
+from ..errors import DataError
 from .tasks import Example
 
 

@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from .config import SHARD_CHOICES
-from .errors import ConfigError, UsageError
+from ..config import SHARD_CHOICES
+from ..errors import ConfigError, UsageError
 
 
 @dataclass(frozen=True)

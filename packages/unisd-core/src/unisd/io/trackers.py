@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 def _require(module: str, extra: str) -> Any:

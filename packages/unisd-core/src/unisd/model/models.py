@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from .config import DTYPE_CHOICES
-from .errors import UsageError
+from ..config import DTYPE_CHOICES
+from ..errors import UsageError
 
 # Names for the bundled copy. The hub id is deliberately not one: a user who asks for the hub model gets
 # the hub's weights, not our dequantised 4-bit GGUF.

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from ..errors import DataError
 from .tasks import Example, check_encodable, iter_jsonl
 
 FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")

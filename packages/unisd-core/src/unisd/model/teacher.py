@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
-from . import sharding
+from ..parallel import sharding
 from .scoring import Packed, completion_hidden, lm_head_weight
 
 

@@ -100,7 +100,7 @@ class DemoTask(Task):
     max_new_tokens: ClassVar[int] = 24
 
     def load(self, split: str, path: str | None = None, limit: int | None = None) -> list[Example]:
-        from .errors import UsageError
+        from ..errors import UsageError
 
         if split not in SPLIT_SIZES:
             raise UsageError(f"task demo has splits {', '.join(SPLIT_SIZES)}, not {split!r}")

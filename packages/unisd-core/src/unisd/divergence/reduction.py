@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from . import distributed
-from .config import LOSS_REDUCTION_CHOICES
-from .errors import UsageError
+from ..config import LOSS_REDUCTION_CHOICES
+from ..errors import UsageError
+from ..parallel import distributed
 
 
 def token_factors(mask: torch.Tensor, mode: str) -> torch.Tensor:

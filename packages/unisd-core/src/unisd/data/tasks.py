@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .errors import DataError
+from ..errors import DataError
 from .prompts import render_like, teacher_text
 
 
@@ -151,7 +151,7 @@ def load_jsonl_examples(path: str | Path, limit: int | None = None) -> list[Exam
 
     ``prompt`` and ``reference`` are required strings; ``id`` defaults to the line number; ``meta``
     is an optional object. Errors name the file and line. Other formats and Hub datasets:
-    :func:`unisd.datafiles.load_data`, which this calls.
+    :func:`unisd.data.datafiles.load_data`, which this calls.
     """
     from .datafiles import load_data  # datafiles builds on this module
 

@@ -12,9 +12,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import atomic
-from .errors import UsageError
-from .model_card import is_unisd_card, write_model_card
+from ..errors import UsageError
+from ..io import atomic
+from ..io.model_card import is_unisd_card, write_model_card
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 

@@ -22,14 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UsageError
 from .checkpoint import checkpoints_newest_first
-from .errors import UsageError
 
 LOCK_FILE = "run.lock"
 # What a run writes into its directory; a directory holding only these (and no checkpoint) is a run
 # that stopped before its first checkpoint, which may be started over.
 RUN_ENTRIES = {LOCK_FILE, "config.toml", "metrics.jsonl", "checkpoints", "eval"}
-# Temporary siblings written by unisd.atomic (".NAME.tmp-XXXX") and the previous version it moves aside
+# Temporary siblings written by unisd.io.atomic (".NAME.tmp-XXXX") and the previous version it moves aside
 # during a replace (".NAME.old-PID").
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-[^/]+")
 

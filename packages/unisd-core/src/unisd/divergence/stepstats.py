@@ -4,7 +4,7 @@ micro-batch split (or on the number of processes).
 A clip quantile or an entropy threshold taken per micro-batch changes with ``--grad-accum``: 1×8
 and 8×1 micro-batches see different token sets. Taken over every loss token of the step, on every
 process, it is one number for the step whatever the split. The loop provides the step's per-token
-values in :class:`unisd.loop.StepBatch` (``step_teacher_logp`` always; ``step_divergence`` and
+values in :class:`unisd.step.StepBatch` (``step_teacher_logp`` always; ``step_divergence`` and
 ``step_entropy`` when a component sets ``needs_step_scores``), all before the first backward pass.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import distributed
+from ..parallel import distributed
 
 
 def loss_token_values(per_micro: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:

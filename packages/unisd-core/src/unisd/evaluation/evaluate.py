@@ -3,7 +3,7 @@
 The difference between the two accuracies is the *privileged gap*: the headroom self-distillation can
 close. Used before/after training, by ``--eval-task``, and by ``unisd eval``. Besides the task's own
 metrics, every result has ``leakage``: the share of completions holding teacher-only text
-(:mod:`unisd.leakage`), which a student trained toward a teacher that saw the reference can learn to copy,
+(:mod:`unisd.evaluation.leakage`), which a student trained toward a teacher that saw the reference can learn to copy,
 and ``overrun``: the share that reproduce the reference's ending and then go on writing (a copied template
 or a paraphrase of it after a finished answer).
 """
@@ -12,13 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import distributed
+from ..data.datafiles import with_system_prompt
+from ..data.prompts import encode, render_chat
+from ..data.tasks import Example, Score, Task
+from ..model.rollout import HFBackend, SamplingParams
+from ..parallel import distributed
 from .leakage import leakage_flags, leakage_rate, overrun_rate
-from .prompts import encode, render_chat
-from .rollout import HFBackend, SamplingParams
-from .tasks import Example, Score, Task
+
+if TYPE_CHECKING:
+    from ..run import Run
 
 
 @dataclass
@@ -86,3 +90,26 @@ def _result(task: Task, examples: list[Example], completions: list[str], scores:
     metrics["leakage"] = leakage_rate(leakage_flags(examples, completions, task))
     metrics["overrun"] = overrun_rate(examples, completions)
     return EvalResult(metrics, completions, scores)
+
+
+def privileged_gap(run: Run, task: Task, limit: int | None) -> dict[str, float]:
+    """Student accuracy, teacher-with-reference accuracy, and their difference, on the eval split."""
+    examples = with_system_prompt(task.load(task.eval_split, limit=limit), run.config.system_prompt)
+    max_new = run.config.completion_budget(task)
+    # Every process evaluates its share of the items (a sharded model needs all of them to generate).
+    student = evaluate(run.model, run.tokenizer, task, examples, max_new, split_over_processes=True).metrics
+    with run.teacher.as_model() as teacher_model:
+        teacher = evaluate(teacher_model, run.tokenizer, task, examples, max_new, with_reference=True,
+                           split_over_processes=True).metrics
+    gap = {
+        "student_accuracy": student["accuracy"],
+        "teacher_accuracy": teacher["accuracy"],
+        "privileged_gap": teacher["accuracy"] - student["accuracy"],
+        "leakage": student["leakage"],  # the student's completions holding teacher-only text
+        "teacher_leakage": teacher["leakage"],
+        "overrun": student["overrun"],  # the student's completions that go on after a finished answer
+    }
+    if "strict_accuracy" in student:  # tasks that also score the whole completion (the demo)
+        gap.update(student_strict_accuracy=student["strict_accuracy"], teacher_strict_accuracy=teacher["strict_accuracy"])
+    gap["n"] = float(len(examples))
+    return gap

@@ -1,0 +1,2 @@
+"""The data side of a run: examples and tasks, the demo task, prompts and their token budget, ``--data`` files,
+control runs."""

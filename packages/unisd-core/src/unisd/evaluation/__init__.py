@@ -1,0 +1,1 @@
+"""Evaluation: greedy accuracy of student and teacher-with-reference, and leakage of teacher-only text."""

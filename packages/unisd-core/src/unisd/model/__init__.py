@@ -1,0 +1,1 @@
+"""Models: loading and LoRA, scoring forwards, teacher views, generation backends, export."""

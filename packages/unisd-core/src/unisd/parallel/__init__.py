@@ -1,0 +1,1 @@
+"""Several processes: data parallelism (``distributed``) and sharded data parallelism (``sharding``)."""
