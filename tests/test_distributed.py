@@ -137,7 +137,7 @@ def test_two_processes_match_one(tmp_path, components, mode):
             assert ((a - b).norm() / b.norm().clamp_min(1e-12)).item() <= 1e-5, shard
         assert one["generated"] == two["generated"], shard
         assert one["evaluated"] == two["evaluated"], shard
-        assert two["evaluated"][:2] == [{"accuracy": 0.4, "extraction_rate": 1.0, "leakage": 0.0}, ["0", "1", "2", "3", "4"]]
+        assert two["evaluated"][:2] == [{"accuracy": 0.4, "extraction_rate": 1.0, "leakage": 0.0, "overrun": 0.0}, ["0", "1", "2", "3", "4"]]
 
 
 def test_step_statistics_and_sequence_reduction_are_global(tmp_path):

@@ -558,7 +558,7 @@ def test_shipped_ablation_example_plans_ten_methods_at_three_seeds():
     assert by_method["plain"].components == {} and by_method["plain"].reference_control == "none"
     assert by_method["shuffled-reference"].components == {}
     assert by_method["shuffled-reference"].reference_control == "shuffled"
-    assert by_method["leak-guard"].components == {"leak-guard": {"lookahead": 8}}
+    assert by_method["leak-guard"].components == {"leak-guard": {"lookahead": 8, "stop_weight": 1.0}}
     assert set(by_method["unisd-star"].components) == {"agreement", "ema", "contrastive", "matching"}
     assert set(by_method["unisd-star-leak-guard"].components) == {"agreement", "ema", "contrastive", "matching",
                                                                   "leak-guard"}
