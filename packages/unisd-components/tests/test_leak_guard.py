@@ -37,6 +37,8 @@ def ids_of(tokenizer, text):
 
 
 def guard(tokenizer, **options):
+    """The guard with ``options``; its stop term off unless asked for, so the other mechanisms are seen alone."""
+    options = {"stop_weight": 0, **options}
     comp = LeakGuard(make_options(LeakGuard, {k: str(v) for k, v in options.items()}))
     comp.setup(SimpleNamespace(tokenizer=tokenizer, task=DemoTask()))
     return comp
@@ -144,7 +146,7 @@ def test_lookahead_guards_the_eos_where_the_teacher_would_go_on_copying(tokenize
         return [Completion(tokenizer("\n\nThis is an example for a", add_special_tokens=False)["input_ids"], True)
                 for _ in prompts]
 
-    comp = LeakGuard(make_options(LeakGuard, {"lookahead": "8"}))
+    comp = LeakGuard(make_options(LeakGuard, {"lookahead": "8", "stop_weight": "0"}))
     run = lora_run(tokenizer, [comp])
     monkeypatch.setattr(HFBackend, "generate", continue_with_template)
     texts = ["CLOUD TABLE", "CLOUD TABLE\n\nThis is an example for a"]
@@ -160,7 +162,7 @@ def test_lookahead_guards_the_eos_where_the_teacher_would_go_on_copying(tokenize
 def test_lookahead_between_forward_and_backward_leaves_the_gradient_alone(tokenizer):
     """The teacher generates (adapter off) after the student's forward; the gradient must not notice."""
     completions = [Completion(ids_of(tokenizer, "CLOUD TABLE"), False), Completion(ids_of(tokenizer, "46"), False)]
-    comp = LeakGuard(make_options(LeakGuard, {"lookahead": "6"}))
+    comp = LeakGuard(make_options(LeakGuard, {"lookahead": "6", "stop_weight": "0"}))
     _, looked = grads(lora_run(tokenizer, [comp]), completions)
     assert comp.metrics()["teacher_start_fraction"] == 0.0  # a random model does not write the template
     _, plain = grads(lora_run(tokenizer, []), completions)
@@ -185,6 +187,7 @@ def test_with_leak_guard_and_clip_from_the_command_line(tiny_model_dir, data_fil
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert record["leak-guard/leaking_fraction"] == record["leakage"] == 0.0  # a random model copies nothing
     assert record["leak-guard/guarded_fraction"] == 0.0 and "clip/fraction" in record
+    assert record["leak-guard/reference_end_fraction"] == 0.0  # the stop term is on by default
 
 
 def test_reference_end_is_the_first_position_after_a_reproduced_reference(tokenizer):

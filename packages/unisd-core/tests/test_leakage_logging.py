@@ -55,3 +55,10 @@ def test_training_logs_leakage_per_step_and_per_evaluation(monkeypatch, tiny_lla
     printed = " ".join(result.output.split())  # the console wraps long lines
     assert "before training: student accuracy 0.333 (strict 0.000), leakage 1.000, overrun 0.333 | teacher-with-reference" in printed
     assert json.loads((out / "eval" / "after.json").read_text())["leakage"] == 1.0
+    rows = [json.loads(line) for line in (out / "eval" / "after_predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["demo-test-0", "demo-test-1", "demo-test-2"]
+    assert rows[0]["reference"] == "CLOUD TABLE" and rows[0]["student"]["completion"] == LEAKED
+    assert rows[0]["student"]["leak"].startswith("template") and rows[0]["student"]["overrun"] is True
+    assert rows[0]["student"]["value"] == 1.0 and rows[1]["student"]["value"] == 0.0  # first-line scoring
+    assert rows[1]["student"]["overrun"] is False and rows[0]["teacher"]["completion"] == LEAKED
+    assert (out / "eval" / "before_predictions.jsonl").exists()

@@ -88,7 +88,7 @@ class LeakGuard:
         ngram: int = option(NGRAM, "Length, in words, of a reference span whose copy counts as a leak.")
         lookahead: int = option(0, "Tokens the teacher greedily continues a completion that ended by itself; when "
                                    "that continuation leaks, the EOS position is guarded too (0: off).")
-        stop_weight: float = option(0.0, "Weight of -log p(EOS) where a completion has just reproduced the reference's "
+        stop_weight: float = option(1.0, "Weight of -log p(EOS) where a completion has just reproduced the reference's "
                                          "ending (the divergence from there on is guarded); 0: off.")
 
         def __post_init__(self) -> None:

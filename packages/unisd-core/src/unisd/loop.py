@@ -261,8 +261,10 @@ def _start_session(
 
 
 def _held_out(s: Session, task: Task, when: str) -> None:
-    """The privileged gap on the task's held-out split, ``before`` or ``after`` training: eval/WHEN.json."""
-    gap = privileged_gap(s.run, task, s.config.eval_limit)
+    """The privileged gap on the task's held-out split, ``before`` or ``after`` training: eval/WHEN.json,
+    and each item's completions in eval/WHEN_predictions.jsonl."""
+    predictions = s.out / "eval" / f"{when}_predictions.jsonl" if s.env.is_main else None
+    gap = privileged_gap(s.run, task, s.config.eval_limit, predictions)
     if s.env.is_main:
         _write_json(s.out / "eval" / f"{when}.json", gap)
         s.reporter.info(_gap_line(f"{when} training", gap))

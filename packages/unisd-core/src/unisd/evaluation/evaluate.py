@@ -10,16 +10,19 @@ or a paraphrase of it after a finished answer).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..data.datafiles import with_system_prompt
 from ..data.prompts import encode, render_chat
 from ..data.tasks import Example, Score, Task
+from ..io import atomic
 from ..model.rollout import HFBackend, SamplingParams
 from ..parallel import distributed
-from .leakage import leakage_flags, leakage_rate, overrun_rate
+from .leakage import leakage_flags, leakage_rate, overrun_rate, overruns
 
 if TYPE_CHECKING:
     from ..run import Run
@@ -92,15 +95,22 @@ def _result(task: Task, examples: list[Example], completions: list[str], scores:
     return EvalResult(metrics, completions, scores)
 
 
-def privileged_gap(run: Run, task: Task, limit: int | None) -> dict[str, float]:
-    """Student accuracy, teacher-with-reference accuracy, and their difference, on the eval split."""
+def privileged_gap(run: Run, task: Task, limit: int | None, predictions: Path | None = None) -> dict[str, float]:
+    """Student accuracy, teacher-with-reference accuracy, and their difference, on the eval split.
+
+    ``predictions``: also write every item's student and teacher completion with its verdicts there
+    (JSON lines), so what a number counts can be read (a leak, an overrun) without evaluating again.
+    """
     examples = with_system_prompt(task.load(task.eval_split, limit=limit), run.config.system_prompt)
     max_new = run.config.completion_budget(task)
     # Every process evaluates its share of the items (a sharded model needs all of them to generate).
-    student = evaluate(run.model, run.tokenizer, task, examples, max_new, split_over_processes=True).metrics
+    student_result = evaluate(run.model, run.tokenizer, task, examples, max_new, split_over_processes=True)
     with run.teacher.as_model() as teacher_model:
-        teacher = evaluate(teacher_model, run.tokenizer, task, examples, max_new, with_reference=True,
-                           split_over_processes=True).metrics
+        teacher_result = evaluate(teacher_model, run.tokenizer, task, examples, max_new, with_reference=True,
+                                  split_over_processes=True)
+    if predictions is not None:
+        write_predictions(predictions, task, examples, student_result, teacher_result)
+    student, teacher = student_result.metrics, teacher_result.metrics
     gap = {
         "student_accuracy": student["accuracy"],
         "teacher_accuracy": teacher["accuracy"],
@@ -113,3 +123,19 @@ def privileged_gap(run: Run, task: Task, limit: int | None) -> dict[str, float]:
         gap.update(student_strict_accuracy=student["strict_accuracy"], teacher_strict_accuracy=teacher["strict_accuracy"])
     gap["n"] = float(len(examples))
     return gap
+
+
+def write_predictions(path: Path, task: Task, examples: list[Example], student: EvalResult, teacher: EvalResult) -> None:
+    """One JSON line per item: its prompt and reference, then the student's and the teacher's completion,
+    score, leak verdict and overrun."""
+    rows = []
+    student_leaks = leakage_flags(examples, student.completions, task)
+    teacher_leaks = leakage_flags(examples, teacher.completions, task)
+    for i, ex in enumerate(examples):
+        row: dict[str, Any] = {"id": ex.id, "prompt": ex.prompt, "reference": ex.reference}
+        for who, result, leaks in (("student", student, student_leaks), ("teacher", teacher, teacher_leaks)):
+            row[who] = {"completion": result.completions[i], "value": result.scores[i].value,
+                        "verdict": result.scores[i].verdict, "leak": leaks[i].reason or None,
+                        "overrun": overruns(result.completions[i], ex.reference)}
+        rows.append(json.dumps(row, ensure_ascii=False))
+    atomic.write_text(path, "\n".join(rows) + "\n")
