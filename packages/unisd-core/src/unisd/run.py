@@ -141,11 +141,15 @@ class DataStream:
 
     def __init__(self, examples: list[Example], seed: int, cursor: int = 0):
         self.examples, self.seed, self.cursor = examples, seed, cursor
+        self._epoch_order: tuple[int, list[int]] | None = None  # (epoch, its permutation)
 
     def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.examples)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
+        # One shuffle per epoch, kept: drawing an example costs O(1), not a reshuffle of the whole dataset.
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            order = list(range(len(self.examples)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._epoch_order = (epoch, order)
+        return self._epoch_order[1]
 
     def take(self, n: int) -> list[Example]:
         out = []
@@ -200,16 +204,7 @@ def build_run(config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, out
         regs.tasks.get(config.eval_task)
 
     env = distributed.current()
-    if env.active and getattr(backend_cls, "one_process_only", False):
-        raise UsageError(f"--backend {config.backend} runs in one process only; use --backend hf for "
-                         f"{env.world_size} processes, or --backend vllm-server with a separate vLLM server")
-    plan = sharding.choose_plan(config.shard, config.deepspeed, env.world_size)
-    if plan is not None:
-        sharding.require_support()
-    if plan is not None and config.backend != "hf":
-        raise UsageError(f"--backend {config.backend} cannot generate from a sharded model yet; use --backend hf "
-                         f"with sharding ({plan.source}), or plain data parallelism (--shard none)")
-
+    plan = _sharding_plan(config, backend_cls, env)
     seed_everything(config.seed)
     if torch.cuda.is_available():
         # float32 weights (--full keeps them for the optimizer) would otherwise multiply at a fraction of
@@ -219,20 +214,42 @@ def build_run(config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, out
     with loading(source, "tokenizer"):
         tokenizer = load_tokenizer(source)
     use_chat_template(tokenizer, config)
+    model = _load_student(config, source, plan, env, reporter)
+    run = Run(config, model, tokenizer, task, examples, components, output_dir, reporter, plugins=pm, source=source)
+    run.teacher = default_teacher(model, config.lora)
+    if plan is not None:  # after the teacher's copy is taken, before components capture parameters
+        _shard(run, plan, env, reporter)
+    owners = [c for c in components if implements(c, "teacher")]
+    call_each(components, "setup", run)
+    if owners:
+        run.teacher = owners[0].teacher(run)
+    _drop_long_prompts(run, reporter)
+    return run
+
+
+def _sharding_plan(config: RunConfig, backend_cls: Any, env: Any) -> Any:
+    """The sharding plan (None: unsharded), refusing the combinations a backend cannot run."""
+    if env.active and getattr(backend_cls, "one_process_only", False):
+        raise UsageError(f"--backend {config.backend} runs in one process only; use --backend hf for "
+                         f"{env.world_size} processes, or --backend vllm-server with a separate vLLM server")
+    plan = sharding.choose_plan(config.shard, config.deepspeed, env.world_size)
+    if plan is not None:
+        sharding.require_support()
+    if plan is not None and config.backend != "hf":
+        raise UsageError(f"--backend {config.backend} cannot generate from a sharded model yet; use --backend hf "
+                         f"with sharding ({plan.source}), or plain data parallelism (--shard none)")
+    return plan
+
+
+def _load_student(config: RunConfig, source: str, plan: Any, env: Any, reporter: Reporter) -> Any:
+    """The model to train: loaded in the training dtype, checkpointed if asked, with its LoRA adapter."""
     # Under sharding only the main process reads the weights, on the CPU: the others build the model on
     # the meta device and receive their shards after sharding (sharding.fill_from_main), and each unit
     # moves to its device as it is sharded, so no GPU ever holds the whole model.
     with loading(source, "model"):
         model = load_model(source, training_dtype(config.dtype, not config.lora), config.attn_implementation,
                            to_gpu=plan is None, on_meta=plan is not None and not env.is_main)
-    if not config.lora and config.dtype in ("bfloat16", "float16"):
-        reporter.info(f"[yellow]--full with {config.dtype} weights: AdamW updates smaller than the weights' "
-                      "precision (most of them, at small learning rates) are rounded away. --dtype float32 (what "
-                      "'auto' loads under --full) keeps them: on GPUs its matmuls run as TF32, and a sharded run's "
-                      "bf16 mixed precision computes in bf16.[/]")
-    if config.dtype == "float16":
-        reporter.info("[yellow]--dtype float16: unisd runs no loss scaler, so float16 activations and gradients can "
-                      "overflow or underflow; prefer bfloat16 (GPUs since Ampere) or float32.[/]")
+    _warn_about_dtype(config, reporter)
     if config.gradient_checkpointing or (plan is not None and plan.activation_checkpointing):
         # the method's memory setting: recompute activations in backward
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -241,30 +258,42 @@ def build_run(config: RunConfig, pm: UnisdPluginManager, reporter: Reporter, out
     model.train()
     if hasattr(model, "config"):
         model.config.use_cache = False
-    run = Run(config, model, tokenizer, task, examples, components, output_dir, reporter, plugins=pm, source=source)
-    run.teacher = default_teacher(model, config.lora)
-    if plan is not None:  # after the teacher's copy is taken, before components capture parameters
-        reporter.info(f"Sharding: {plan.describe()}")
-        if plan.ignored:
-            reporter.info(f"[yellow]Not applied from {plan.source}: {'; '.join(plan.ignored)}.[/]")
-        models = [model] + [m for m in [teacher_model(run)] if m is not None and m is not model]
-        for sharded in models:  # the state is read before sharding (whole tensors), filled in after
-            state = sharded.state_dict() if env.is_main else None
-            sharding.shard_model(sharded, plan)
-            sharding.fill_from_main(sharded, state)
-            del state
-    owners = [c for c in components if implements(c, "teacher")]
-    call_each(components, "setup", run)
-    if owners:
-        run.teacher = owners[0].teacher(run)
-    over = [e.id for e in examples if len(run.student_ids(e)) > config.max_prompt_tokens]
-    if over:
-        if len(over) == len(examples):
-            raise DataError(
-                f"every student prompt is longer than max_prompt_tokens={config.max_prompt_tokens}; raise it"
-            )
-        reporter.info(f"[yellow]Skipping {len(over)} example(s) whose student prompt exceeds "
-                      f"{config.max_prompt_tokens} tokens (e.g. {over[0]}).[/]")
-        keep = set(over)
-        run.examples = [e for e in examples if e.id not in keep]
-    return run
+    return model
+
+
+def _warn_about_dtype(config: RunConfig, reporter: Reporter) -> None:
+    if not config.lora and config.dtype in ("bfloat16", "float16"):
+        reporter.info(f"[yellow]--full with {config.dtype} weights: AdamW updates smaller than the weights' "
+                      "precision (most of them, at small learning rates) are rounded away. --dtype float32 (what "
+                      "'auto' loads under --full) keeps them: on GPUs its matmuls run as TF32, and a sharded run's "
+                      "bf16 mixed precision computes in bf16.[/]")
+    if config.dtype == "float16":
+        reporter.info("[yellow]--dtype float16: unisd runs no loss scaler, so float16 activations and gradients can "
+                      "overflow or underflow; prefer bfloat16 (GPUs since Ampere) or float32.[/]")
+
+
+def _shard(run: Run, plan: Any, env: Any, reporter: Reporter) -> None:
+    """Shard the student (and a teacher that keeps its own copy) over the processes."""
+    reporter.info(f"Sharding: {plan.describe()}")
+    if plan.ignored:
+        reporter.info(f"[yellow]Not applied from {plan.source}: {'; '.join(plan.ignored)}.[/]")
+    models = [run.model] + [m for m in [teacher_model(run)] if m is not None and m is not run.model]
+    for sharded in models:  # the state is read before sharding (whole tensors), filled in after
+        state = sharded.state_dict() if env.is_main else None
+        sharding.shard_model(sharded, plan)
+        sharding.fill_from_main(sharded, state)
+        del state
+
+
+def _drop_long_prompts(run: Run, reporter: Reporter) -> None:
+    """Leave out examples whose student prompt exceeds ``max_prompt_tokens`` (all of them: an error)."""
+    limit = run.config.max_prompt_tokens
+    over = [e.id for e in run.examples if len(run.student_ids(e)) > limit]
+    if not over:
+        return
+    if len(over) == len(run.examples):
+        raise DataError(f"every student prompt is longer than max_prompt_tokens={limit}; raise it")
+    reporter.info(f"[yellow]Skipping {len(over)} example(s) whose student prompt exceeds "
+                  f"{limit} tokens (e.g. {over[0]}).[/]")
+    keep = set(over)
+    run.examples = [e for e in run.examples if e.id not in keep]

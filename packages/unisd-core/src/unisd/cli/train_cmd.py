@@ -55,6 +55,7 @@ def demo_config() -> RunConfig:
 
 
 def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
+    # train_command is over 60 lines only by its signature: Typer reads one parameter per CLI option there.
     @app.command("train")
     def train_command(
         ctx: typer.Context,
@@ -127,39 +128,11 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
             given = {k: v for k, v in flags.items() if v is not None}
             if push_to_hub is not None:
                 check_repo_id(push_to_hub)  # before hours of training, not after
-            file_keys: set[str] = set()
             if resume is not None:
-                if config is not None:  # silently ignoring it would let a user believe new settings apply
-                    raise UsageError(f"--config is not used with --resume: the run continues its saved "
-                                     f"{Path(resume) / 'config.toml'}; only --steps, --save-every, --eval-every, "
-                                     "--report-to, --shard and --deepspeed may change")
-                cfg = _resume_config(resume)
-                # what may change: the run's length and bookkeeping, and how it is spread over processes;
-                # any other flag may be repeated with its saved value (e.g. the command that started the run)
-                allowed = {"steps", "save_every", "eval_every", "shard", "deepspeed", "report_to"}
-                changed = sorted(k for k in set(given) - allowed if not _same_setting(k, given[k], getattr(cfg, k)))
-                other_components = bool(with_ or option) and not _same_components(cfg, with_, option, pm.registries)
-                if changed or other_components:
-                    described = ", ".join(f"{k} (saved {getattr(cfg, k)!r}, given {given[k]!r})" for k in changed)
-                    if other_components:
-                        described = ", ".join(filter(None, [described, f"--with/-o (saved {cfg.components!r})"]))
-                    raise UsageError(
-                        f"--resume continues the saved config.toml; only --steps, --save-every, --eval-every, --report-to, "
-                        f"--shard and --deepspeed may change (got {described})"
-                    )
-                given = {k: v for k, v in given.items() if k in allowed}
-            elif config is not None:
-                cfg = load_config(config)
-                file_keys = _toml_keys(config)
-            elif not any(given.get(k) for k in ("model", "task", "data")) and not with_ and not preset:
-                cfg = demo_config()
-                console.print(
-                    f"No --model/--task/--data given: running the built-in demo, {cfg.steps} steps of "
-                    "self-distillation of SmolLM2-135M-Instruct on task 'demo' with held-out evaluations before "
-                    "and after (about 8 minutes on 2 CPU cores; Ctrl-C stops with a checkpoint). "
-                    "`unisd train --help` lists the options.", highlight=False, soft_wrap=True)
+                cfg, given = _resume_settings(resume, config, given, with_, option, pm)
+                file_keys: set[str] = set()
             else:
-                cfg = RunConfig()
+                cfg, file_keys = _starting_config(config, given, bool(with_) or bool(preset), console)
             cfg = dataclasses.replace(cfg, **given)
             if resume is None:
                 regs = pm.registries
@@ -177,11 +150,57 @@ def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
             is_main = distributed.current().is_main
             distributed.shutdown()
             if is_main:
-                write_model_card(run_dir, run_dir / "final", command_line(ctx))
-                console.print(f"Done in {time.perf_counter() - began:.0f} s. Run directory: {run_dir} "
-                              f"(adapter/weights and model card in {run_dir / 'final'})", highlight=False)
-                if push_to_hub:
-                    console.print(f"Pushed to {push_run(run_dir, push_to_hub)}", highlight=False)
+                _after_training(ctx, console, run_dir, time.perf_counter() - began, push_to_hub)
+
+
+def _resume_settings(resume: Path, config: Path | None, given: dict[str, Any], with_: list[str] | None,
+                     option: list[str] | None, pm: UnisdPluginManager) -> tuple[RunConfig, dict[str, Any]]:
+    """The saved config of the run to resume, and the flags that may change it (any other flag must repeat
+    its saved value, e.g. the command that started the run)."""
+    if config is not None:  # silently ignoring it would let a user believe new settings apply
+        raise UsageError(f"--config is not used with --resume: the run continues its saved "
+                         f"{Path(resume) / 'config.toml'}; only --steps, --save-every, --eval-every, "
+                         "--report-to, --shard and --deepspeed may change")
+    cfg = _resume_config(resume)
+    # what may change: the run's length and bookkeeping, and how it is spread over processes
+    allowed = {"steps", "save_every", "eval_every", "shard", "deepspeed", "report_to"}
+    changed = sorted(k for k in set(given) - allowed if not _same_setting(k, given[k], getattr(cfg, k)))
+    other_components = bool(with_ or option) and not _same_components(cfg, with_, option, pm.registries)
+    if changed or other_components:
+        described = ", ".join(f"{k} (saved {getattr(cfg, k)!r}, given {given[k]!r})" for k in changed)
+        if other_components:
+            described = ", ".join(filter(None, [described, f"--with/-o (saved {cfg.components!r})"]))
+        raise UsageError(
+            f"--resume continues the saved config.toml; only --steps, --save-every, --eval-every, --report-to, "
+            f"--shard and --deepspeed may change (got {described})"
+        )
+    return cfg, {k: v for k, v in given.items() if k in allowed}
+
+
+def _starting_config(config: Path | None, given: dict[str, Any], components_given: bool,
+                     console: Console) -> tuple[RunConfig, set[str]]:
+    """A new run's config before the flags apply: the --config file (and the keys it sets), the built-in
+    demo when nothing says what to train, else the defaults."""
+    if config is not None:
+        return load_config(config), _toml_keys(config)
+    if not any(given.get(k) for k in ("model", "task", "data")) and not components_given:
+        cfg = demo_config()
+        console.print(
+            f"No --model/--task/--data given: running the built-in demo, {cfg.steps} steps of "
+            "self-distillation of SmolLM2-135M-Instruct on task 'demo' with held-out evaluations before "
+            "and after (about 8 minutes on 2 CPU cores; Ctrl-C stops with a checkpoint). "
+            "`unisd train --help` lists the options.", highlight=False, soft_wrap=True)
+        return cfg, set()
+    return RunConfig(), set()
+
+
+def _after_training(ctx: typer.Context, console: Console, run_dir: Path, seconds: float, push_to_hub: str | None) -> None:
+    """The model card, the closing line, and the Hub upload when asked (main process)."""
+    write_model_card(run_dir, run_dir / "final", command_line(ctx))
+    console.print(f"Done in {seconds:.0f} s. Run directory: {run_dir} "
+                  f"(adapter/weights and model card in {run_dir / 'final'})", highlight=False)
+    if push_to_hub:
+        console.print(f"Pushed to {push_run(run_dir, push_to_hub)}", highlight=False)
 
 
 def apply_named_settings(cfg: RunConfig, regs: Any, explicit: set[str], console: Console) -> None:
