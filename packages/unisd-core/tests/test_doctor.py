@@ -154,3 +154,20 @@ def test_memory_estimate_formula():
 def test_bad_numbers_exit_2(flag, tmp_path):
     result = CliRunner().invoke(make_app(), ["doctor", "--model", str(tmp_path), flag, "0"])
     assert result.exit_code == 2
+
+
+def test_zero_divergence_self_test_runs_the_loops_chunked_path_with_the_runs_settings(tmp_path, monkeypatch):
+    from unisd.divergence import chunked
+
+    seen = []
+    real = chunked.chunked_token_outputs
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(chunked, "chunked_token_outputs", spy)
+    tok = make_tokenizer(pad_is_eos=False)
+    checks = doctor_on(tmp_path, tok, make_tiny_model(tok), divergence_chunk_size=3, alpha=0.5)
+    assert checks["zero-divergence self-test"].status == "pass"
+    assert [(k["chunk_size"], k["alpha"]) for k in seen] == [(3, 0.5)]  # the run's chunking and divergence

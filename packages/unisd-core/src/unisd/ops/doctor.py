@@ -224,7 +224,7 @@ def check_zero_divergence(ctx: Context) -> Check:
     the teacher side through the teacher view, one unpadded row at a time. Dropout left on, padding
     leaking into real positions, or a teacher view that does not match the weights show up here.
     """
-    from ..divergence.losses import token_outputs
+    from ..divergence.chunked import chunked_token_outputs
     from ..model.models import apply_lora
     from ..model.scoring import completion_hidden, lm_head_weight, pack
     from ..model.teacher import default_teacher
@@ -246,9 +246,13 @@ def check_zero_divergence(ctx: Context) -> Check:
         for i, row in enumerate(rows):
             teacher_hidden[i, : row.shape[0]] = row.to(teacher_hidden.device)
         mask = packed.mask.to(student_hidden.device)
-        out = token_outputs(student_hidden, lm_head_weight(model), teacher_hidden, teacher.head_weight(),
-                            packed.targets.to(mask.device), mask, alpha=cfg.alpha,
-                            temperature=cfg.divergence_temperature)
+        # The loop's own divergence path (chunked over the vocabulary, compiled where it would be), not the
+        # float64 oracle: a preflight that passes must have exercised what training runs.
+        out = chunked_token_outputs(
+            student_hidden, lm_head_weight(model), teacher_hidden, teacher.head_weight(),
+            packed.targets.to(mask.device), mask, alpha=cfg.alpha, temperature=cfg.divergence_temperature,
+            chunk_size=cfg.divergence_chunk_size, compile=cfg.compile_divergence, gjsd_scale=cfg.gjsd_scale,
+        )
     values = out.divergence[mask > 0]
     dtype = next(model.parameters()).dtype
     tol = SELFTEST_TOL.get(dtype, HALF_TOL)
