@@ -232,3 +232,26 @@ def test_stop_term_is_minus_log_p_eos_where_the_reference_ends_and_the_rest_is_g
     assert w[2, : len(done[2])].eq(1).all()  # "GREEN" never reproduced the reference
     without = LeakGuard(make_options(LeakGuard, {}))
     assert "stop" not in without.extra_losses(scores(w), step_batch([EX], [w], [{}]))
+
+
+def test_lookahead_with_an_ema_teacher_between_forward_and_backward(tokenizer):
+    """An EMA teacher swaps its values into the LoRA parameters to generate; the backward after it must
+    neither fail (autograd version counters) nor change: the same gradient as without the lookahead."""
+    from unisd_components.ema import Ema
+
+    completions = [Completion(ids_of(tokenizer, "CLOUD TABLE"), False), Completion(ids_of(tokenizer, "46"), False)]
+
+    def ema_run(components):
+        ema = Ema(make_options(Ema, {"sync_steps": "1", "beta": "0.5"}))
+        run = lora_run(tokenizer, [ema, *components])
+        run.teacher = ema.teacher(run)
+        with torch.no_grad():  # an EMA copy that differs from the student, so a swap is visible
+            for value in ema.shadow.values():
+                value.mul_(0.5)
+        return run
+
+    comp = LeakGuard(make_options(LeakGuard, {"lookahead": "4", "stop_weight": "0"}))
+    _, looked = grads(ema_run([comp]), completions)
+    _, plain = grads(ema_run([]), completions)
+    assert plain.abs().sum() > 0
+    torch.testing.assert_close(looked, plain)

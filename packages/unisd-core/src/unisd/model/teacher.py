@@ -125,9 +125,16 @@ class SwappedWeightsTeacher:
     def swapped(self):
         """The swapped-in values written into the parameters, the student's restored afterwards.
 
-        Values are copied in place rather than swapped in with ``.data =``: a sharded (FSDP) parameter
-        is gathered from its own storage, so only values written into that storage reach the forward.
+        Unsharded parameters get the values swapped in with ``.data =`` and back: writing into them in
+        place would bump their autograd version counters, and a teacher used between the student's
+        forward and backward (leak-guard's lookahead generation) would then break the backward pass.
+        A sharded (FSDP) parameter is gathered from its own storage, so there the values are copied in
+        place: only values written into that storage reach the forward.
         """
+        if not sharding.is_sharded(self.model):
+            with self._pointer_swapped():
+                yield
+            return
         saved: dict[str, torch.Tensor] = {}
         sharding.reshard_all(self.model, blocks_only=True)  # whole (gathered) blocks would not see the values written below
         with torch.no_grad():
@@ -142,6 +149,17 @@ class SwappedWeightsTeacher:
                 for name, data in saved.items():
                     self.params[name].detach().copy_(data)
                 sharding.reshard_all(self.model, blocks_only=True)  # and none may keep the teacher's values
+
+    @contextlib.contextmanager
+    def _pointer_swapped(self):
+        saved = {name: p.data for name, p in self.params.items()}
+        try:
+            for name, p in self.params.items():
+                p.data = self.shadow[name].to(device=p.device, dtype=p.dtype)
+            yield
+        finally:
+            for name, data in saved.items():
+                self.params[name].data = data
 
     @torch.no_grad()
     def hidden(self, packed: Packed) -> torch.Tensor:
