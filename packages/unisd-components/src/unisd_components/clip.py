@@ -52,9 +52,7 @@ class Clip:
 
     def __init__(self, options: Options | None = None):
         self.options = options or self.Options()
-        self._step = -1
-        self._clipped = 0.0
-        self._tokens = 0.0
+        self._sums = stepstats.StepSums()  # the step's clipped and loss tokens
         self._cap: float | None = None
 
     @property
@@ -76,10 +74,7 @@ class Clip:
     def transform_divergence(self, div: torch.Tensor, batch: Any) -> torch.Tensor:
         mask = batch.step_masks[batch.micro_index].to(div.device) if batch.step_masks else torch.ones_like(div)
         cap = self.cap_for(batch)
-        if batch.step != self._step:  # statistics cover one optimiser step
-            self._step, self._clipped, self._tokens = batch.step, 0.0, 0.0
-        self._clipped += float(((div.detach() > cap) & (mask > 0)).sum())
-        self._tokens += float(mask.sum())
+        self._sums.add(batch.step, clipped=float(((div.detach() > cap) & (mask > 0)).sum()), tokens=float(mask.sum()))
         self._cap = cap
         return torch.clamp(div, max=cap)  # hard clamp: zero gradient where clipped
 
@@ -87,5 +82,5 @@ class Clip:
         """Fraction of the step's loss tokens that were clipped, and the step's cap."""
         if self._cap is None:
             return {}
-        fraction = self._clipped / max(self._tokens, 1.0)
+        fraction = self._sums["clipped"] / max(self._sums["tokens"], 1.0)
         return {"fraction": fraction, "cap": self._cap, "activity": fraction}

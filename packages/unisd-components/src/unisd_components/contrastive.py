@@ -25,6 +25,7 @@ from unisd import runtime
 from unisd.components import option, run_seed
 from unisd.data.prompts import DemonstrationText
 from unisd.data.tasks import Example, teacher_text_with
+from unisd.divergence.stepstats import StepSums
 from unisd.errors import UsageError
 
 from .negatives import choose_negative, default_cache_path, read_cache
@@ -60,8 +61,7 @@ class Contrastive:
         self.task: Any = None
         self.negatives: dict[str, str] = {}  # example id -> negative reference text
         self.missing: list[str] = []
-        self._step = -1
-        self._acc: dict[str, float] = {}
+        self._sums = StepSums()
 
     def setup(self, run: Any) -> None:
         """Attach one negative per example (meta first, then the cache); report examples without one."""
@@ -149,30 +149,25 @@ class Contrastive:
 
     def _record(self, batch: Any, mask: torch.Tensor, s: torch.Tensor, g: torch.Tensor, b: torch.Tensor,
                 c: torch.Tensor) -> None:
-        if batch.step != self._step:
-            self._step = batch.step
-            self._acc = dict.fromkeys(("tokens", "pos", "neg", "viol", "loss", "missing", "rows"), 0.0)
         on = mask > 0
-        self._acc["tokens"] += float(on.sum())
-        self._acc["pos"] += float((s - g).abs()[on].sum())
-        self._acc["neg"] += float((s - b).abs()[on].sum())
-        self._acc["viol"] += float((c[on] > 0).sum())
-        self._acc["loss"] += float(c[on].sum())
-        self._acc["missing"] += sum(ex.id not in self.negatives for ex in batch.examples)
-        self._acc["rows"] += len(batch.examples)
+        self._sums.add(
+            batch.step, tokens=float(on.sum()), pos=float((s - g).abs()[on].sum()), neg=float((s - b).abs()[on].sum()),
+            viol=float((c[on] > 0).sum()), loss=float(c[on].sum()),
+            missing=sum(ex.id not in self.negatives for ex in batch.examples), rows=len(batch.examples),
+        )
 
     def inert_reason(self, run: Any) -> str | None:
         return "contrastive.weight is 0, so the hinge adds nothing" if self.options.weight == 0 else None
 
     def metrics(self) -> dict[str, float]:
         """Positive/negative distances, violation rate and hinge mean over the step's tokens with a negative."""
-        if not self._acc:
+        if not self._sums.started:
             return {}
-        n = max(self._acc["tokens"], 1.0)
+        n = max(self._sums["tokens"], 1.0)
         return {
-            "pos_dist_mean": self._acc["pos"] / n, "neg_dist_mean": self._acc["neg"] / n,
-            "violation_rate": self._acc["viol"] / n, "loss": self._acc["loss"] / n,
+            "pos_dist_mean": self._sums["pos"] / n, "neg_dist_mean": self._sums["neg"] / n,
+            "violation_rate": self._sums["viol"] / n, "loss": self._sums["loss"] / n,
             # activity: the share of loss tokens whose hinge is active (and weighted)
-            "activity": self._acc["viol"] / n if self.options.weight > 0 else 0.0,
-            "missing": self._acc["missing"], "missing_fraction": self._acc["missing"] / max(self._acc["rows"], 1.0),
+            "activity": self._sums["viol"] / n if self.options.weight > 0 else 0.0,
+            "missing": self._sums["missing"], "missing_fraction": self._sums["missing"] / max(self._sums["rows"], 1.0),
         }

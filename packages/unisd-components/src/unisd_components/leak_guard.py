@@ -61,6 +61,7 @@ import torch
 from unisd import runtime
 from unisd.components import option
 from unisd.data.tasks import Example
+from unisd.divergence.stepstats import StepSums
 from unisd.errors import ConfigError
 from unisd.evaluation.leakage import MIN_TEMPLATE_WORDS, NGRAM, detect_leak, reference_end_offset, token_range
 from unisd.hookspecs import hookimpl
@@ -109,9 +110,7 @@ class LeakGuard:
         # The stop term needs the student's hidden states (its full next-token distribution at one position).
         self.needs_hidden = self.options.stop_weight > 0
         self._eos: list[int] = []
-        self._step = -1
-        self._completions = self._leaking = self._starts = self._finished = 0
-        self._tokens = self._guarded = 0.0
+        self._sums = StepSums()  # the step's completions, leaking/started/finished ones, tokens, guarded tokens
         self._ends: tuple[tuple[int, int], list[int | None]] | None = None  # (step, micro) -> reference ends
 
     def setup(self, run: Any) -> None:
@@ -192,31 +191,27 @@ class LeakGuard:
         return out
 
     def token_weights(self, scores: Any, batch: Any) -> torch.Tensor:
-        if batch.step != self._step:  # statistics cover one optimiser step
-            self._step, self._completions, self._leaking, self._starts, self._finished = batch.step, 0, 0, 0, 0
-            self._tokens = self._guarded = 0.0
         weights = torch.ones_like(scores.mask)  # [B, C]
         completions = [list(ids) for ids in batch.completions]
         guarded = [self.guarded_positions(ex, ids) for ex, ids in zip(batch.examples, completions, strict=True)]
-        self._leaking += sum(bool(positions) for positions in guarded)
+        leaking, starts, finished = sum(bool(positions) for positions in guarded), 0, 0
         if self.options.stop_weight > 0:
             for row, end in enumerate(self._reference_ends(batch)):
                 if end is not None:  # from the end of the reproduced reference on: guarded, and taught to stop
                     guarded[row] = sorted(set(guarded[row]) | set(range(end, len(completions[row]))))
-                    self._finished += 1
+                    finished += 1
         if self.options.lookahead:
             clean = [i for i, positions in enumerate(guarded) if not positions]
-            starts = self.teacher_would_leak([batch.examples[i] for i in clean], [completions[i] for i in clean])
-            for i, would in zip(clean, starts, strict=True):
+            verdicts = self.teacher_would_leak([batch.examples[i] for i in clean], [completions[i] for i in clean])
+            for i, would in zip(clean, verdicts, strict=True):
                 if would:  # the teacher would rather go on copying than stop: leave its EOS target alone
                     guarded[i] = [len(completions[i]) - 1]
-                    self._starts += 1
+                    starts += 1
         for row, positions in enumerate(guarded):
             if positions:
                 weights[row, positions] = self.options.weight
-        self._completions += len(batch.examples)
-        self._tokens += float(scores.mask.sum())
-        self._guarded += float(((weights < 1) & (scores.mask > 0)).sum())
+        self._sums.add(batch.step, completions=len(batch.examples), leaking=leaking, starts=starts, finished=finished,
+                       tokens=float(scores.mask.sum()), guarded=float(((weights < 1) & (scores.mask > 0)).sum()))
         return weights
 
     def extra_losses(self, scores: Any, batch: Any) -> dict[str, torch.Tensor]:
@@ -239,15 +234,16 @@ class LeakGuard:
     def metrics(self) -> dict[str, float]:
         """Share of the step's completions that leaked, of its loss tokens that were guarded, and (with
         ``lookahead``) of its clean completions' EOS guarded because the teacher would go on copying."""
-        if not self._completions:
+        completions = self._sums["completions"]
+        if not completions:
             return {}
-        guarded = self._guarded / max(self._tokens, 1.0)
-        out = {"leaking_fraction": self._leaking / self._completions, "guarded_fraction": guarded,
+        guarded = self._sums["guarded"] / max(self._sums["tokens"], 1.0)
+        out = {"leaking_fraction": self._sums["leaking"] / completions, "guarded_fraction": guarded,
                "activity": guarded}
         if self.options.lookahead:
-            out["teacher_start_fraction"] = self._starts / self._completions
+            out["teacher_start_fraction"] = self._sums["starts"] / completions
         if self.options.stop_weight > 0:
-            out["reference_end_fraction"] = self._finished / self._completions
+            out["reference_end_fraction"] = self._sums["finished"] / completions
         return out
 
 

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 
 from unisd.components import option
+from unisd.divergence.stepstats import StepSums
 
 
 def hidden_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
@@ -43,19 +44,14 @@ class Matching:
         self.options = options or self.Options()
         # repr replaces the divergence term: the loop multiplies it by every component's distill_weight.
         self.distill_weight = 0.0 if self.options.mode == "repr" else 1.0
-        self._step = -1
-        self._sum = 0.0
-        self._tokens = 0.0
+        self._sums = StepSums()  # the step's MSE sum and loss tokens
 
     def extra_losses(self, scores: Any, batch: Any) -> dict[str, torch.Tensor]:
         if scores.student_hidden is None or "main" not in scores.teacher_hidden:
             raise RuntimeError("matching needs hidden states; the loop provides them when needs_hidden is True")
         mse = hidden_mse(scores.student_hidden, scores.teacher_hidden["main"])  # [B, C]
         mask = scores.mask.to(mse.device)
-        if batch.step != self._step:
-            self._step, self._sum, self._tokens = batch.step, 0.0, 0.0
-        self._sum += float((mse.detach() * mask).sum())
-        self._tokens += float(mask.sum())
+        self._sums.add(batch.step, mse=float((mse.detach() * mask).sum()), tokens=float(mask.sum()))
         scale = 1.0 if self.options.mode == "repr" else self.options.weight
         return {"matching": scale * mse}
 
@@ -67,8 +63,8 @@ class Matching:
     def metrics(self) -> dict[str, float]:
         """Mean hidden-state MSE per loss token over the last step (before the weight), and ``activity``: the
         term's weighted contribution per token."""
-        if not self._tokens:
+        if not self._sums["tokens"]:
             return {}
-        loss = self._sum / self._tokens
+        loss = self._sums["mse"] / self._sums["tokens"]
         scale = 1.0 if self.options.mode == "repr" else self.options.weight
         return {"loss": loss, "activity": scale * loss}

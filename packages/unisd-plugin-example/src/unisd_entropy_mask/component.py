@@ -32,10 +32,8 @@ class EntropyMask:
 
     def __init__(self, options: Options | None = None):
         self.options = options or self.Options()
-        self._kept = 0.0
-        self._tokens = 0.0
+        self._sums = stepstats.StepSums()  # the step's kept and loss tokens
         self._threshold = 0.0
-        self._step = -1
 
     @property
     def needs_step_scores(self) -> bool:
@@ -57,15 +55,12 @@ class EntropyMask:
         mask = scores.mask.to(entropy.device) > 0
         threshold = self.threshold(batch)
         keep = (entropy >= threshold).to(entropy.dtype)
-        if batch.step != self._step:  # statistics cover one optimiser step
-            self._step, self._kept, self._tokens = batch.step, 0.0, 0.0
-        self._kept += float((keep > 0)[mask].sum())
-        self._tokens += float(mask.sum())
+        self._sums.add(batch.step, kept=float((keep > 0)[mask].sum()), tokens=float(mask.sum()))
         self._threshold = threshold
         return keep
 
     def metrics(self) -> dict[str, float]:
         """Fraction of loss tokens kept in the last step and its entropy threshold."""
-        if not self._tokens:
+        if not self._sums["tokens"]:
             return {}
-        return {"kept_fraction": self._kept / self._tokens, "threshold": self._threshold}
+        return {"kept_fraction": self._sums["kept"] / self._sums["tokens"], "threshold": self._threshold}

@@ -34,3 +34,30 @@ def quantile(values: torch.Tensor, q: float) -> float | None:
 def step_quantile(per_micro: list[torch.Tensor], masks: list[torch.Tensor], q: float) -> float | None:
     """The ``q`` quantile of the step's loss-token values (None when the step has no loss token)."""
     return quantile(loss_token_values(per_micro, masks), q)
+
+
+class StepSums:
+    """Named sums covering one optimiser step, for a component's ``metrics()``.
+
+    The loop calls a component's hooks once per micro-batch, and its metrics are logged once per
+    optimiser step: the first :meth:`add` of a new step starts every sum again at zero. An unknown name
+    reads 0.0; :attr:`started` says whether any step has been recorded yet.
+    """
+
+    def __init__(self) -> None:
+        self.step = -1
+        self._sums: dict[str, float] = {}
+
+    @property
+    def started(self) -> bool:
+        return self.step != -1
+
+    def add(self, step: int, **amounts: float) -> None:
+        """Add ``amounts`` to this step's sums (after resetting them if ``step`` is a new one)."""
+        if step != self.step:
+            self.step, self._sums = step, {}
+        for name, amount in amounts.items():
+            self._sums[name] = self._sums.get(name, 0.0) + float(amount)
+
+    def __getitem__(self, name: str) -> float:
+        return self._sums.get(name, 0.0)
