@@ -459,3 +459,15 @@ def test_a_setting_an_older_config_lacks_counts_as_its_default(tmp_path):
     changed.write_text(changed.read_text().replace('reference_control = "none"', 'reference_control = "shuffled"'))
     runs, baseline = collect([root])
     assert sorted(len(g.runs) for g in group_runs(runs, baseline) if not g.untrained) == [1, 1]  # a real difference
+
+
+def test_a_preset_name_does_not_split_runs_whose_resolved_settings_agree(tmp_path):
+    from unisd.ops.report import group_runs
+
+    root = tmp_path / "sweep"
+    for seed in (1, 2):
+        make_seed_run(root, "plain", seed)
+    named = root / "plain" / "demo" / "m-s1" / "config.toml"
+    named.write_text('preset = "unisd-star"\n' + named.read_text())  # started with --preset, same settings
+    runs, baseline = collect([root])
+    assert [len(g.runs) for g in group_runs(runs, baseline) if not g.untrained] == [2]

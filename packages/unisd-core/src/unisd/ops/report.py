@@ -50,7 +50,9 @@ SKIP_DIRS = {"checkpoints", "final", "eval", "jobs", "logs", ".cache"}
 # Failed attempts `unisd sweep` moved aside (NAME.partial-N, NAME.oom-N): the retry is the run.
 ASIDE = re.compile(r".+\.(partial|oom)-\d+")
 # Config keys that differ between the seeds of one experiment (or only say where it was written).
-NOT_IDENTITY = ("seed", "output")
+# The preset's name is left out too: config.toml records what it resolved to (every component option, the
+# run settings), so a run started with --preset and one with the same components spelled out are one method.
+NOT_IDENTITY = ("seed", "output", "preset")
 # after/…, in this order: first-line and strict accuracy, the student's leakage and overrun, then the teacher and the gap
 HELD_OUT = (
     "student_accuracy", "student_strict_accuracy", "leakage", "overrun", "teacher_accuracy", "privileged_gap", "gap_closed",
