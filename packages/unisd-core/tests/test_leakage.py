@@ -10,9 +10,10 @@ from unisd.evaluation.leakage import (
     detect_leak,
     leakage_flags,
     leakage_rate,
-    overrun_rate,
+    overrun_flags,
     overruns,
     reference_end_offset,
+    share,
     template_fragments,
     token_range,
 )
@@ -126,5 +127,6 @@ def test_reference_end_offset_and_the_overrun_share():
     assert reference_end_offset("Here it is:\n" + code + "\nDone.", code) == len("Here it is:\n" + code)
     assert reference_end_offset(code[:-3], code) is None  # the closing fence is part of the ending
     examples = [Example("a", "q", "CLOUD TABLE"), Example("b", "q", "46")]
-    assert overrun_rate(examples, ["CLOUD TABLE\n\nThis is", "46"]) == 0.5
-    assert overrun_rate([], []) == 0.0
+    assert overrun_flags(examples, ["CLOUD TABLE\n\nThis is", "46"]) == [True, False]
+    assert share(overrun_flags(examples, ["CLOUD TABLE\n\nThis is", "46"])) == 0.5
+    assert share(overrun_flags([], [])) == 0.0

@@ -151,18 +151,9 @@ class LeakGuard:
         end = reference_end_offset(self.tokenizer.decode(ids, skip_special_tokens=True), example.reference)
         if end is None:
             return None
-
-        def length(t: int) -> int:
-            return len(self.tokenizer.decode(ids[:t], skip_special_tokens=True))
-
-        lo, hi = 1, len(ids)  # the first t whose decoded prefix covers the tail's last character
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if length(mid) >= end:
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo if lo < len(ids) else None  # a tail that ends the completion leaves no position to stop at
+        # The tokens that cover the tail's last character end at the position where the answer is finished.
+        stop = token_range(lambda t: self.tokenizer.decode(ids[:t], skip_special_tokens=True), len(ids), end - 1, end).stop
+        return stop if stop < len(ids) else None  # a tail that ends the completion leaves no position to stop at
 
     def _reference_ends(self, batch: Any) -> list[int | None]:
         """:meth:`reference_end` of every completion of the micro-batch (computed once per micro-batch:
@@ -245,7 +236,6 @@ class LeakGuard:
         if self.options.stop_weight > 0:
             out["reference_end_fraction"] = self._sums["finished"] / completions
         return out
-
 
 
 @hookimpl

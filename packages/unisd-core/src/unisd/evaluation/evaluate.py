@@ -22,7 +22,7 @@ from ..data.tasks import Example, Score, Task
 from ..io import atomic
 from ..model.rollout import HFBackend, SamplingParams
 from ..parallel import distributed
-from .leakage import leakage_flags, leakage_rate, overrun_rate, overruns
+from .leakage import Leak, leakage_flags, leakage_rate, overrun_flags, share
 
 if TYPE_CHECKING:
     from ..run import Run
@@ -33,6 +33,8 @@ class EvalResult:
     metrics: dict[str, float]
     completions: list[str] = field(default_factory=list)
     scores: list[Score] = field(default_factory=list)
+    leaks: list[Leak] = field(default_factory=list)  # per completion: the leakage verdict
+    overruns: list[bool] = field(default_factory=list)  # per completion: goes on after a finished answer
 
 
 def generate_texts(model: Any, tokenizer: Any, user_texts: list[str], max_new_tokens: int, batch_size: int = 16,
@@ -89,10 +91,11 @@ def evaluate(
 
 
 def _result(task: Task, examples: list[Example], completions: list[str], scores: list[Score]) -> EvalResult:
+    leaks, overruns = leakage_flags(examples, completions, task), overrun_flags(examples, completions)
     metrics = dict(task.aggregate(scores))
-    metrics["leakage"] = leakage_rate(leakage_flags(examples, completions, task))
-    metrics["overrun"] = overrun_rate(examples, completions)
-    return EvalResult(metrics, completions, scores)
+    metrics["leakage"] = leakage_rate(leaks)
+    metrics["overrun"] = share(overruns)
+    return EvalResult(metrics, completions, scores, leaks, overruns)
 
 
 def privileged_gap(run: Run, task: Task, limit: int | None, predictions: Path | None = None) -> dict[str, float]:
@@ -109,7 +112,7 @@ def privileged_gap(run: Run, task: Task, limit: int | None, predictions: Path | 
         teacher_result = evaluate(teacher_model, run.tokenizer, task, examples, max_new, with_reference=True,
                                   split_over_processes=True)
     if predictions is not None:
-        write_predictions(predictions, task, examples, student_result, teacher_result)
+        write_predictions(predictions, examples, student_result, teacher_result)
     student, teacher = student_result.metrics, teacher_result.metrics
     gap = {
         "student_accuracy": student["accuracy"],
@@ -125,17 +128,15 @@ def privileged_gap(run: Run, task: Task, limit: int | None, predictions: Path | 
     return gap
 
 
-def write_predictions(path: Path, task: Task, examples: list[Example], student: EvalResult, teacher: EvalResult) -> None:
+def write_predictions(path: Path, examples: list[Example], student: EvalResult, teacher: EvalResult) -> None:
     """One JSON line per item: its prompt and reference, then the student's and the teacher's completion,
-    score, leak verdict and overrun."""
+    score, leak verdict and overrun (the verdicts the metrics were computed from)."""
     rows = []
-    student_leaks = leakage_flags(examples, student.completions, task)
-    teacher_leaks = leakage_flags(examples, teacher.completions, task)
     for i, ex in enumerate(examples):
         row: dict[str, Any] = {"id": ex.id, "prompt": ex.prompt, "reference": ex.reference}
-        for who, result, leaks in (("student", student, student_leaks), ("teacher", teacher, teacher_leaks)):
+        for who, result in (("student", student), ("teacher", teacher)):
             row[who] = {"completion": result.completions[i], "value": result.scores[i].value,
-                        "verdict": result.scores[i].verdict, "leak": leaks[i].reason or None,
-                        "overrun": overruns(result.completions[i], ex.reference)}
+                        "verdict": result.scores[i].verdict, "leak": result.leaks[i].reason or None,
+                        "overrun": result.overruns[i]}
         rows.append(json.dumps(row, ensure_ascii=False))
     atomic.write_text(path, "\n".join(rows) + "\n")

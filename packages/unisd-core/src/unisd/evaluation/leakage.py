@@ -173,9 +173,14 @@ def leakage_flags(
     return [detect_leak(c, ex, task, **options) for ex, c in zip(examples, completions, strict=True)]
 
 
+def share(flags: Sequence[bool]) -> float:
+    """The share of true flags (0.0 for none)."""
+    return sum(flags) / len(flags) if flags else 0.0
+
+
 def leakage_rate(leaks: Sequence[Leak]) -> float:
     """The share of completions that leak (0.0 for none)."""
-    return sum(leak.leaked for leak in leaks) / len(leaks) if leaks else 0.0
+    return share([leak.leaked for leak in leaks])
 
 
 def count_leaks(tokenizer: Any, task: Task | None, examples: Sequence[Example], completion_ids: Sequence[Sequence[int]]) -> int:
@@ -242,7 +247,6 @@ def overruns(completion: str, reference: str) -> bool:
     return end is not None and bool(completion[end:].strip())
 
 
-def overrun_rate(examples: Sequence[Example], completions: Sequence[str]) -> float:
-    """The share of completions that go on after reproducing their reference's ending (0.0 for none)."""
-    flags = [overruns(c, ex.reference) for ex, c in zip(examples, completions, strict=True)]
-    return sum(flags) / len(flags) if flags else 0.0
+def overrun_flags(examples: Sequence[Example], completions: Sequence[str]) -> list[bool]:
+    """:func:`overruns` for each (example, completion) pair."""
+    return [overruns(c, ex.reference) for ex, c in zip(examples, completions, strict=True)]
