@@ -76,3 +76,16 @@ def test_gpu_script_runs_every_check_at_toy_shapes(tmp_path):
     assert written == ["checks.log", "divergence-lora-eager.json", "divergence-lora.json", "divergence.json", "step.json"]
     log = (tmp_path / "checks.log").read_text()
     assert log.count("memory_ratio=") == 3 and "context_memory_increase_mib=" in log and "!!" not in log
+
+
+def test_scaling_benchmark_reports_startup_and_step_overhead_per_size(tmp_path):
+    from unisd.testing import make_tiny_model_dir
+
+    model = make_tiny_model_dir(tmp_path / "model")
+    out = _run(["bench/scaling.py", "--sizes", "20,200", "--model", str(model), "--draws", "2", "--repeats", "1",
+                "--work", str(tmp_path / "work"), "--json", str(tmp_path / "sc.json")], tmp_path)
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"startup_1m_over_1k=[\d.e+-]+ step_overhead_1m_s=[\d.e+-]+", last), last
+    data = json.loads((tmp_path / "sc.json").read_text())
+    assert [row["prompts"] for row in data["rows"]] == [20, 200]
+    assert all(row["examples"] == row["prompts"] for row in data["rows"])  # every short prompt kept

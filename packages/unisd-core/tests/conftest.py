@@ -7,6 +7,18 @@ from unisd.testing import make_tiny_model_dir, toy_records, write_jsonl
 
 
 @pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("unisd-cache")
+
+
+@pytest.fixture(autouse=True)
+def private_cache(session_cache, monkeypatch) -> Path:
+    """Caches (data-file indexes, ...) go to a folder of this test session, never the user's."""
+    monkeypatch.setenv("UNISD_CACHE_DIR", str(session_cache))
+    return session_cache
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), arch="llama")
 

@@ -30,7 +30,7 @@ from typing import Any
 from unisd.data.prompts import render_like, strip_fence
 from unisd.data.tasks import Example
 from unisd.errors import DataError
-from unisd.model.models import cache_dir
+from unisd.io.cachedir import cache_dir
 
 from .contexts.fewshot import family_of
 

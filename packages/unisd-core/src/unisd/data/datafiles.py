@@ -81,6 +81,12 @@ def with_system_prompt(examples: list[Example], system_prompt: str | None) -> li
     return [e if e.system else replace(e, system=system_prompt) for e in examples]
 
 
+def is_jsonl_file(source: str | Path) -> bool:
+    """Whether ``source`` is a local file read as JSON lines (``.jsonl``, or any name not another format)."""
+    path = Path(str(source)).expanduser()
+    return path.is_file() and path.suffix.lower() not in (".csv", ".parquet", ".json")
+
+
 def looks_like_hub_id(text: str) -> bool:
     suffix = Path(text.split(":", 1)[0]).suffix.lower()
     return bool(HUB_ID.match(text)) and suffix not in FILE_FORMATS and not text.startswith((".", "~"))
@@ -203,7 +209,7 @@ def to_examples(records: Iterable[tuple[str, dict[str, Any]]], columns: Columns,
     for index, (where, record) in enumerate(records, start=1):
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected an object ({columns.expected}), got {type(record).__name__}")
-        example = _example(where, index, record, columns)
+        example = example_from_record(where, index, record, columns)
         if example.id in seen:
             raise DataError(f"{where}: duplicate id {example.id!r}; ids must be unique")
         seen.add(example.id)
@@ -213,7 +219,9 @@ def to_examples(records: Iterable[tuple[str, dict[str, Any]]], columns: Columns,
     return examples
 
 
-def _example(where: str, index: int, record: dict[str, Any], columns: Columns) -> Example:
+def example_from_record(where: str, index: int, record: dict[str, Any], columns: Columns) -> Example:
+    """One record as a checked :class:`Example`; ``where`` names it in errors, ``index`` is its default id
+    when ``where`` does not end in a line number."""
     system = None
     if columns.prompt not in record and columns.messages in record:
         prompt, answer, system = _from_messages(where, record[columns.messages], columns)

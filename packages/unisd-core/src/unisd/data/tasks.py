@@ -111,13 +111,17 @@ def iter_jsonl(path: str | Path, expected: str) -> Iterator[tuple[str, dict[str,
 
 
 def _utf8_lines(raw_lines: Iterable[bytes], label: str) -> Iterator[str]:
-    """Decode each line as UTF-8; bytes that are not UTF-8 are a DataError naming the line and column."""
     for lineno, raw in enumerate(raw_lines, start=1):
-        try:
-            yield raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{label}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} "
-                            "of the line); save the file as UTF-8") from None
+        yield utf8_line(raw, f"{label}:{lineno}")
+
+
+def utf8_line(raw: bytes, where: str) -> str:
+    """One line decoded as UTF-8; bytes that are not UTF-8 are a DataError naming the line and column."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} "
+                        "of the line); save the file as UTF-8") from None
 
 
 def iter_jsonl_lines(lines: Iterable[str], label: str, expected: str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -126,15 +130,20 @@ def iter_jsonl_lines(lines: Iterable[str], label: str, expected: str) -> Iterato
         if not line.strip():
             continue
         where = f"{label}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not valid JSON ({exc.msg}); each line must be one JSON object, {expected}") from None
-        except RecursionError:
-            raise DataError(f"{where}: JSON nested too deeply to read; each line must be one JSON object, {expected}") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object ({expected}), got {type(record).__name__}")
-        yield where, record
+        yield where, parse_json_line(line, where, expected)
+
+
+def parse_json_line(line: str, where: str, expected: str) -> dict[str, Any]:
+    """One line of a JSON-lines file as an object; anything else is a DataError naming ``where``."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc.msg}); each line must be one JSON object, {expected}") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to read; each line must be one JSON object, {expected}") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object ({expected}), got {type(record).__name__}")
+    return record
 
 
 def check_encodable(text: str, where: str) -> None:

@@ -7,7 +7,10 @@ in a log (``unisd train ... > train.log``), a plain line every ``log_every`` ste
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 LINES_PER_RUN = 20  # the plain-line cadence when log_every is 0 (auto)
 
@@ -26,6 +29,10 @@ class Reporter:
 
     def stop(self) -> None:
         pass
+
+    def track(self, items: Iterable[T], total: int, label: str) -> Iterable[T]:
+        """``items``, shown as a progress bar (``label``) where the reporter can show one."""
+        return items
 
 
 def step_line(record: dict[str, Any], total: int) -> str:
@@ -123,6 +130,15 @@ class RichReporter(Reporter):
             self.console.print(step_line(record, self.total), highlight=False, soft_wrap=True)
         if evaluation:
             self.console.print(evaluation, highlight=False, soft_wrap=True)
+
+    def track(self, items: Iterable[T], total: int, label: str) -> Iterable[T]:
+        """A bar on a terminal (long set-up work: measuring a large data file's prompts); a line elsewhere."""
+        if not self.console.is_terminal:
+            self.console.print(f"{label}...", highlight=False, soft_wrap=True)
+            return items
+        from rich.progress import track
+
+        return track(items, total=total, description=label, console=self.console, transient=True)
 
     def stop(self) -> None:
         if self.progress is not None:

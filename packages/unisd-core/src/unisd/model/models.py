@@ -16,6 +16,7 @@ import torch
 
 from ..config import DTYPE_CHOICES
 from ..errors import UsageError
+from ..io.cachedir import cache_dir
 
 # Names for the bundled copy. The hub id is deliberately not one: a user who asks for the hub model gets
 # the hub's weights, not our dequantised 4-bit GGUF.
@@ -23,15 +24,6 @@ SMOLLM2_ALIASES = {"smollm2", "smollm2-135m-instruct"}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PHI_LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
-
-
-def cache_dir() -> Path:
-    """Where unisd keeps converted models and caches: $UNISD_CACHE_DIR, else ~/.cache/unisd."""
-    env = os.environ.get("UNISD_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(base) / "unisd"
 
 
 def resolve_model(model: str, progress: Any = None) -> str:

@@ -9,7 +9,7 @@ loop will do.
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ from ..data.prompts import budget_teacher_prompt, encode, render_chat
 from ..data.tasks import Example, Task, teacher_text_with
 from ..errors import UnisdError
 from ..plugins import UnisdPluginManager
+from ..run import Budgets
 from .memory import GIB, estimate_step_memory, free_memory
 
 BUDGET_SAMPLE = 200  # the longest examples whose teacher prompts are tokenised
@@ -44,32 +45,20 @@ class Check:
 
 
 @dataclass
-class Context:
-    """What the checks share: the config, tokenizer, model, examples and the task (if any)."""
+class Context(Budgets):
+    """What the checks share: the config, tokenizer, model, examples and the task (if any); the budgets
+    and pad id are the run's own (:class:`unisd.run.Budgets`)."""
 
     config: RunConfig
     pm: UnisdPluginManager
     tokenizer: Any = None
     model: Any = None
     task: Task | None = None
-    examples: list[Example] = field(default_factory=list)
+    examples: Sequence[Example] = field(default_factory=list)
     from_data: bool = False  # the examples are the user's (else the fallback pair)
-
-    @property
-    def max_new_tokens(self) -> int:
-        return self.config.completion_budget(self.task)
-
-    @property
-    def teacher_budget(self) -> int:
-        return self.config.teacher_budget(self.task)
 
     def teacher_builder(self, ex: Example) -> Callable[[str], str]:
         return lambda ref: teacher_text_with(self.task, ex, ref)
-
-    @property
-    def pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return int(pad if pad is not None else self.tokenizer.eos_token_id)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,136 @@
+"""How a run's cost grows with the data: start-up time and per-step data overhead at 1k / 100k / 1M prompts.
+
+    python bench/scaling.py                            # 1k, 100k and 1M prompts, SmolLM2's tokenizer
+    python bench/scaling.py --sizes 1000,100000        # fewer sizes
+    python bench/scaling.py --model PATH --json out.json
+
+For each size a ``--data`` JSONL file of short arithmetic prompts is written once (under ``--work``), then
+fresh processes each build the run as ``unisd train`` does (``build_run``: the data, the tokenizer,
+the model, the ``max_prompt_tokens`` filter) and draw ``--draws`` batches from the data stream,
+tokenising each drawn example's student and teacher prompts as a step does:
+
+* ``cold``: a first start on the file (a private, empty cache directory): the file is indexed and every
+  prompt measured once;
+* ``warm``: the median of ``--repeats`` later starts, which read both from the cache.
+
+Reported per size: cold and warm start-up seconds (process start to the run built, imports included,
+the first epoch's shuffle included) and the data overhead of one step in milliseconds (the median
+batch of draws and tokenisation, after the first). The last line reads
+``startup_1m_over_1k=<warm start-up at the largest size / at the smallest> step_overhead_1m_s=<seconds
+per step at the largest size>`` (the issue's targets: ≤ 2 and ≤ 0.010).
+
+Not measured yet (issue 17, later parts): K agreement contexts, G rollouts per prompt, data parallelism.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CHILD = r"""
+import json, os, sys, time
+t0 = time.perf_counter()
+from unisd.config import RunConfig
+from unisd.io.reporting import Reporter
+from unisd.plugins import get_plugin_manager
+from unisd.run import DataStream, build_run
+
+args = json.loads(sys.argv[1])
+cfg = RunConfig(model=args["model"], data=args["data"], batch_size=args["batch"], max_prompt_tokens=256, lora=True)
+run = build_run(cfg, get_plugin_manager(), Reporter(), None)
+stream = DataStream(run.examples, cfg.seed)
+stream.take(1)  # the first epoch's permutation: part of start-up
+startup = time.perf_counter() - START
+steps = []
+for _ in range(args["draws"]):
+    t = time.perf_counter()
+    for ex in stream.take(args["batch"]):
+        run.student_ids(ex)
+        run.teacher_ids(ex)
+    steps.append(time.perf_counter() - t)
+print(json.dumps({"startup_s": startup, "step_s": sorted(steps)[len(steps) // 2], "examples": len(run.examples)}))
+"""
+
+
+def write_prompts(path: Path, n: int) -> None:
+    """``n`` short arithmetic prompts with their answers, the demo's kind of record."""
+    if path.exists() and path.stat().st_size > 0:
+        return
+    rng = random.Random(n)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for i in range(n):
+            a, b = rng.randint(1, 999), rng.randint(1, 999)
+            fh.write(json.dumps({"id": f"q{i}", "prompt": f"What is {a} + {b}? Reply with only the number.",
+                                 "reference": str(a + b)}) + "\n")
+    tmp.replace(path)
+
+
+def private_cache(work: Path) -> Path:
+    """An empty cache directory for the data index, sharing the user's converted models: a cold start
+    measures the data, not the one-time conversion of the bundled model."""
+    from unisd.io.cachedir import cache_dir
+
+    cache = Path(tempfile.mkdtemp(prefix="cache-", dir=work))
+    if (cache_dir() / "models").is_dir():
+        (cache / "models").symlink_to(cache_dir() / "models")
+    return cache
+
+
+def start_once(args, data: Path, cache: Path) -> dict:
+    env = {**os.environ, "UNISD_CACHE_DIR": str(cache)}
+    payload = json.dumps({"model": args.model, "data": str(data), "batch": args.batch_size, "draws": args.draws})
+    code = "import time\nSTART = time.perf_counter()\n" + CHILD  # the clock starts at the child's first line
+    out = subprocess.run([sys.executable, "-c", code, payload], env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"the run failed at {data.name}:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1000,100000,1000000", help="numbers of prompts, comma-separated")
+    ap.add_argument("--model", default="smollm2", help="model whose tokenizer and weights are loaded")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--draws", type=int, default=50, help="batches drawn after start-up")
+    ap.add_argument("--repeats", type=int, default=3, help="warm starts per size")
+    ap.add_argument("--work", default=None, help="where the data files go (default: a temporary folder)")
+    ap.add_argument("--json", default=None, help="also write every number as JSON here")
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    work = Path(args.work or tempfile.mkdtemp(prefix="unisd-scaling-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    print(f"{'prompts':>9} {'cold start s':>13} {'warm start s':>13} {'step data ms':>13}")
+    for n in sizes:
+        data = work / f"prompts-{n}.jsonl"
+        write_prompts(data, n)
+        cache = private_cache(work)
+        cold = start_once(args, data, cache)
+        warm = [start_once(args, data, cache) for _ in range(args.repeats)]
+        row = {"prompts": n, "cold_startup_s": cold["startup_s"],
+               "warm_startup_s": statistics.median(w["startup_s"] for w in warm),
+               "step_overhead_s": statistics.median(w["step_s"] for w in warm), "examples": warm[0]["examples"]}
+        rows.append(row)
+        print(f"{n:>9} {row['cold_startup_s']:>13.2f} {row['warm_startup_s']:>13.2f} {row['step_overhead_s'] * 1e3:>13.2f}")
+    first, last = rows[0], rows[-1]
+    summary = {"startup_1m_over_1k": last["warm_startup_s"] / first["warm_startup_s"],
+               "step_overhead_1m_s": last["step_overhead_s"]}
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} cores",
+            "model": args.model, "batch_size": args.batch_size, "rows": rows, **summary}, indent=2))
+    print(" ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+
+
+if __name__ == "__main__":
+    main()
