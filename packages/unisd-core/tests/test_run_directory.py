@@ -206,3 +206,13 @@ def test_leftovers_of_interrupted_saves_are_removed_or_put_back(tmp_path):
     assert (ckpts / "step-2" / "file").read_text() == "step-2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "config.toml"]
     assert len(notes) == 4
+
+
+def test_a_directory_holding_only_the_sweeps_job_file_trains(tiny_llama, toy_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "sweep_job.json").write_text('{"method": "plain", "seed": 1}')  # `unisd sweep` writes it first
+    app = make_app(get_plugin_manager(load_entry_points=False))
+    result = CliRunner().invoke(app, train_args(tiny_llama, toy_data, out, steps=1))
+    assert result.exit_code == 0, result.output
+    assert (out / "final").is_dir() and json.loads((out / "sweep_job.json").read_text())["method"] == "plain"

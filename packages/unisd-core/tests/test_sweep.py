@@ -303,6 +303,7 @@ if "unisd.ops.prepare" in args:
 out = pathlib.Path(args[args.index("--output") + 1])
 if "--config" in args:
     cfg = tomllib.loads(pathlib.Path(args[args.index("--config") + 1]).read_text())
+    job_info_at_start = (out / "sweep_job.json").is_file()
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text("")
     if mode == "oom" and cfg["batch_size"] > 2:
@@ -317,6 +318,7 @@ if "--config" in args:
     (out / "final").mkdir()
     (out / "checkpoints" / "step-1").mkdir(parents=True)
     (out / "final" / "batch").write_text(f"{cfg['batch_size']} {cfg['grad_accum']} {os.environ['CUDA_VISIBLE_DEVICES']!r}")
+    (out / "final" / "job_info_at_start").write_text(str(job_info_at_start))
 else:  # eval
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text('{"accuracy": 0.5}')
@@ -358,6 +360,7 @@ def test_fake_sweep_runs_then_skips_everything(tmp_path, monkeypatch):
     final = root / "plain" / "toy" / "alpha0.0" / "model" / "final"
     assert (final / "batch").read_text() == "4 2 ''"  # CPU slot: no GPU visible
     assert json.loads((final.parent / "sweep_job.json").read_text())["hparams"] == {"alpha": 0.0}
+    assert (final / "job_info_at_start").read_text() == "True"  # a running job already says what it is
     assert (root / "jobs" / "plain" / "toy" / "alpha0.0" / "model.toml").is_file()
     state = json.loads((root / "sweep_state.json").read_text())
     assert state["status"] == "finished"

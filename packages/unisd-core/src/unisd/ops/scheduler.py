@@ -244,6 +244,8 @@ class SweepRunner:
             os.replace(run_dir, aside)
             self.echo(f"[note] {run_dir} had no checkpoint to resume from; moved it to {aside}")
         atomic.write_text(job.config_path, dump_config(job.config))
+        # Written before training starts, so `unisd report` groups a running job with its method's other seeds.
+        _write_job_info(job)
         job.argv = train_argv(job)
 
     def _finish(self, r: _Running) -> None:
