@@ -377,6 +377,34 @@ def test_compiled_matches_fp64_oracle(alpha, frozen_head):
     assert rel(logp, ref.teacher_logp) <= 1e-5
 
 
+class Uncompiled(dict):
+    """Stands in for chunk_math's table of compiled functions: each name runs its plain function."""
+
+    def __contains__(self, name):
+        return True
+
+    def __getitem__(self, name):
+        return chunk_math._PLAIN[name]
+
+
+@pytest.mark.parametrize(("alpha", "frozen_head", "with_logp"),
+                         [(0.0, False, True), (0.5, False, True), (1.0, False, True), (0.5, True, False),
+                          (0.5, True, True), (0.3, True, False)])
+def test_the_kernels_math_and_the_eager_path_agree_in_float64(monkeypatch, alpha, frozen_head, with_logp):
+    """The two implementations of one formula (docs/architecture.md): chunk_math's functions, run
+    uncompiled, against the in-place eager path, in float64 where only the formulas can differ."""
+    case = make_case(torch.float64, seed=14)
+    divergence_only = (lambda out: (out.divergence * case["w_div"].double()).sum() / 20) if not with_logp else None
+    kwargs = dict(chunk_size=7, frozen_head=frozen_head, loss_fn=divergence_only)
+    eager = run(chunked_token_outputs, case, alpha, 0.7, compile="off", **kwargs)
+    monkeypatch.setattr(chunk_math, "_COMPILED", Uncompiled())
+    kernels = run(chunked_token_outputs, case, alpha, 0.7, compile="on", **kwargs)
+    for a, b in zip(eager[1:], kernels[1:], strict=True):
+        assert (a is None and b is None) or rel(a, b) <= 1e-12
+    for name in ("divergence", "student_logp", "entropy", "teacher_logp"):
+        assert rel(getattr(eager[0], name), getattr(kernels[0], name)) <= 1e-12, name
+
+
 class EveryName(dict):
     """Stands in for chunk_math's table of compiled functions: the same function under every name."""
 
