@@ -19,7 +19,12 @@ batch of draws and tokenisation, after the first). The last line reads
 ``startup_1m_over_1k=<warm start-up at the largest size / at the smallest> step_overhead_1m_s=<seconds
 per step at the largest size>`` (the issue's targets: ≤ 2 and ≤ 0.010).
 
-Not measured yet (issue 17, later parts): K agreement contexts, G rollouts per prompt, data parallelism.
+Part ``g``: the teacher + student time of one ``distill_step`` per completion with G = 1, 4 and 8
+completions per prompt (``--num-generations``: each prompt runs once for its G completions), on
+``--g-batch`` completions of the demo task with fixed sampled completions, the median of ``--g-repeats``.
+The last line adds ``g8_per_completion_speedup=<time per completion at G = 1 / at G = 8>`` (target ≥ 2).
+
+Not measured yet (issue 17, later parts): K agreement contexts, data parallelism.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 CHILD = r"""
@@ -96,6 +102,34 @@ def start_once(args, data: Path, cache: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def g_part(args) -> dict[int, float]:
+    """Teacher + student seconds per completion of one distill_step at G = 1, 4, 8 (interleaved)."""
+    from unisd.config import RunConfig
+    from unisd.io.reporting import Reporter
+    from unisd.model.rollout import HFBackend, SamplingParams
+    from unisd.plugins import get_plugin_manager
+    from unisd.run import DataStream, build_run
+    from unisd.step import distill_step
+
+    b = args.g_batch
+    cfg = RunConfig(model=args.model, task="demo", batch_size=b, grad_accum=1, num_generations=b, lora_r=16,
+                    lora_alpha=32, max_new_tokens=12, seed=1)
+    run = build_run(cfg, get_plugin_manager(), Reporter(), None)
+    backend, stream = HFBackend(run.model, run.tokenizer, batch_size=b), DataStream(run.examples, 1)
+    sampling = SamplingParams(temperature=0.7, max_new_tokens=12)
+    times: dict[int, list[float]] = {g: [] for g in (1, 4, 8) if b % g == 0}
+    for repeat in range(args.g_repeats + 1):  # the first round warms up
+        for g in times:
+            examples = [ex for ex in stream.take(b // g) for _ in range(g)]
+            completions = backend.generate([run.student_ids(e) for e in examples], sampling)
+            start = time.perf_counter()
+            distill_step(run, examples, completions)
+            run.model.zero_grad(set_to_none=True)
+            if repeat:
+                times[g].append((time.perf_counter() - start) / b)
+    return {g: statistics.median(v) for g, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1000,100000,1000000", help="numbers of prompts, comma-separated")
@@ -105,30 +139,45 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="warm starts per size")
     ap.add_argument("--work", default=None, help="where the data files go (default: a temporary folder)")
     ap.add_argument("--json", default=None, help="also write every number as JSON here")
+    ap.add_argument("--parts", default="data,g", help="data (start-up by data size), g (completions per prompt)")
+    ap.add_argument("--g-batch", type=int, default=8, help="completions per step in part g")
+    ap.add_argument("--g-repeats", type=int, default=3)
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     sizes = [int(s) for s in args.sizes.split(",")]
     work = Path(args.work or tempfile.mkdtemp(prefix="unisd-scaling-"))
     work.mkdir(parents=True, exist_ok=True)
-    rows = []
-    print(f"{'prompts':>9} {'cold start s':>13} {'warm start s':>13} {'step data ms':>13}")
-    for n in sizes:
-        data = work / f"prompts-{n}.jsonl"
-        write_prompts(data, n)
-        cache = private_cache(work)
-        cold = start_once(args, data, cache)
-        warm = [start_once(args, data, cache) for _ in range(args.repeats)]
-        row = {"prompts": n, "cold_startup_s": cold["startup_s"],
-               "warm_startup_s": statistics.median(w["startup_s"] for w in warm),
-               "step_overhead_s": statistics.median(w["step_s"] for w in warm), "examples": warm[0]["examples"]}
-        rows.append(row)
-        print(f"{n:>9} {row['cold_startup_s']:>13.2f} {row['warm_startup_s']:>13.2f} {row['step_overhead_s'] * 1e3:>13.2f}")
-    first, last = rows[0], rows[-1]
-    summary = {"startup_1m_over_1k": last["warm_startup_s"] / first["warm_startup_s"],
-               "step_overhead_1m_s": last["step_overhead_s"]}
+    rows: list[dict] = []
+    summary: dict[str, float] = {}
+    if "data" in parts:
+        print(f"{'prompts':>9} {'cold start s':>13} {'warm start s':>13} {'step data ms':>13}")
+        for n in sizes:
+            data = work / f"prompts-{n}.jsonl"
+            write_prompts(data, n)
+            cache = private_cache(work)
+            cold = start_once(args, data, cache)
+            warm = [start_once(args, data, cache) for _ in range(args.repeats)]
+            row = {"prompts": n, "cold_startup_s": cold["startup_s"],
+                   "warm_startup_s": statistics.median(w["startup_s"] for w in warm),
+                   "step_overhead_s": statistics.median(w["step_s"] for w in warm), "examples": warm[0]["examples"]}
+            rows.append(row)
+            print(f"{n:>9} {row['cold_startup_s']:>13.2f} {row['warm_startup_s']:>13.2f} "
+                  f"{row['step_overhead_s'] * 1e3:>13.2f}")
+        summary["startup_1m_over_1k"] = rows[-1]["warm_startup_s"] / rows[0]["warm_startup_s"]
+        summary["step_overhead_1m_s"] = rows[-1]["step_overhead_s"]
+    per_completion: dict[int, float] = {}
+    if "g" in parts:
+        per_completion = g_part(args)
+        print(f"{'G':>3} {'teacher+student s per completion':>34}")
+        for g, seconds in per_completion.items():
+            print(f"{g:>3} {seconds:>34.3f}")
+        if 8 in per_completion:
+            summary["g8_per_completion_speedup"] = per_completion[1] / per_completion[8]
     if args.json:
         Path(args.json).write_text(json.dumps({
             "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} cores",
-            "model": args.model, "batch_size": args.batch_size, "rows": rows, **summary}, indent=2))
+            "model": args.model, "batch_size": args.batch_size, "rows": rows,
+            "g_per_completion_s": per_completion, **summary}, indent=2))
     print(" ".join(f"{k}={v:.4g}" for k, v in summary.items()))
 
 

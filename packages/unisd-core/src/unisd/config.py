@@ -45,6 +45,9 @@ class RunConfig:
     steps: int = 100
     batch_size: int = 4
     grad_accum: int = 4
+    # Completions sampled per prompt: a step draws batch_size × grad_accum / G prompts and G completions of
+    # each; the teacher runs each prompt once for all of its completions (model.scoring.shared_prompt_hidden).
+    num_generations: int = 1
     lr: float = 2e-5
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -111,6 +114,10 @@ class RunConfig:
             (self.steps >= 1, "--steps must be ≥ 1"),
             (self.batch_size >= 1, "--batch-size must be ≥ 1"),
             (self.grad_accum >= 1, "--grad-accum must be ≥ 1"),
+            (self.num_generations >= 1, "--num-generations must be ≥ 1"),
+            (self.num_generations < 1 or (self.batch_size * self.grad_accum) % self.num_generations == 0,
+             f"--num-generations {self.num_generations} must divide the completions of a step, batch_size × "
+             f"grad_accum = {self.batch_size * self.grad_accum}: each prompt's completions come from one step"),
             # comparisons with NaN are false, so NaN fails each check below; inf needs isfinite
             (math.isfinite(self.lr) and self.lr > 0, f"--lr must be a finite number > 0, got {self.lr}"),
             (0 <= self.alpha <= 1, "alpha must be in [0, 1] (0 = forward KL, 1 = reverse KL)"),

@@ -281,9 +281,12 @@ def _watch_activity(s: Session) -> None:
 
 
 def _take(s: Session) -> list[Example]:
-    """This process's share of the step's global batch (the same global batch whatever the process count)."""
+    """This process's share of the step's global batch (the same global batch whatever the process count):
+    its prompts, each repeated ``num_generations`` times in a row (one completion is sampled per row)."""
     cfg, env = s.config, s.env
-    return distributed.shard(s.stream.take(cfg.batch_size * cfg.grad_accum * env.world_size), env)
+    g = cfg.num_generations
+    prompts = distributed.shard(s.stream.take(cfg.batch_size * cfg.grad_accum * env.world_size // g), env)
+    return [ex for ex in prompts for _ in range(g)]
 
 
 def _optimiser_step(s: Session, stats: dict[str, float]) -> StepUpdate:

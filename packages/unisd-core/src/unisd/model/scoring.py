@@ -8,6 +8,7 @@ ourselves in float32: no [B, L, V] logits tensor is ever built for the prompt pa
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,8 +58,16 @@ def decoder_of(model: Any) -> Any:
     return decoder if decoder is not None and decoder is not inner else None
 
 
-def completion_hidden(model: Any, packed: Packed) -> torch.Tensor:
-    """Final (post-norm) hidden states at the completion-predicting positions: ``[B, C, H]``."""
+def completion_hidden(model: Any, packed: Packed, share_prompts: bool = False) -> torch.Tensor:
+    """Final (post-norm) hidden states at the completion-predicting positions: ``[B, C, H]``.
+
+    ``share_prompts``: rows that share a prompt, e.g. the G completions of one prompt, run that prompt
+    once (see :func:`shared_prompt_hidden`). With gradients, the prompt's states, and any dropout mask
+    drawn on them, then serve all of its rows, and its gradient is the sum over them."""
+    if share_prompts:
+        shared = shared_prompt_hidden(model, packed)
+        if shared is not None:
+            return shared
     device = next(model.parameters()).device
     inputs = dict(
         input_ids=packed.input_ids.to(device), attention_mask=packed.attention_mask.to(device), use_cache=False
@@ -70,6 +79,77 @@ def completion_hidden(model: Any, packed: Packed) -> torch.Tensor:
         hidden = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
     index = packed.positions.to(device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
     return hidden.gather(1, index)  # [B, C, H]
+
+
+def prompt_groups(packed: Packed) -> tuple[list[int], list[int]] | None:
+    """``(first row of each distinct prompt, the group of every row)`` when some rows repeat a prompt (and
+    every row has a completion), else None. A row's prompt is its tokens before the first completion
+    position."""
+    lengths = (packed.positions[:, 0] + 1).tolist()
+    if min((int(m) for m in packed.mask.sum(1).tolist()), default=0) < 1:
+        return None  # a row without completion tokens has no prompt length to read
+    first: dict[tuple[int, ...], int] = {}
+    group: list[int] = []
+    for row, length in enumerate(lengths):
+        key = tuple(packed.input_ids[row, :length].tolist())
+        group.append(first.setdefault(key, len(first)))
+    if len(first) == len(lengths):
+        return None
+    leaders = [0] * len(first)
+    for row in reversed(range(len(group))):
+        leaders[group[row]] = row
+    return leaders, group
+
+
+def shared_prompt_hidden(model: Any, packed: Packed) -> torch.Tensor | None:
+    """:func:`completion_hidden` for rows of which several share a prompt: each distinct prompt runs once,
+    and its keys and values serve every row that continues it (None: nothing is shared, or the model has
+    no separable body to run with a cache).
+
+    Two forwards: the distinct prompts (right-padded), keeping their cache; then every row's completion
+    tokens on that cache, selected per row, with the prompt padding masked out and positions continuing
+    from each prompt's own length. The state that predicts a row's first completion token is its prompt's
+    last; the others come from the second forward. Equal to the plain path up to float rounding (tested
+    in float64); it saves the prompt's compute for every repeat, which dominates when prompts are long.
+    """
+    groups = prompt_groups(packed)
+    decoder = decoder_of(model)
+    if groups is None or decoder is None or (decoder.training and getattr(decoder, "gradient_checkpointing", False)):
+        return None  # (gradient checkpointing turns the cache off while the model is in training mode)
+    leaders, group = groups
+    device = next(model.parameters()).device
+    lengths = packed.positions[:, 0] + 1  # [B] prompt lengths
+    width = int(lengths[leaders].max())
+    prompt_mask = (torch.arange(width)[None, :] < lengths[leaders][:, None]).long()
+    first = decoder(input_ids=packed.input_ids[leaders, :width].to(device), attention_mask=prompt_mask.to(device),
+                    use_cache=True)
+    cache = _returned_cache(first)
+    if cache is None:
+        return None
+    rows = torch.tensor(group)
+    last = first.last_hidden_state[torch.arange(len(leaders), device=device), (lengths[leaders] - 1).to(device)]
+    hidden = last[rows.to(device)][:, None, :]  # [B, 1, H]: the state that predicts completion token 0
+    c = packed.mask.shape[1]
+    if c == 1:
+        return hidden
+    cache.reorder_cache(rows.to(device))  # each row gets its prompt's keys and values
+    follow = packed.targets[:, : c - 1]  # completion tokens 0..C-2, at positions P..P+C-2
+    attention = torch.cat([prompt_mask[rows], packed.mask[:, : c - 1].long()], dim=1)
+    position_ids = lengths[:, None] + torch.arange(c - 1)[None, :]
+    second = decoder(input_ids=follow.to(device), attention_mask=attention.to(device),
+                     position_ids=position_ids.to(device), use_cache=True, **{_cache_argument(decoder): cache})
+    return torch.cat([hidden, second.last_hidden_state], dim=1)  # [B, C, H]
+
+
+def _cache_argument(decoder: Any) -> str:
+    """The keyword a forward takes its key/value cache by: ``cache`` (transformers ≥ 5.2x) or
+    ``past_key_values`` (before; kept there as a deprecated alias)."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def _returned_cache(output: Any) -> Any:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 def lm_head_weight(model: Any) -> torch.Tensor:
