@@ -32,8 +32,9 @@ lint: setup
 clean:
 	rm -rf $(VENV) runs
 
-# `make ablation`: the sweep in examples/ablation-demo.toml (7 methods x 3 seeds on the demo task, about
-# 75 minutes on 2 idle CPU cores; rerun to resume), then its report against plain self-distillation.
+# `make ablation`: the sweep in examples/ablation-demo.toml (11 methods x 3 seeds on the demo task, about
+# 5 hours on 2 CPU cores; rerun to resume; the file says how to run it in parts), then its report
+# against plain self-distillation.
 .PHONY: ablation
 ablation: setup
 	$(BIN)/unisd sweep examples/ablation-demo.toml --devices cpu

@@ -116,6 +116,8 @@ def shared_prompt_hidden(model: Any, packed: Packed) -> torch.Tensor | None:
     decoder = decoder_of(model)
     if groups is None or decoder is None or (decoder.training and getattr(decoder, "gradient_checkpointing", False)):
         return None  # (gradient checkpointing turns the cache off while the model is in training mode)
+    if getattr(getattr(decoder, "config", None), "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return None  # the prompts' padding sits between prompt and completion: masks the kernels above take
     leaders, group = groups
     device = next(model.parameters()).device
     lengths = packed.positions[:, 0] + 1  # [B] prompt lengths
