@@ -210,3 +210,33 @@ def test_lengths_agree_with_the_runs_own_tokenisation(tiny_llama, tmp_path):
     lengths = whole.prompt_lengths(run.tokenizer, lambda e: -1)  # measured by build_run: read from the cache
     assert np.array_equal(lengths, [len(run.encode_student(e)) for e in whole])
     assert {e.id for e in run.examples} == {e.id for e, n in zip(whole, lengths, strict=True) if n <= 64}
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "wrong-shape"])
+def test_a_damaged_cache_file_is_rebuilt(tmp_path, private_cache, damage):
+    path = write(tmp_path / "train.jsonl", [{"prompt": f"p{i}", "reference": f"r{i}"} for i in range(4)])
+    open_example_file(path)
+    (index,) = [f for f in (private_cache / "data-index").glob("index-*.npz")
+                if f.stat().st_mtime >= os.stat(path).st_mtime]
+    data = index.read_bytes()
+    if damage == "truncate":
+        index.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        index.write_bytes(data[:200] + bytes([data[200] ^ 0xFF]) + data[201:])
+    elif damage == "garbage":
+        index.write_bytes(b"not a zip file")
+    else:
+        np.savez(index, spans=np.zeros((4, 3), dtype=np.int64), lines=np.zeros(4, dtype=np.int64))
+    assert [e.prompt for e in open_example_file(path)] == ["p0", "p1", "p2", "p3"]
+
+
+def test_a_rewrite_that_keeps_size_and_modification_time_is_noticed(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"prompt": "a", "reference": "1"}\n{"prompt": "bbbb", "reference": "2"}\n')
+    first = open_example_file(path)
+    st = path.stat()
+    path.write_text('{"prompt": "aaaa", "reference": "1"}\n{"prompt": "b", "reference": "2"}\n')  # same size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # what cp -p or rsync -a leave behind
+    assert [e.prompt for e in open_example_file(path)] == ["aaaa", "b"]
+    with pytest.raises(DataError, match="changed while it was in use"):
+        first[0]

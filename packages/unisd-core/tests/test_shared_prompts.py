@@ -154,6 +154,8 @@ def test_num_generations_must_divide_the_steps_completions():
         RunConfig(batch_size=4, grad_accum=2, num_generations=3).validate()
     with pytest.raises(ConfigError, match="--num-generations must be ≥ 1"):
         RunConfig(num_generations=0).validate()
+    with pytest.raises(ConfigError, match="at temperature 0 samples the same completion"):
+        RunConfig(batch_size=4, grad_accum=1, num_generations=2, temperature=0.0).validate()
     RunConfig(batch_size=4, grad_accum=2, num_generations=8).validate()
 
 
@@ -174,3 +176,35 @@ def test_training_draws_each_prompt_once_and_samples_it_g_times(tiny_llama, toy_
         assert prompts[0] == prompts[1] == prompts[2] and prompts[3] == prompts[4] == prompts[5]
         assert prompts[0] != prompts[3]
     assert seen[0][0] != seen[1][0]  # the stream moved on by 2 prompts, not 6
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2-window", "flash"])
+def test_sliding_windows_and_other_kernels_score_each_row_alone(tokenizer, kind):
+    """A padded prompt leaves a gap before its completion: a sliding window counts it as positions (it
+    would hide keys the plain path sees), and other kernels may not mask it. Those take the plain path."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    if kind == "mistral":
+        model = MistralForCausalLM(MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                 sliding_window=6))
+    elif kind == "qwen2-window":
+        model = make_tiny_model(tokenizer, arch="qwen2")
+        model.config.use_sliding_window, model.config.sliding_window = True, 6
+        model.config.layer_types = ["sliding_attention"] * model.config.num_hidden_layers
+    else:
+        model = make_tiny_model(tokenizer)
+        model.config._attn_implementation = "flash_attention_2"
+    packed = pack([[5, 6, 7, 8, 9, 10], [5, 6, 7, 8, 9, 10], [4, 4]], [[8] * 8, [7] * 8, [3] * 8],
+                  tokenizer.pad_token_id)
+    with torch.no_grad():
+        assert shared_prompt_hidden(model.eval(), packed) is None
+
+
+def test_the_startup_summary_says_how_many_prompts_and_completions():
+    from unisd.config import RunConfig
+    from unisd.io.reporting import startup_summary
+
+    text = startup_summary("m", 1, 2, 3, RunConfig(batch_size=4, grad_accum=2, num_generations=4), [], "out")
+    assert "effective batch 8 (4 x 2 accumulation; 2 prompts x 4 completions each)" in text
+    assert "completions each" not in startup_summary("m", 1, 2, 3, RunConfig(batch_size=4, grad_accum=2), [], "out")

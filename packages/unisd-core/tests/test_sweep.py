@@ -574,3 +574,13 @@ def test_data_files_resolve_next_to_the_sweep_file_and_hub_ids_stay_as_written(t
     (tmp_path / "train.jsonl").write_text('{"prompt": "p", "reference": "r"}\n')
     sweep = write(tmp_path / "s.toml", 'models = ["m"]\ndata = ["train.jsonl", "owner/name", "missing.jsonl"]\n')
     assert load_sweep(sweep).data == [tmp_path / "train.jsonl", Path("owner/name"), tmp_path / "missing.jsonl"]
+
+
+def test_oom_at_an_odd_batch_size_is_not_retried_with_another_update(tmp_path, monkeypatch):
+    text = sweep_text(tmp_path).replace("batch_size = 4\ngrad_accum = 2", "batch_size = 3\ngrad_accum = 2")
+    runner, root, lines = fake_runner(tmp_path, text, monkeypatch, mode="oom")
+    statuses = runner.run()
+    assert {s.status for s in statuses.values()} == {"failed"}  # 3 → 1 × 4 would train on 4 examples a step, not 6
+    failed = (root / "failed_jobs.md").read_text()
+    assert "cannot be halved without changing the update" in failed
+    assert not any(line.startswith("[retry]") for line in lines)

@@ -115,6 +115,9 @@ class RunConfig:
             (self.batch_size >= 1, "--batch-size must be ≥ 1"),
             (self.grad_accum >= 1, "--grad-accum must be ≥ 1"),
             (self.num_generations >= 1, "--num-generations must be ≥ 1"),
+            (self.num_generations == 1 or self.temperature > 0,
+             f"--num-generations {self.num_generations} at temperature 0 samples the same completion each time; "
+             "sample (--temperature > 0) or use --num-generations 1"),
             (self.num_generations < 1 or (self.batch_size * self.grad_accum) % self.num_generations == 0,
              f"--num-generations {self.num_generations} must divide the completions of a step, batch_size × "
              f"grad_accum = {self.batch_size * self.grad_accum}: each prompt's completions come from one step"),

@@ -85,8 +85,11 @@ def _teacher_pass(run: Run, examples: list[Example], completions: list[list[int]
 
     b = len(examples)
     packed_all = pack([p for _, _, _, ids in rows for p in ids], completions * len(rows), run.pad_id)
+    # G completions per prompt: the teacher may run each prompt once (asked only then: a teacher view of
+    # a plugin need not know the keyword).
+    share = {"share_prompts": True} if cfg.num_generations > 1 else {}
     hidden_all = torch.cat([
-        run.teacher.hidden(_rows(packed_all, start, start + run.teacher_rows))
+        run.teacher.hidden(_rows(packed_all, start, start + run.teacher_rows), **share)
         for start in range(0, b * len(rows), run.teacher_rows)
     ])  # [B·(1+K), C, H]
     weight = run.teacher.head_weight()

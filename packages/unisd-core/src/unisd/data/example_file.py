@@ -44,12 +44,13 @@ class ExampleFile(Sequence[Example]):
     """The examples of one JSON-lines file, parsed from disk when read (see the module docstring)."""
 
     def __init__(self, path: Path, spans: np.ndarray, lines: np.ndarray, columns: Columns,
-                 system_prompt: str | None, key: str | None, stamp: tuple[int, int]):
+                 system_prompt: str | None, key: str | None, stamp: tuple[int, ...]):
         self.path, self.columns, self.system_prompt = path, columns, system_prompt
+        self._resolved = path.resolve()  # read there even if the working directory changes; errors name ``path``
         self.spans = spans  # [N, 2] int64: each record's byte range in the file
         self.lines = lines  # [N] int64: each record's line number (errors and default ids use it)
         self.key = key  # names the whole file's index in the cache; None for a subset
-        self._stamp = stamp  # (size, mtime_ns) when indexed: a file changed since then is refused
+        self._stamp = stamp  # the file's _stamp when indexed: a file changed since then is refused
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -74,7 +75,7 @@ class ExampleFile(Sequence[Example]):
     def _read(self, i: int) -> Example:
         self._check_unchanged()
         lo, hi = (int(v) for v in self.spans[i])
-        with self.path.open("rb") as fh:
+        with self._resolved.open("rb") as fh:
             fh.seek(lo)
             raw = fh.read(hi - lo)
         where = f"{self.path}:{int(self.lines[i])}"
@@ -85,7 +86,7 @@ class ExampleFile(Sequence[Example]):
         return example
 
     def _check_unchanged(self) -> None:
-        if _stamp(self.path) != self._stamp:
+        if _stamp(self._resolved) != self._stamp:
             raise DataError(f"{self.path} changed while it was in use (size or modification time); "
                             "restart the run so that it is read again")
 
@@ -107,9 +108,9 @@ class ExampleFile(Sequence[Example]):
         ``track(examples, total, label)`` may wrap the measuring pass (a progress bar)."""
         key = None
         if self.key is not None:
-            key = _digest([self.key, self.system_prompt, tokenizer_fingerprint(tokenizer)])
-            cached = _load(_cache_path("lengths", key))
-            if cached is not None and len(cached["lengths"]) == len(self):
+            key = _digest([self.key, self.system_prompt, tokenizer_fingerprint(tokenizer), _versions()])
+            cached = _load(_cache_path("lengths", key), lengths=(len(self),))
+            if cached is not None:
                 return cached["lengths"]
         examples: Iterable[Example] = self
         if track is not None:
@@ -127,8 +128,8 @@ def open_example_file(path: str | Path, columns: Columns | None = None, limit: i
     columns = columns or Columns()
     stamp = _stamp(path)
     key = _digest([FORMAT, str(path.resolve()), *stamp, dataclasses.asdict(columns), limit])
-    cached = _load(_cache_path("index", key))
-    if cached is not None:
+    cached = _load(_cache_path("index", key), spans=(-1, 2), lines=(-1,))
+    if cached is not None and len(cached["spans"]) == len(cached["lines"]):
         spans, lines = cached["spans"], cached["lines"]
     else:
         spans, lines = _index(path, columns, limit)
@@ -172,12 +173,27 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
                     str(getattr(tokenizer, "special_tokens_map", {})), definition])
 
 
-def _stamp(path: Path) -> tuple[int, int]:
+def _versions() -> list[str]:
+    """The packages that render and tokenize a prompt: an upgrade may count its tokens differently."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("unisd-core", "transformers", "tokenizers", "jinja2"):
+        try:
+            found.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name}: none")
+    return found
+
+
+def _stamp(path: Path) -> tuple[int, ...]:
+    """What tells a file's versions apart without reading it: size, modification and change times (the
+    change time cannot be set back by tools that keep a modification time), inode and device."""
     try:
         st = path.stat()
     except OSError as exc:
         raise DataError(f"{path}: cannot read the data file ({exc.strerror})") from None
-    return st.st_size, st.st_mtime_ns
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
 
 
 def _digest(parts: list[Any]) -> str:
@@ -188,13 +204,20 @@ def _cache_path(kind: str, key: str) -> Path:
     return cache_dir() / "data-index" / f"{kind}-{key}.npz"
 
 
-def _load(path: Path) -> dict[str, np.ndarray] | None:
-    """A saved index, or None when there is none or it cannot be read (it is then rebuilt)."""
+def _load(path: Path, **shapes: tuple[int, ...]) -> dict[str, np.ndarray] | None:
+    """A saved index, or None when there is none or it cannot be read (it is then rebuilt). ``shapes``
+    names each array and its shape (-1: any length); a file whose arrays differ counts as unreadable."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
-    except (OSError, ValueError, EOFError):
+            arrays = {name: data[name] for name in shapes}
+    except Exception:  # noqa: BLE001 (a damaged cache file, whatever numpy or zipfile raise, is rebuilt)
         return None
+    for name, shape in shapes.items():
+        array = arrays[name]
+        if array.dtype != np.int64 or array.ndim != len(shape) or any(
+                want not in (-1, have) for want, have in zip(shape, array.shape, strict=True)):
+            return None
+    return arrays
 
 
 def _save(path: Path, **arrays: np.ndarray) -> None:
@@ -205,6 +228,8 @@ def _save(path: Path, **arrays: np.ndarray) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
             np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError:
         if tmp is not None:

@@ -81,10 +81,16 @@ def startup_summary(
         f"Training {model}: {trainable:,} trainable parameters of {total_params:,} ({share:.2f}%, "
         f"{'LoRA r=' + str(config.lora_r) if config.lora else 'full fine-tuning'})",
         f"Data: {data}, {examples} examples | {config.steps} steps x effective batch {effective} "
-        f"({config.batch_size} x {config.grad_accum} accumulation) | lr {config.lr:g} | seed {config.seed}",
+        f"({config.batch_size} x {config.grad_accum} accumulation{_generations(config, effective)}) | lr {config.lr:g} | "
+        f"seed {config.seed}",
         f"Components: {'; '.join(chosen) if chosen else 'none (plain self-distillation)'}",
         f"Output: {output}",
     ])
+
+
+def _generations(config: Any, effective: int) -> str:
+    g = getattr(config, "num_generations", 1)
+    return f"; {effective // g} prompts x {g} completions each" if g > 1 else ""
 
 
 class RichReporter(Reporter):

@@ -109,15 +109,17 @@ def shared_prompt_hidden(model: Any, packed: Packed) -> torch.Tensor | None:
     Two forwards: the distinct prompts (right-padded), keeping their cache; then every row's completion
     tokens on that cache, selected per row, with the prompt padding masked out and positions continuing
     from each prompt's own length. The state that predicts a row's first completion token is its prompt's
-    last; the others come from the second forward. Equal to the plain path up to float rounding (tested
-    in float64); it saves the prompt's compute for every repeat, which dominates when prompts are long.
+    last; the others come from the second forward. Equal to the plain path up to float rounding at every
+    completion position (tested in float64); slots past a row's completion hold other values than the
+    plain path's (both are masked everywhere). It saves the prompt's compute for every repeat, which
+    dominates when prompts are long. Not used with sliding-window attention or other kernels (:func:`_gap_safe`).
     """
     groups = prompt_groups(packed)
     decoder = decoder_of(model)
     if groups is None or decoder is None or (decoder.training and getattr(decoder, "gradient_checkpointing", False)):
         return None  # (gradient checkpointing turns the cache off while the model is in training mode)
-    if getattr(getattr(decoder, "config", None), "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
-        return None  # the prompts' padding sits between prompt and completion: masks the kernels above take
+    if not _gap_safe(getattr(decoder, "config", None)):
+        return None
     leaders, group = groups
     device = next(model.parameters()).device
     lengths = packed.positions[:, 0] + 1  # [B] prompt lengths
@@ -141,6 +143,18 @@ def shared_prompt_hidden(model: Any, packed: Packed) -> torch.Tensor | None:
     second = decoder(input_ids=follow.to(device), attention_mask=attention.to(device),
                      position_ids=position_ids.to(device), use_cache=True, **{_cache_argument(decoder): cache})
     return torch.cat([hidden, second.last_hidden_state], dim=1)  # [B, C, H]
+
+
+def _gap_safe(config: Any) -> bool:
+    """Whether a padding gap between a prompt and its completion changes nothing: an attention kernel that
+    takes such a mask (sdpa, eager), and no sliding window (a window counts cache positions, so the gap
+    would hide keys that the plain path sees)."""
+    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return not any("sliding" in str(kind) for kind in layer_types)
+    return not (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))
 
 
 def _cache_argument(decoder: Any) -> str:

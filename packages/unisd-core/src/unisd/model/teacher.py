@@ -20,8 +20,9 @@ from .scoring import Packed, completion_hidden, lm_head_weight
 class TeacherView(Protocol):
     """Scores sequences with the teacher's weights, without gradients."""
 
-    def hidden(self, packed: Packed) -> torch.Tensor:
-        """Completion-position final hidden states ``[B, C, H]``."""
+    def hidden(self, packed: Packed, share_prompts: bool = False) -> torch.Tensor:
+        """Completion-position final hidden states ``[B, C, H]``. ``share_prompts`` (passed only when a
+        run samples several completions per prompt): rows with the same prompt may run it once."""
 
     def head_weight(self) -> torch.Tensor:
         """The lm-head weight ``[V, H]`` that turns those hidden states into logits."""
@@ -65,9 +66,9 @@ class AdapterDisabledTeacher:
         self.model = model
 
     @torch.no_grad()
-    def hidden(self, packed: Packed) -> torch.Tensor:
+    def hidden(self, packed: Packed, share_prompts: bool = False) -> torch.Tensor:
         with eval_mode(self.model), adapter_disabled(self.model):
-            return completion_hidden(self.model, packed, share_prompts=_may_share(self.model))
+            return completion_hidden(self.model, packed, share_prompts=share_prompts and _may_share(self.model))
 
     def head_weight(self) -> torch.Tensor:
         return lm_head_weight(self.model).detach()
@@ -88,8 +89,8 @@ class FrozenCopyTeacher:
         self.model.requires_grad_(False)
 
     @torch.no_grad()
-    def hidden(self, packed: Packed) -> torch.Tensor:
-        return completion_hidden(self.model, packed, share_prompts=_may_share(self.model))
+    def hidden(self, packed: Packed, share_prompts: bool = False) -> torch.Tensor:
+        return completion_hidden(self.model, packed, share_prompts=share_prompts and _may_share(self.model))
 
     def head_weight(self) -> torch.Tensor:
         return lm_head_weight(self.model)
@@ -168,9 +169,9 @@ class SwappedWeightsTeacher:
                 self.params[name].data = data
 
     @torch.no_grad()
-    def hidden(self, packed: Packed) -> torch.Tensor:
+    def hidden(self, packed: Packed, share_prompts: bool = False) -> torch.Tensor:
         with eval_mode(self.model), self.swapped():
-            return completion_hidden(self.model, packed, share_prompts=_may_share(self.model))
+            return completion_hidden(self.model, packed, share_prompts=share_prompts and _may_share(self.model))
 
     def head_weight(self) -> torch.Tensor:
         head = lm_head_weight(self.model)

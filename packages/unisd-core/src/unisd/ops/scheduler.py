@@ -267,7 +267,7 @@ class SweepRunner:
         note = None
         if retry:
             assert job.config is not None
-            if job.config.batch_size > 1:
+            if job.config.batch_size > 1 and job.config.batch_size % 2 == 0:  # halving keeps batch × accum
                 old = (job.config.batch_size, job.config.grad_accum)
                 job.config = dataclasses.replace(job.config, batch_size=max(1, old[0] // 2), grad_accum=old[1] * 2)
                 note = (f"out of memory: retrying once with batch_size {old[0]}→{job.config.batch_size}, "
@@ -277,6 +277,10 @@ class SweepRunner:
                     aside = _free_name(job.run_dir, "oom")
                     os.replace(job.run_dir, aside)
                     note += f"; the failed attempt's directory was moved to {aside}"
+            elif job.config.batch_size > 1:
+                retry, note = False, (f"out of memory at batch_size {job.config.batch_size}, which cannot be halved "
+                                      "without changing the update; give the method an even batch_size, or "
+                                      "reduce max_new_tokens/max_prompt_tokens")
             else:
                 retry, note = False, "out of memory at batch_size 1; reduce max_new_tokens/max_prompt_tokens"
         self._log_failure(job, reason, r.log, tail, note)
