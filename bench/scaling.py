@@ -84,7 +84,10 @@ def write_prompts(path: Path, n: int) -> None:
 def private_cache(work: Path) -> Path:
     """An empty cache directory for the data index, sharing the user's converted models: a cold start
     measures the data, not the one-time conversion of the bundled model."""
-    from unisd.io.cachedir import cache_dir
+    try:
+        from unisd.io.cachedir import cache_dir
+    except ImportError:  # a version before the data index (measuring "before" with PYTHONPATH=<old tree>)
+        from unisd.model.models import cache_dir
 
     cache = Path(tempfile.mkdtemp(prefix="cache-", dir=work))
     if (cache_dir() / "models").is_dir():
