@@ -25,6 +25,7 @@ import torch
 from unisd.components import option, run_seed
 from unisd.divergence.stepstats import step_quantile
 from unisd.errors import UsageError
+from unisd.hookspecs import hookimpl
 
 from .contexts.fewshot import family_of, fewshot_context, induction_context
 
@@ -249,3 +250,9 @@ def _model_generator(run: Any, max_new_tokens: int) -> Any:
         return generate_texts(run.model, run.tokenizer, prompts, max_new_tokens)
 
     return generate
+
+
+@hookimpl
+def register_components(register: Any) -> None:
+    """This module is its own plugin (entry point ``agreement``): ``UNISD_DISABLE_PLUGINS=agreement`` leaves it out."""
+    register(Agreement)

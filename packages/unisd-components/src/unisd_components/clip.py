@@ -22,6 +22,7 @@ import torch
 from unisd.components import option
 from unisd.divergence import stepstats
 from unisd.errors import UsageError
+from unisd.hookspecs import hookimpl
 
 DEFAULT_CAP = 10.0
 MIN_CAP = 1e-6
@@ -84,3 +85,9 @@ class Clip:
             return {}
         fraction = self._sums["clipped"] / max(self._sums["tokens"], 1.0)
         return {"fraction": fraction, "cap": self._cap, "activity": fraction}
+
+
+@hookimpl
+def register_components(register: Any) -> None:
+    """This module is its own plugin (entry point ``clip``): ``UNISD_DISABLE_PLUGINS=clip`` leaves it out."""
+    register(Clip)

@@ -27,6 +27,7 @@ from unisd.data.prompts import DemonstrationText
 from unisd.data.tasks import Example, teacher_text_with
 from unisd.divergence.stepstats import StepSums
 from unisd.errors import UsageError
+from unisd.hookspecs import hookimpl
 
 from .negatives import choose_negative, default_cache_path, read_cache
 
@@ -171,3 +172,9 @@ class Contrastive:
             "activity": self._sums["viol"] / n if self.options.weight > 0 else 0.0,
             "missing": self._sums["missing"], "missing_fraction": self._sums["missing"] / max(self._sums["rows"], 1.0),
         }
+
+
+@hookimpl
+def register_components(register: Any) -> None:
+    """This module is its own plugin (entry point ``contrastive``): ``UNISD_DISABLE_PLUGINS=contrastive`` leaves it out."""
+    register(Contrastive)

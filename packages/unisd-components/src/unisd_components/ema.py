@@ -18,6 +18,7 @@ import torch
 
 from unisd import runtime
 from unisd.components import option
+from unisd.hookspecs import hookimpl
 from unisd.model.teacher import FrozenCopyTeacher, SwappedWeightsTeacher
 
 
@@ -125,3 +126,9 @@ class Ema:
             return {}
         return {"distance": self.distance(), "updates": float(self.updates),
                 "activity": 1.0 if self.updated_this_step and self.options.beta < 1.0 else 0.0}
+
+
+@hookimpl
+def register_components(register: Any) -> None:
+    """This module is its own plugin (entry point ``ema``): ``UNISD_DISABLE_PLUGINS=ema`` leaves it out."""
+    register(Ema)

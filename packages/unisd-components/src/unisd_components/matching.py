@@ -15,6 +15,7 @@ import torch
 
 from unisd.components import option
 from unisd.divergence.stepstats import StepSums
+from unisd.hookspecs import hookimpl
 
 
 def hidden_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
@@ -68,3 +69,9 @@ class Matching:
         loss = self._sums["mse"] / self._sums["tokens"]
         scale = 1.0 if self.options.mode == "repr" else self.options.weight
         return {"loss": loss, "activity": scale * loss}
+
+
+@hookimpl
+def register_components(register: Any) -> None:
+    """This module is its own plugin (entry point ``matching``): ``UNISD_DISABLE_PLUGINS=matching`` leaves it out."""
+    register(Matching)

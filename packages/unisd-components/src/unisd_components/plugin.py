@@ -1,21 +1,12 @@
-"""Entry point of unisd-components: registers each mechanism, the presets and ``unisd cache negatives``."""
+"""Entry point ``presets`` of unisd-components: the presets (the paper's recipes) and ``unisd cache negatives``.
+
+Each mechanism is its own entry point, registered by its module (``agreement``, ``clip``, ``contrastive``,
+``ema``, ``matching``, ``leak_guard``), so that ``UNISD_DISABLE_PLUGINS`` can leave out any one of them.
+"""
 
 from unisd.hookspecs import hookimpl
 
-from .agreement import Agreement
-from .clip import Clip
-from .contrastive import Contrastive
-from .ema import Ema
-from .matching import Matching
 from .presets import all_presets
-
-COMPONENTS = (Agreement, Clip, Contrastive, Ema, Matching)
-
-
-@hookimpl
-def register_components(register):
-    for cls in COMPONENTS:
-        register(cls)
 
 
 @hookimpl
