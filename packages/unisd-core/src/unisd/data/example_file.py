@@ -69,15 +69,23 @@ class ExampleFile(Sequence[Example]):
         return self._read(i % len(self))
 
     def __iter__(self) -> Iterator[Example]:
-        for i in range(len(self)):
-            yield self._read(i)
+        """Every example in order, through one open file (measuring a large file's prompts reads them all)."""
+        self._check_unchanged()
+        with self._resolved.open("rb") as fh:
+            for i in range(len(self)):
+                yield self._parse(i, self._bytes(fh, i))
 
     def _read(self, i: int) -> Example:
         self._check_unchanged()
-        lo, hi = (int(v) for v in self.spans[i])
         with self._resolved.open("rb") as fh:
-            fh.seek(lo)
-            raw = fh.read(hi - lo)
+            return self._parse(i, self._bytes(fh, i))
+
+    def _bytes(self, fh: Any, i: int) -> bytes:
+        lo, hi = (int(v) for v in self.spans[i])
+        fh.seek(lo)
+        return fh.read(hi - lo)
+
+    def _parse(self, i: int, raw: bytes) -> Example:
         where = f"{self.path}:{int(self.lines[i])}"
         record = parse_json_line(utf8_line(raw, where), where, EXPECTED)
         example = example_from_record(where, int(self.lines[i]), record, self.columns)
@@ -87,7 +95,7 @@ class ExampleFile(Sequence[Example]):
 
     def _check_unchanged(self) -> None:
         if _stamp(self._resolved) != self._stamp:
-            raise DataError(f"{self.path} changed while it was in use (size or modification time); "
+            raise DataError(f"{self.path} changed while it was in use (its size, times or inode); "
                             "restart the run so that it is read again")
 
     def subset(self, keep: np.ndarray) -> ExampleFile:
