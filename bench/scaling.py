@@ -24,7 +24,11 @@ completions per prompt (``--num-generations``: each prompt runs once for its G c
 ``--g-batch`` completions of the demo task with fixed sampled completions, the median of ``--g-repeats``.
 The last line adds ``g8_per_completion_speedup=<time per completion at G = 1 / at G = 8>`` (target ≥ 2).
 
-Not measured yet (issue 17, later parts): K agreement contexts, data parallelism.
+Part ``k``: one ``distill_step``'s time and peak memory (above the level before it) with K = 0, 1, 3, 5
+agreement contexts (random demonstrations: three more teacher prompts per example at K = 3), same
+examples and completions, median of ``--g-repeats``. The last line adds ``k3_time_ratio=<K = 3 / K = 0>``.
+
+Not measured yet (issue 17, a later part): data parallelism (``dp2_efficiency``).
 """
 
 from __future__ import annotations
@@ -133,6 +137,51 @@ def g_part(args) -> dict[int, float]:
     return {g: statistics.median(v) for g, v in times.items()}
 
 
+def k_part(args) -> dict[int, dict[str, float]]:
+    """Seconds and peak bytes of one distill_step with K agreement contexts, K = 0, 1, 3, 5."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from divergence import PeakMemory
+
+    from unisd.config import RunConfig
+    from unisd.io.reporting import Reporter
+    from unisd.model.rollout import HFBackend, SamplingParams
+    from unisd.plugins import get_plugin_manager
+    from unisd.run import build_run
+    from unisd.step import distill_step
+
+    b, out = args.g_batch, {}
+    cpu = torch.device("cpu")
+    probe = PeakMemory(cpu) if PeakMemory.available(cpu) else None  # None: no way to read a peak here
+    completions = None
+    for k in (0, 1, 3, 5):
+        components = {"agreement": {"num_contexts": k, "builder": "random"}} if k else {}
+        cfg = RunConfig(model=args.model, task="demo", batch_size=b, grad_accum=1, lora_r=16, lora_alpha=32,
+                        max_new_tokens=12, seed=1, components=components)
+        run = build_run(cfg, get_plugin_manager(), Reporter(), None)
+        examples = run.examples[:b]
+        if completions is None:  # the same completions for every K
+            torch.manual_seed(0)
+            completions = HFBackend(run.model, run.tokenizer, batch_size=b).generate(
+                [run.student_ids(e) for e in examples], SamplingParams(temperature=0.7, max_new_tokens=12))
+        times, peaks = [], []
+        for repeat in range(args.g_repeats + 1):  # the first round warms up
+            if probe is not None:
+                probe.start()
+            start = time.perf_counter()
+            distill_step(run, examples, completions)
+            seconds = time.perf_counter() - start
+            peak = probe.peak() if probe is not None else float("nan")
+            run.model.zero_grad(set_to_none=True)
+            if repeat:
+                times.append(seconds)
+                peaks.append(peak)
+        out[k] = {"step_s": statistics.median(times), "peak_bytes": statistics.median(peaks)}
+        del run
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1000,100000,1000000", help="numbers of prompts, comma-separated")
@@ -142,7 +191,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="warm starts per size")
     ap.add_argument("--work", default=None, help="where the data files go (default: a temporary folder)")
     ap.add_argument("--json", default=None, help="also write every number as JSON here")
-    ap.add_argument("--parts", default="data,g", help="data (start-up by data size), g (completions per prompt)")
+    ap.add_argument("--parts", default="data,g,k",
+                    help="data (start-up by data size), g (completions per prompt), k (agreement contexts)")
     ap.add_argument("--g-batch", type=int, default=8, help="completions per step in part g")
     ap.add_argument("--g-repeats", type=int, default=3)
     args = ap.parse_args()
@@ -176,11 +226,18 @@ def main() -> None:
             print(f"{g:>3} {seconds:>34.3f}")
         if 8 in per_completion:
             summary["g8_per_completion_speedup"] = per_completion[1] / per_completion[8]
+    contexts: dict[int, dict[str, float]] = {}
+    if "k" in parts:
+        contexts = k_part(args)
+        print(f"{'K':>3} {'distill_step s':>15} {'peak MiB':>10}")
+        for k, row in contexts.items():
+            print(f"{k:>3} {row['step_s']:>15.3f} {row['peak_bytes'] / 2**20:>10.1f}")
+        summary["k3_time_ratio"] = contexts[3]["step_s"] / contexts[0]["step_s"]
     if args.json:
         Path(args.json).write_text(json.dumps({
             "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} cores",
             "model": args.model, "batch_size": args.batch_size, "rows": rows,
-            "g_per_completion_s": per_completion, **summary}, indent=2))
+            "g_per_completion_s": per_completion, "contexts": contexts, **summary}, indent=2))
     print(" ".join(f"{k}={v:.4g}" for k, v in summary.items()))
 
 

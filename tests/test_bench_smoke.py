@@ -85,8 +85,9 @@ def test_scaling_benchmark_reports_startup_and_step_overhead_per_size(tmp_path):
     out = _run(["bench/scaling.py", "--sizes", "20,200", "--model", str(model), "--draws", "2", "--repeats", "1",
                 "--work", str(tmp_path / "work"), "--g-repeats", "1", "--json", str(tmp_path / "sc.json")], tmp_path)
     last = out.strip().splitlines()[-1]
-    assert re.fullmatch(r"startup_1m_over_1k=[\d.e+-]+ step_overhead_1m_s=[\d.e+-]+ g8_per_completion_speedup=[\d.e+-]+",
-                        last), last
+    assert re.fullmatch(r"startup_1m_over_1k=[\d.e+-]+ step_overhead_1m_s=[\d.e+-]+ g8_per_completion_speedup=[\d.e+-]+"
+                        r" k3_time_ratio=[\d.e+-]+", last), last
     data = json.loads((tmp_path / "sc.json").read_text())
     assert [row["prompts"] for row in data["rows"]] == [20, 200]
     assert all(row["examples"] == row["prompts"] for row in data["rows"])  # every short prompt kept
+    assert sorted(data["contexts"]) == ["0", "1", "3", "5"] and all(c["step_s"] > 0 for c in data["contexts"].values())
