@@ -119,8 +119,7 @@ def test_a_step_over_repeated_prompts_has_the_plain_loss_and_gradients(tiny_llam
     monkeypatch.setattr(scoring, "shared_prompt_hidden",
                         lambda m, p: (out := real_shared(m, p), ran_shared.append(out is not None))[0])
     for share in (True, False):
-        monkeypatch.setattr(teacher_module, "_may_share", lambda model, share=share: share)
-        # G = 1 turns the student's sharing off; the micro-batches are the same either way
+        # G = 1 turns sharing off in teacher and student; the micro-batches are the same either way
         run = _run(tiny_llama, toy_data, batch_size=4, grad_accum=2, num_generations=4 if share else 1, lora=lora)
         torch.manual_seed(7)
         with torch.no_grad():  # the student away from the teacher, so the loss and gradients are not ~0

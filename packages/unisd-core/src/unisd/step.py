@@ -182,10 +182,9 @@ def _student_outputs(run: Run, packed: Any, teacher_hidden: torch.Tensor, mask: 
     """The student's hidden states and per-token outputs against the main teacher (one root forward
     under sharding, so the embedding and lm-head are gathered for it)."""
     cfg = run.config
-    # G completions per prompt: the prompt runs once for all of them (not under sharding, whose
-    # wrappers drive the forward; a repeated prompt is only shared within a micro-batch).
-    share = cfg.num_generations > 1 and not sharding.is_sharded(run.model)
-    student_hidden = completion_hidden(run.model, packed, share_prompts=share)  # [B, C, H], with grad
+    # G completions per prompt: the prompt runs once for all of them (a repeated prompt is only shared
+    # within a micro-batch).
+    student_hidden = completion_hidden(run.model, packed, share_prompts=cfg.num_generations > 1)  # [B, C, H], with grad
     # Chunked over tokens: never a [tokens, vocab] tensor for student or teacher (losses.token_outputs
     # is the plain reference implementation the tests compare against).
     outputs = chunked_token_outputs(

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ..parallel import sharding
+
 
 @dataclass
 class Packed:
@@ -112,14 +114,15 @@ def shared_prompt_hidden(model: Any, packed: Packed) -> torch.Tensor | None:
     last; the others come from the second forward. Equal to the plain path up to float rounding at every
     completion position (tested in float64); slots past a row's completion hold other values than the
     plain path's (both are masked everywhere). It saves the prompt's compute for every repeat, which
-    dominates when prompts are long. Not used with sliding-window attention or other kernels (:func:`_gap_safe`).
+    dominates when prompts are long. Not used with sliding-window attention or other kernels (:func:`_gap_safe`),
+    nor on sharded models.
     """
     groups = prompt_groups(packed)
     decoder = decoder_of(model)
     if groups is None or decoder is None or (decoder.training and getattr(decoder, "gradient_checkpointing", False)):
         return None  # (gradient checkpointing turns the cache off while the model is in training mode)
-    if not _gap_safe(getattr(decoder, "config", None)):
-        return None
+    if not _gap_safe(getattr(decoder, "config", None)) or sharding.is_sharded(model):
+        return None  # (a sharded model's forwards are driven by the sharding wrappers)
     leaders, group = groups
     device = next(model.parameters()).device
     lengths = packed.positions[:, 0] + 1  # [B] prompt lengths

@@ -68,7 +68,7 @@ class AdapterDisabledTeacher:
     @torch.no_grad()
     def hidden(self, packed: Packed, share_prompts: bool = False) -> torch.Tensor:
         with eval_mode(self.model), adapter_disabled(self.model):
-            return completion_hidden(self.model, packed, share_prompts=share_prompts and _may_share(self.model))
+            return completion_hidden(self.model, packed, share_prompts=share_prompts)
 
     def head_weight(self) -> torch.Tensor:
         return lm_head_weight(self.model).detach()
@@ -90,7 +90,7 @@ class FrozenCopyTeacher:
 
     @torch.no_grad()
     def hidden(self, packed: Packed, share_prompts: bool = False) -> torch.Tensor:
-        return completion_hidden(self.model, packed, share_prompts=share_prompts and _may_share(self.model))
+        return completion_hidden(self.model, packed, share_prompts=share_prompts)
 
     def head_weight(self) -> torch.Tensor:
         return lm_head_weight(self.model)
@@ -98,12 +98,6 @@ class FrozenCopyTeacher:
     @contextlib.contextmanager
     def as_model(self):
         yield self.model
-
-
-def _may_share(model: Any) -> bool:
-    """Whether rows that repeat a prompt may run it once (scoring.shared_prompt_hidden): not on sharded
-    models, whose forwards the sharding wrappers drive."""
-    return not sharding.is_sharded(model)
 
 
 def default_teacher(model: Any, lora: bool) -> TeacherView:
@@ -171,7 +165,7 @@ class SwappedWeightsTeacher:
     @torch.no_grad()
     def hidden(self, packed: Packed, share_prompts: bool = False) -> torch.Tensor:
         with eval_mode(self.model), self.swapped():
-            return completion_hidden(self.model, packed, share_prompts=share_prompts and _may_share(self.model))
+            return completion_hidden(self.model, packed, share_prompts=share_prompts)
 
     def head_weight(self) -> torch.Tensor:
         head = lm_head_weight(self.model)
