@@ -22,9 +22,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, overload
@@ -32,6 +31,7 @@ from typing import Any, overload
 import numpy as np
 
 from ..errors import DataError
+from ..io import atomic
 from ..io.cachedir import cache_dir
 from .datafiles import Columns, example_from_record
 from .tasks import Example, parse_json_line, utf8_line
@@ -230,16 +230,7 @@ def _load(path: Path, **shapes: tuple[int, ...]) -> dict[str, np.ndarray] | None
 
 def _save(path: Path, **arrays: np.ndarray) -> None:
     """Write atomically; a cache that cannot be written (read-only home) only costs the next start-up."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    with contextlib.suppress(OSError):
+        atomic.write_bytes(path, buffer.getvalue())

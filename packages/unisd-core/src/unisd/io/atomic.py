@@ -11,13 +11,21 @@ from pathlib import Path
 
 
 def write_text(path: str | Path, text: str) -> None:
+    _write(path, text, "w", "utf-8")
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    _write(path, data, "wb", None)
+
+
+def _write(path: str | Path, content: str | bytes, mode: str, encoding: str | None) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # the same ".NAME.tmp-" prefix as directory(): rundir.remove_leftovers recognises both
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, mode, encoding=encoding) as fh:
+            fh.write(content)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
