@@ -34,6 +34,8 @@ from ..errors import DataError
 from .tasks import Example, check_encodable, iter_jsonl
 
 FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
+# What a good line of a JSON-lines data file holds, as errors say it.
+JSONL_EXPECTED = "with 'prompt' and 'reference' (or 'messages')"
 # A Hub dataset id: NAME or OWNER/NAME, then an optional :CONFIG.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
 
@@ -105,7 +107,7 @@ def _file_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     if suffix == ".json":
         return _json_records(path)
     # .jsonl, and any other name: JSON lines, the format the project always read
-    return iter_jsonl(path, "with 'prompt' and 'reference' (or 'messages')")
+    return iter_jsonl(path, JSONL_EXPECTED)
 
 
 def _json_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -115,7 +117,7 @@ def _json_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text; save the file as UTF-8") from None
     except json.JSONDecodeError:
-        return iter_jsonl(path, "with 'prompt' and 'reference' (or 'messages')")
+        return iter_jsonl(path, JSONL_EXPECTED)
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"train": [...]} or {"data": [...]}
     if not isinstance(data, list):
@@ -204,7 +206,13 @@ def _first_line(exc: BaseException) -> str:
 def to_examples(records: Iterable[tuple[str, dict[str, Any]]], columns: Columns,
                 limit: int | None = None) -> list[Example]:
     """One :class:`Example` per record, checked; ids must be unique."""
-    examples: list[Example] = []
+    return list(checked_examples(records, columns, limit))
+
+
+def checked_examples(records: Iterable[tuple[str, dict[str, Any]]], columns: Columns,
+                     limit: int | None = None) -> Iterator[Example]:
+    """:func:`to_examples` one example at a time, for a caller that keeps less than every example. It
+    reads no record past the ``limit``-th."""
     seen: set[str] = set()
     for index, (where, record) in enumerate(records, start=1):
         if not isinstance(record, dict):
@@ -213,10 +221,9 @@ def to_examples(records: Iterable[tuple[str, dict[str, Any]]], columns: Columns,
         if example.id in seen:
             raise DataError(f"{where}: duplicate id {example.id!r}; ids must be unique")
         seen.add(example.id)
-        examples.append(example)
-        if limit is not None and len(examples) >= limit:
-            break
-    return examples
+        yield example
+        if limit is not None and len(seen) >= limit:
+            return
 
 
 def example_from_record(where: str, index: int, record: dict[str, Any], columns: Columns) -> Example:

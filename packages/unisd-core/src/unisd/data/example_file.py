@@ -7,9 +7,10 @@ token ids in memory. Here:
 * the first run on a file reads it once, checks every record exactly as :func:`load_data` does (the same
   errors, naming the line), and keeps only where each record starts and ends (an *index*);
 * the student prompts' token counts, which the ``max_prompt_tokens`` filter needs, are measured once too;
-* both are saved in the cache directory (``unisd.io.cachedir``), keyed by what they depend on: the file's
-  resolved path, size and modification time, the columns and ``limit``; for the counts also the
-  tokenizer (its vocabulary, merges and chat template) and the system prompt;
+* both are saved in the cache directory (``unisd.io.cachedir``), keyed by what they depend on: the file
+  (resolved path, size, modification and change times, inode, device), the columns and ``limit``; for the
+  counts also the tokenizer (its vocabulary, merges and chat template), the system prompt and the versions
+  of the packages that render and tokenize a prompt;
 * later runs load the two arrays (milliseconds for a million records), and an example is parsed from its
   line when the data stream draws it.
 
@@ -33,11 +34,10 @@ import numpy as np
 from ..errors import DataError
 from ..io import atomic
 from ..io.cachedir import cache_dir
-from .datafiles import Columns, example_from_record
+from .datafiles import JSONL_EXPECTED, Columns, checked_examples, example_from_record
 from .tasks import Example, parse_json_line, utf8_line
 
 FORMAT = 1  # bump when the index or the way a prompt is measured changes: old caches are then ignored
-EXPECTED = "with 'prompt' and 'reference' (or 'messages')"
 
 
 class ExampleFile(Sequence[Example]):
@@ -87,7 +87,7 @@ class ExampleFile(Sequence[Example]):
 
     def _parse(self, i: int, raw: bytes) -> Example:
         where = f"{self.path}:{int(self.lines[i])}"
-        record = parse_json_line(utf8_line(raw, where), where, EXPECTED)
+        record = parse_json_line(utf8_line(raw, where), where, JSONL_EXPECTED)
         example = example_from_record(where, int(self.lines[i]), record, self.columns)
         if self.system_prompt and not example.system:
             example = dataclasses.replace(example, system=self.system_prompt)
@@ -148,27 +148,25 @@ def open_example_file(path: str | Path, columns: Columns | None = None, limit: i
 
 
 def _index(path: Path, columns: Columns, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """One pass over the file: every record checked (ids unique), its byte range and line number kept."""
+    """One pass over the file: every record checked as :func:`load_data` checks it (``checked_examples``),
+    its byte range and line number kept, the example itself not."""
     spans: list[tuple[int, int]] = []
     lines: list[int] = []
-    seen: set[str] = set()
-    offset = 0
-    with path.open("rb") as fh:
+
+    def records(fh: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+        offset = 0
         for lineno, raw in enumerate(fh, start=1):
             start, offset = offset, offset + len(raw)
             where = f"{path}:{lineno}"
             text = utf8_line(raw, where)
-            if not text.strip():
-                continue
-            record = parse_json_line(text, where, EXPECTED)
-            example = example_from_record(where, lineno, record, columns)
-            if example.id in seen:
-                raise DataError(f"{where}: duplicate id {example.id!r}; ids must be unique")
-            seen.add(example.id)
-            spans.append((start, offset))
-            lines.append(lineno)
-            if limit is not None and len(lines) >= limit:
-                break
+            if text.strip():
+                spans.append((start, offset))
+                lines.append(lineno)
+                yield where, parse_json_line(text, where, JSONL_EXPECTED)
+
+    with path.open("rb") as fh:
+        for _ in checked_examples(records(fh), columns, limit):
+            pass
     return np.asarray(spans, dtype=np.int64).reshape(-1, 2), np.asarray(lines, dtype=np.int64)
 
 

@@ -26,10 +26,9 @@ from ..errors import UsageError
 from .checkpoint import checkpoints_newest_first
 
 LOCK_FILE = "run.lock"
-# What a run writes into its directory; a directory holding only these (and no checkpoint) is a run
-# that stopped before its first checkpoint, which may be started over.
-# What a run directory may hold before its first checkpoint (sweep_job.json: written by `unisd sweep`
-# before it starts the job).
+# What a run writes into its directory (and sweep_job.json, which `unisd sweep` writes before it starts the
+# job); a directory holding only these (and no checkpoint) is a run that stopped before its first
+# checkpoint, which may be started over.
 RUN_ENTRIES = {LOCK_FILE, "config.toml", "metrics.jsonl", "checkpoints", "eval", "sweep_job.json"}
 # Temporary siblings written by unisd.io.atomic (".NAME.tmp-XXXX") and the previous version it moves aside
 # during a replace (".NAME.old-PID").
