@@ -24,28 +24,7 @@ from ..plugins import UnisdPluginManager
 from ..recipes import apply_unless_set, named_run_settings, recipe_task
 from .command_line import command_line
 from .errors import cli_errors
-
-
-def _default(name: str) -> str:
-    """A setting's default as ``--help`` shows it (the options themselves default to None: "not given")."""
-    return str(getattr(RunConfig(), name))
-
-
-def _data_source(data: str | None) -> str | None:
-    """A local path as pathlib spells it (so `--resume` compares ./x.jsonl and x.jsonl equal); a Hub id as given."""
-    if not data:
-        return None
-    return str(Path(data)) if Path(data).exists() else data
-
-
-def _help(text: str, default: str) -> str:
-    return f"{text}  [default: {default}]"
-
-
-def _module_list(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    return [name.strip() for name in text.split(",") if name.strip()]
+from .train_flags import TRAIN_FLAGS, declare_flags, run_settings
 
 
 def demo_config() -> RunConfig:
@@ -55,104 +34,50 @@ def demo_config() -> RunConfig:
 
 
 def register(app: typer.Typer, pm: UnisdPluginManager) -> None:
-    # train_command is over 60 lines only by its signature: Typer reads one parameter per CLI option there.
     @app.command("train")
-    def train_command(
-        ctx: typer.Context,
-        model: str = typer.Option(None, "--model", metavar="MODEL", help="HF hub id, local HF directory, .gguf file, or 'smollm2' (bundled)."),
-        task: str = typer.Option(None, "--task", metavar="TASK", help="A registered task (see `unisd plugins`)."),
-        data: str = typer.Option(None, "--data", metavar="FILE|DIR|HUB_ID", help="Training data: a .jsonl/.json/.csv/.parquet file, a dataset folder, or a Hub dataset OWNER/NAME[:CONFIG]; records with prompt and reference, or chat 'messages'."),
-        data_split: str = typer.Option(None, "--data-split", metavar="SPLIT", help=_help("The split of a dataset folder or Hub dataset.", _default("split"))),
-        prompt_column: str = typer.Option(None, "--prompt-column", metavar="NAME", help=_help("The field holding the student's text.", _default("prompt_column"))),
-        reference_column: str = typer.Option(None, "--reference-column", metavar="NAME", help=_help("The field holding the teacher's demonstration (chat records: default the last assistant turn).", _default("reference_column"))),
-        system_prompt: str = typer.Option(None, "--system-prompt", metavar="TEXT", help="A system turn for student and teacher (and the evaluations), on examples without one of their own."),
-        task_data: Path = typer.Option(None, "--task-data", metavar="FILE", help="Local file in the task's own field layout (with --task)."),
-        with_: list[str] = typer.Option(None, "--with", metavar="COMPONENT", help="Add a component (repeatable), e.g. --with ema."),
-        preset: str = typer.Option(None, "--preset", metavar="PRESET", help="A named set of components and options, e.g. unisd-star."),
-        recipe: str = typer.Option(None, "--recipe", metavar="RECIPE", help="'paper': the research runner's run settings for every method (prompts 3072, 1024 new tokens, full MBPP, tool-use masking)."),
-        option: list[str] = typer.Option(None, "-o", "--option", metavar="NAME.KEY=VALUE", help="Component option (repeatable)."),
-        config: Path = typer.Option(None, "--config", metavar="FILE", help="TOML run config; flags override it."),
-        output: Path = typer.Option(None, "--output", metavar="DIR", help="Run directory (default runs/TASK-TIMESTAMP)."),
-        steps: int = typer.Option(None, "--steps", metavar="N", help=_help("Total optimiser steps of the run (also when resuming).", _default("steps"))),
-        batch_size: int = typer.Option(None, "--batch-size", metavar="N", help=_help("Examples per micro-batch (per process).", _default("batch_size"))),
-        grad_accum: int = typer.Option(None, "--grad-accum", metavar="N", help=_help("Micro-batches per optimiser step.", _default("grad_accum"))),
-        num_generations: int = typer.Option(None, "--num-generations", metavar="G", help=_help("Completions sampled per prompt (must divide batch size × grad accum); the teacher runs each prompt once for all of them.", _default("num_generations"))),
-        lr: float = typer.Option(None, "--lr", metavar="LR", help=_help("Peak learning rate (cosine schedule with warm-up).", _default("lr"))),
-        lora: bool = typer.Option(None, "--lora/--full", help=_help("LoRA adapter (teacher = adapter off) or full fine-tuning (teacher = frozen copy).", "--lora")),
-        lora_r: int = typer.Option(None, "--lora-r", metavar="R", help=_help("LoRA rank.", _default("lora_r"))),
-        lora_alpha: int = typer.Option(None, "--lora-alpha", metavar="ALPHA", help=_help("LoRA scaling numerator (scale = alpha / r).", _default("lora_alpha"))),
-        lora_dropout: float = typer.Option(None, "--lora-dropout", metavar="P", help=_help("Dropout on the LoRA path.", _default("lora_dropout"))),
-        lora_target_modules: str = typer.Option(None, "--lora-target-modules", metavar="NAMES", help=_help("Comma-separated module names, e.g. q_proj,v_proj.", "all attention and MLP projections")),
-        dtype: str = typer.Option(None, "--dtype", metavar="DTYPE", help=_help("Weights: auto (bf16 on GPUs under LoRA, else float32), float32, bfloat16 or float16.", _default("dtype"))),
-        backend: str = typer.Option(None, "--backend", metavar="NAME", help=_help("Generation backend: hf, vllm, vllm-server, or a plugin's.", _default("backend"))),
-        attn_implementation: str = typer.Option(None, "--attn-implementation", metavar="NAME", help="sdpa, eager or flash_attention_2 (needs flash-attn)."),
-        eval_task: str = typer.Option(None, "--eval-task", metavar="TASK", help="Evaluate this task during training."),
-        eval_every: int = typer.Option(None, "--eval-every", metavar="N", help=_help("Evaluate every N steps.", "never")),
-        eval_limit: int = typer.Option(None, "--eval-limit", metavar="N", help=_help("Items of the eval split to use.", _default("eval_limit"))),
-        save_every: int = typer.Option(None, "--save-every", metavar="N", help=_help("Checkpoint every N steps (always at the end).", "at the end only")),
-        max_new_tokens: int = typer.Option(None, "--max-new-tokens", metavar="N", help=_help("Completion budget.", "the task's")),
-        temperature: float = typer.Option(None, "--temperature", metavar="T", help=_help("Sampling and divergence temperature.", _default("temperature"))),
-        alpha: float = typer.Option(None, "--alpha", metavar="A", help=_help("Divergence: 0 forward KL(teacher‖student), 1 reverse KL, between: scaled generalized JSD.", _default("alpha"))),
-        allow_no_chat_template: bool = typer.Option(None, "--allow-no-chat-template", help="Train a model whose tokenizer has no chat template (a base model) on plain-text prompts."),
-        resume: Path = typer.Option(None, "--resume", metavar="RUN", help="Continue a run directory (or one of its checkpoints) exactly."),
-        seed: int = typer.Option(None, "--seed", metavar="N", help=_help("Random seed.", _default("seed"))),
-        num_processes: int = typer.Option(1, "--num-processes", metavar="N", help="Data-parallel processes on this machine (relaunches under torch.distributed.run)."),
-        shard: str = typer.Option(None, "--shard", metavar="MODE", help=_help("Multi-process: fsdp shards weights, gradients and optimizer state (FSDP2); none replicates them; auto follows an accelerate FSDP/DeepSpeed config.", _default("shard"))),
-        deepspeed: Path = typer.Option(None, "--deepspeed", metavar="FILE", help="DeepSpeed JSON config: its ZeRO stage and offload select the equivalent FSDP2 sharding."),
-        report_to: list[str] = typer.Option(None, "--report-to", metavar="TRACKER", help="Also send metrics, config and evaluations to tensorboard, wandb, trackio or mlflow (repeatable; each an extra: pip install 'unisd-core[wandb]')."),
-        reference_control: str = typer.Option(None, "--reference-control", metavar="none|shuffled", help=_help("A control run: 'shuffled' shows each example's teacher another example's reference, to separate the right reference's effect from the format's.", _default("reference_control"))),
-        build_cache: bool = typer.Option(None, "--build-cache/--no-build-cache", help=_help("Let components build a missing cache (contrastive's negatives, with the run's model) instead of stopping.", _default("build_cache"))),
-        push_to_hub: str = typer.Option(None, "--push-to-hub", metavar="REPO", help="After training, upload final/ and its model card to this Hub repository (OWNER/NAME)."),
-    ) -> None:
+    @declare_flags(TRAIN_FLAGS)
+    def train_command(ctx: typer.Context, **values: Any) -> None:
         """Train a model by on-policy self-distillation.
 
         With no arguments: the built-in demo (SmolLM2-135M-Instruct on task 'demo', its settings in
         unisd/data/demo.toml; about 8 minutes on 2 CPU cores).
         """
         console = Console(stderr=False)
-        if num_processes > 1 and "WORLD_SIZE" not in os.environ:
-            raise typer.Exit(relaunch(num_processes))
+        if values["num_processes"] > 1 and "WORLD_SIZE" not in os.environ:
+            raise typer.Exit(relaunch(values["num_processes"]))
         with cli_errors():
-            flags = {
-                "model": model, "task": task, "data": _data_source(data), "split": data_split,
-                "prompt_column": prompt_column, "reference_column": reference_column, "system_prompt": system_prompt,
-                "task_data": str(task_data) if task_data else None, "output": str(output) if output else None,
-                "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "num_generations": num_generations,
-                "lr": lr, "lora": lora,
-                "dtype": dtype, "backend": backend, "attn_implementation": attn_implementation, "eval_task": eval_task, "eval_every": eval_every, "eval_limit": eval_limit, "save_every": save_every,
-                "max_new_tokens": max_new_tokens, "temperature": temperature, "alpha": alpha, "seed": seed,
-                "preset": preset, "recipe": recipe, "shard": shard, "deepspeed": str(deepspeed) if deepspeed else None,
-                "allow_no_chat_template": allow_no_chat_template, "lora_r": lora_r, "lora_alpha": lora_alpha,
-                "lora_dropout": lora_dropout, "lora_target_modules": _module_list(lora_target_modules),
-                "report_to": list(report_to) if report_to else None, "reference_control": reference_control,
-                "build_cache": build_cache,
-            }
-            given = {k: v for k, v in flags.items() if v is not None}
-            if push_to_hub is not None:
-                check_repo_id(push_to_hub)  # before hours of training, not after
-            if resume is not None:
-                cfg, given = _resume_settings(resume, config, given, with_, option, pm)
-                file_keys: set[str] = set()
-            else:
-                cfg, file_keys = _starting_config(config, given, bool(with_) or bool(preset), console)
-            cfg = dataclasses.replace(cfg, **given)
-            if resume is None:
-                regs = pm.registries
-                cfg.components = resolve_selection(
-                    list(with_ or []), parse_option_flags(list(option or [])), regs.components, regs.presets,
-                    preset=cfg.preset, base=cfg.components,
-                )
-                apply_named_settings(cfg, regs, set(given) | file_keys, console)
+            if values["push_to_hub"] is not None:
+                check_repo_id(values["push_to_hub"])  # before hours of training, not after
+            cfg = _run_config(values, pm, console)
             began = time.perf_counter()
             try:
-                run_dir = train(cfg, pm, RichReporter(console, every=cfg.log_every), resume=resume)
+                run_dir = train(cfg, pm, RichReporter(console, every=cfg.log_every), resume=values["resume"])
             except BaseException:
                 distributed.shutdown(clean=False)
                 raise
             is_main = distributed.current().is_main
             distributed.shutdown()
             if is_main:
-                _after_training(ctx, console, run_dir, time.perf_counter() - began, push_to_hub)
+                _after_training(ctx, console, run_dir, time.perf_counter() - began, values["push_to_hub"])
+
+
+def _run_config(values: dict[str, Any], pm: UnisdPluginManager, console: Console) -> RunConfig:
+    """The run's settings from the flags: a resumed run's saved config (with the few flags that may change
+    it), or a new run's defaults < recipe < preset < --config file < flags, with its components resolved."""
+    given = run_settings(TRAIN_FLAGS, values)
+    with_, option, resume = values["with_"], values["option"], values["resume"]
+    if resume is not None:
+        cfg, given = _resume_settings(resume, values["config"], given, with_, option, pm)
+        return dataclasses.replace(cfg, **given)
+    cfg, file_keys = _starting_config(values["config"], given, bool(with_) or bool(values["preset"]), console)
+    cfg = dataclasses.replace(cfg, **given)
+    regs = pm.registries
+    cfg.components = resolve_selection(
+        list(with_ or []), parse_option_flags(list(option or [])), regs.components, regs.presets,
+        preset=cfg.preset, base=cfg.components,
+    )
+    apply_named_settings(cfg, regs, set(given) | file_keys, console)
+    return cfg
 
 
 def _resume_settings(resume: Path, config: Path | None, given: dict[str, Any], with_: list[str] | None,
