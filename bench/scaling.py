@@ -28,7 +28,13 @@ Part ``k``: one ``distill_step``'s time and peak memory (above the level before 
 agreement contexts (random demonstrations: three more teacher prompts per example at K = 3), same
 examples and completions, median of ``--g-repeats``. The last line adds ``k3_time_ratio=<K = 3 / K = 0>``.
 
-Not measured yet (issue 17, a later part): data parallelism (``dp2_efficiency``).
+Part ``dp``: data parallelism. The tokens per second of one optimiser step (teacher, student, gradient
+synchronisation, AdamW; fixed completions, no generation) over the same global batch of ``--g-batch``
+completions, run by 1 process and by 2 (``torch.distributed.run``, gloo), each process with
+``--dp-threads`` threads, the median of ``--g-repeats``. The 2-process run is timed twice: gradients
+all-reduced in buckets during the last backward pass (what a run does) and in one bucket after it (the
+previous behaviour), to show what the overlap gives. The last line adds ``dp2_efficiency=<2-process
+tokens/s / 1-process tokens/s>`` (target ≥ 1.6 where each process has cores of its own).
 """
 
 from __future__ import annotations
@@ -97,6 +103,74 @@ def private_cache(work: Path) -> Path:
     if (cache_dir() / "models").is_dir():
         (cache / "models").symlink_to(cache_dir() / "models")
     return cache
+
+DP_CHILD = r"""
+import json, statistics, sys, time
+import torch
+from unisd.config import RunConfig
+from unisd.io.reporting import Reporter
+from unisd.model.rollout import HFBackend, SamplingParams
+from unisd.parallel import distributed, gradient_sync
+from unisd.plugins import get_plugin_manager
+from unisd.run import build_run
+from unisd.step import distill_step
+
+args = json.loads(sys.argv[1])
+env = distributed.init_from_env()
+b = args["batch"]
+cfg = RunConfig(model=args["model"], task="demo", batch_size=b // 2, grad_accum=2 // env.world_size, lora_r=16,
+                lora_alpha=32, lora_dropout=0.0, max_new_tokens=12, seed=1)
+run = build_run(cfg, get_plugin_manager(), Reporter(), None)
+params = [p for p in run.model.parameters() if p.requires_grad]
+if not args["overlap"]:  # one bucket, sent when backward has ended
+    run._gradient_sync = gradient_sync.BucketedAllReduce(params, 2**40, 2**40) if env.active else None
+examples = run.examples[:b]
+torch.manual_seed(0)  # the same completions whatever the process count
+completions = HFBackend(run.model, run.tokenizer, batch_size=b).generate(
+    [run.student_ids(e) for e in examples], SamplingParams(temperature=0.7, max_new_tokens=12))
+tokens = sum(len(run.student_ids(e)) + len(c.ids) for e, c in zip(examples, completions))
+mine = distributed.shard(list(range(b)), env)
+optimizer = torch.optim.AdamW(params, lr=1e-5)
+times = []
+for repeat in range(args["repeats"] + 1):  # the first round warms up
+    distributed.barrier()
+    start = time.perf_counter()
+    distill_step(run, [examples[i] for i in mine], [completions[i] for i in mine])
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    distributed.barrier()
+    if repeat:
+        times.append(time.perf_counter() - start)
+if env.is_main:
+    print(json.dumps({"step_s": statistics.median(times), "tokens": tokens}))
+distributed.shutdown()
+"""
+
+
+def dp_once(args, processes: int, overlap: bool) -> dict:
+    """One data-parallel measurement in fresh processes: seconds per step and tokens per step."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.dp_threads)}
+    payload = json.dumps({"model": args.model, "batch": args.g_batch, "repeats": args.g_repeats, "overlap": overlap})
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "dp_child.py"
+        script.write_text(DP_CHILD)
+        launcher = [] if processes == 1 else ["-m", "torch.distributed.run", "--standalone",
+                                              f"--nproc-per-node={processes}"]
+        out = subprocess.run([sys.executable, *launcher, str(script), payload], env=env, capture_output=True,
+                             text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"the {processes}-process run failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def dp_part(args) -> dict[str, dict]:
+    """Tokens/s of one step with 1 process and with 2 (overlapped, and after backward)."""
+    rows = {"1 process": dp_once(args, 1, True), "2 processes": dp_once(args, 2, True),
+            "2 processes, after backward": dp_once(args, 2, False)}
+    for row in rows.values():
+        row["tokens_per_s"] = row["tokens"] / row["step_s"]
+    return rows
 
 
 def start_once(args, data: Path, cache: Path) -> dict:
@@ -191,8 +265,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="warm starts per size")
     ap.add_argument("--work", default=None, help="where the data files go (default: a temporary folder)")
     ap.add_argument("--json", default=None, help="also write every number as JSON here")
-    ap.add_argument("--parts", default="data,g,k",
-                    help="data (start-up by data size), g (completions per prompt), k (agreement contexts)")
+    ap.add_argument("--parts", default="data,g,k,dp",
+                    help="data (start-up by data size), g (completions per prompt), k (agreement contexts), "
+                         "dp (1 against 2 processes)")
+    ap.add_argument("--dp-threads", type=int, default=1, help="torch threads per process in part dp")
     ap.add_argument("--g-batch", type=int, default=8, help="completions per step in part g")
     ap.add_argument("--g-repeats", type=int, default=3)
     args = ap.parse_args()
@@ -233,11 +309,20 @@ def main() -> None:
         for k, row in contexts.items():
             print(f"{k:>3} {row['step_s']:>15.3f} {row['peak_bytes'] / 2**20:>10.1f}")
         summary["k3_time_ratio"] = contexts[3]["step_s"] / contexts[0]["step_s"]
+    parallel: dict[str, dict] = {}
+    if "dp" in parts:
+        parallel = dp_part(args)
+        print(f"{'':>28} {'step s':>8} {'tokens/s':>9}  ({args.dp_threads} thread(s) per process, "
+              f"{os.cpu_count()} cores)")
+        for name, row in parallel.items():
+            print(f"{name:>28} {row['step_s']:>8.3f} {row['tokens_per_s']:>9.1f}")
+        summary["dp2_efficiency"] = parallel["2 processes"]["tokens_per_s"] / parallel["1 process"]["tokens_per_s"]
     if args.json:
         Path(args.json).write_text(json.dumps({
             "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} cores",
             "model": args.model, "batch_size": args.batch_size, "rows": rows,
-            "g_per_completion_s": per_completion, "contexts": contexts, **summary}, indent=2))
+            "g_per_completion_s": per_completion, "contexts": contexts, "data_parallel": parallel,
+            "dp_threads": args.dp_threads, **summary}, indent=2))
     print(" ".join(f"{k}={v:.4g}" for k, v in summary.items()))
 
 

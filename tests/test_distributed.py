@@ -50,9 +50,7 @@ WORKER = textwrap.dedent('''
     losses, grads = [], []
     for step in (1, 2):  # two optimiser steps, so an EMA sync (sync_steps=1) changes the second teacher
         idx = distributed.shard(list(range(8)), env)
-        stats = distill_step(run, [run.examples[i] for i in idx], [completions[i] for i in idx])
-        if not sharding.is_sharded(run.model):
-            distributed.sync_gradients(params)
+        stats = distill_step(run, [run.examples[i] for i in idx], [completions[i] for i in idx])  # summed gradients
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         grads.append([sharding.whole(p.grad.detach()).clone() for p in params])
         opt.step()

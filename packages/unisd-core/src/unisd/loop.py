@@ -290,9 +290,7 @@ def _take(s: Session) -> list[Example]:
 
 
 def _optimiser_step(s: Session, stats: dict[str, float]) -> StepUpdate:
-    """Synchronise and clip the gradients, then AdamW and the schedule; a non-finite step is skipped."""
-    if not sharding.is_sharded(s.run.model):  # sharded units reduce their gradients themselves, during backward
-        distributed.sync_gradients(s.trainable)
+    """Clip the (already summed, see distill_step) gradients, then AdamW and the schedule; a non-finite step is skipped."""
     grad_norm = sharding.whole(torch.nn.utils.clip_grad_norm_(s.trainable, s.config.max_grad_norm))
     lr = s.scheduler.get_last_lr()[0]
     # A NaN/inf loss or gradient would poison the weights and the optimizer state: skip the update

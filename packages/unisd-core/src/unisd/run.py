@@ -27,7 +27,8 @@ from .errors import ConfigError, DataError, UsageError
 from .io.reporting import Reporter
 from .model.models import apply_lora, load_model, load_tokenizer, loading, resolve_model, training_dtype
 from .model.teacher import default_teacher
-from .parallel import distributed, sharding
+from .parallel import distributed, gradient_sync, sharding
+from .parallel.gradient_sync import GradientSync
 from .plugins import UnisdPluginManager
 
 
@@ -74,6 +75,13 @@ class Run(Budgets):
     # Token ids of every prompt seen, as compact int32 arrays: a list of Python ints costs ~9× more,
     # which matters when a large dataset's prompts are all checked against the budget.
     _prompt_cache: dict[tuple[str, str], array] = field(default_factory=dict)
+    _gradient_sync: GradientSync | None = field(default=None, repr=False)
+
+    def gradient_sync(self) -> GradientSync:
+        """How this run's gradients are summed over processes (built on first use: after sharding)."""
+        if self._gradient_sync is None:
+            self._gradient_sync = gradient_sync.for_model(self.model)
+        return self._gradient_sync
 
     def student_ids(self, ex: Example) -> list[int]:
         key = ("student", ex.id)

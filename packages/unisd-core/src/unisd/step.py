@@ -121,8 +121,9 @@ def _rows(packed: Any, start: int, stop: int) -> Any:
 
 
 def distill_step(run: Run, examples: list[Example], completions: list[Completion]) -> dict[str, float]:
-    """Forward/backward of one optimiser step's loss over fixed completions (gradients accumulate in
-    the parameters; the caller steps the optimiser). Returns the step's loss statistics."""
+    """Forward/backward of one optimiser step's loss over fixed completions. The gradients accumulate in
+    the parameters and, with several processes, end as the sum over all of them (``Run.gradient_sync``);
+    the caller steps the optimiser. Returns the step's loss statistics."""
     cfg = run.config
     comp_ids = [c.ids for c in completions]
     micro = _micro_batches(len(examples), cfg.batch_size)
@@ -149,13 +150,16 @@ def distill_step(run: Run, examples: list[Example], completions: list[Completion
     with sharding.gathered(separate_teacher):
         step_div, step_ent = _step_student_scores(run, [[examples[i] for i in idx] for idx in micro],
                                                   [[comp_ids[i] for i in idx] for idx in micro], teacher_out)
+        sync = run.gradient_sync()
         for m, idx in enumerate(micro):
             batch = StepBatch(
                 [examples[i] for i in idx], [comp_ids[i] for i in idx], run.step + 1, num_tokens, m,
                 step_teacher_logp=[o["logp"] for o in teacher_out], step_masks=[o["mask"] for o in teacher_out],
                 step_divergence=step_div, step_entropy=step_ent,
             )
-            _micro_step(run, batch, teacher_out[m], totals)
+            with sync.micro_batch(last=m == len(micro) - 1):  # only the last one communicates
+                _micro_step(run, batch, teacher_out[m], totals)
+        sync.finish()
     stats = {**totals.sums, "loss_tokens": num_tokens}
     stats.update({f"loss/{k}": v for k, v in totals.extras.items()})
     return stats

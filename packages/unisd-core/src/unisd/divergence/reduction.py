@@ -39,7 +39,7 @@ def local_count(masks: list[torch.Tensor], mode: str) -> float:
 
 def step_denominator(masks: list[torch.Tensor], mode: str) -> float:
     """The step's denominator summed over every process: the loss stays a mean over the *global* batch
-    (gradients are summed across processes, see ``distributed.sync_gradients``)."""
+    (gradients are summed across processes, see ``unisd.parallel.gradient_sync``)."""
     return distributed.sum_scalar(local_count(masks, mode))
 
 

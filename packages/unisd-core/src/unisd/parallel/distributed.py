@@ -2,7 +2,8 @@
 
 Launch with ``accelerate launch -m unisd train ...``, ``torchrun -m unisd train ...`` or
 ``unisd train --num-processes N``; all set RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. Every process
-holds the same weights; after the backward pass the gradients are summed across processes, and because
+holds the same weights; the gradients are summed across processes during the step's last backward pass
+(``gradient_sync``), and because
 every process divides its loss by the token count of the *global* batch, the sum is exactly the gradient
 a single process would compute on the whole batch. Optimiser steps are then identical everywhere.
 """
@@ -115,23 +116,6 @@ def all_gather_cat(value: torch.Tensor) -> torch.Tensor:
     gathered = [torch.zeros(width, dtype=value.dtype) for _ in range(env.world_size)]
     dist.all_gather(gathered, padded)
     return torch.cat([g[:n] for g, n in zip(gathered, sizes, strict=True)]).to(value.device)
-
-
-def sync_gradients(parameters: list[torch.nn.Parameter]) -> None:
-    """Sum gradients over processes, flattened into one buffer per dtype (one collective each)."""
-    if not current().active:
-        return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    by_dtype: dict[Any, list[torch.Tensor]] = {}
-    for g in grads:
-        by_dtype.setdefault(g.dtype, []).append(g)
-    for group in by_dtype.values():
-        flat = torch.cat([g.reshape(-1) for g in group])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        offset = 0
-        for g in group:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
 
 
 def gather_objects(obj: Any) -> list[Any]:
