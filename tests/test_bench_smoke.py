@@ -86,8 +86,11 @@ def test_scaling_benchmark_reports_startup_and_step_overhead_per_size(tmp_path):
                 "--work", str(tmp_path / "work"), "--g-repeats", "1", "--json", str(tmp_path / "sc.json")], tmp_path)
     last = out.strip().splitlines()[-1]
     assert re.fullmatch(r"startup_1m_over_1k=[\d.e+-]+ step_overhead_1m_s=[\d.e+-]+ g8_per_completion_speedup=[\d.e+-]+"
-                        r" k3_time_ratio=[\d.e+-]+", last), last
+                        r" k3_time_ratio=[\d.e+-]+ dp2_efficiency=[\d.e+-]+", last), last
     data = json.loads((tmp_path / "sc.json").read_text())
     assert [row["prompts"] for row in data["rows"]] == [20, 200]
     assert all(row["examples"] == row["prompts"] for row in data["rows"])  # every short prompt kept
     assert sorted(data["contexts"]) == ["0", "1", "3", "5"] and all(c["step_s"] > 0 for c in data["contexts"].values())
+    parallel = data["data_parallel"]
+    assert sorted(parallel) == ["1 process", "2 processes", "2 processes, after backward"]
+    assert len({row["tokens"] for row in parallel.values()}) == 1  # the same global batch in each

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -32,7 +33,7 @@ WORKER = textwrap.dedent('''
     loads, real_load = [], unisd.run.load_model
     unisd.run.load_model = lambda *a, **kw: loads.append(kw.get("on_meta", False)) or real_load(*a, **kw)
     run = build_run(cfg, get_plugin_manager(), Reporter(), None)
-    sharded = shard in ("fsdp", "auto") and env.active
+    sharded = shard in ("fsdp", "auto", "hybrid") and env.active
     assert sharding.is_sharded(run.model) == sharded
     # under sharding only the main process reads the weights; the others build on the meta device
     assert loads == [sharded and not env.is_main], loads
@@ -75,8 +76,10 @@ WORKER = textwrap.dedent('''
     result = evaluate(run.model, run.tokenizer, ByIndex(), items, 6, split_over_processes=True)
     evaluated = [result.metrics, [s.extracted for s in result.scores], result.completions]
     if env.is_main:
+        mesh = getattr(next(iter(run.model.parameters())), "device_mesh", None)
         torch.save({"params": whole_params, "losses": losses, "grads": grads, "generated": generated,
-                    "evaluated": evaluated}, out)
+                    "evaluated": evaluated, "mesh": mesh.mesh.tolist() if mesh is not None and mesh.ndim == 2 else None},
+                   out)
     distributed.shutdown()
 ''')
 
@@ -87,20 +90,47 @@ ZERO2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "FSDP_SHARDING_
              "FSDP_RESHARD_AFTER_FORWARD": "true"}
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(target, nproc, env, nodes=1):
+    """Run ``target`` (a script and its arguments, or ``-m module ...``) in ``nproc`` processes on each of
+    ``nodes`` node ranks, every node rank its own torchrun agent on this machine (static rendezvous on
+    a local port, as on a cluster with one launcher per machine). Returns the agents' results."""
+    if nproc == 1 and nodes == 1:
+        return [subprocess.run([sys.executable, *target], env=env, capture_output=True, text=True, timeout=300)]
+    if nodes == 1:
+        # --standalone: the launcher picks a free rendezvous port itself (no race for a port we chose)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *target]
+        return [subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)]
+    port = _free_port()
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}",
+                                f"--node-rank={rank}", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+                                f"--master-port={port}", *target],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for rank in range(nodes)]
+    results = []
+    for agent in agents:
+        stdout, stderr = agent.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(agent.args, agent.returncode, stdout, stderr))
+    return results
+
+
+def _check(results):
+    for result in results:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
 def _run(nproc, model_dir, data, components, out, tmp_path, shard="none", mode="lora", extra_env=None,
-         overrides=None):
+         overrides=None, nodes=1):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "UNISD_CACHE_DIR": str(tmp_path / "cache"), **(extra_env or {})}
     args = [str(model_dir), str(data), json.dumps(components), str(out), shard, mode, json.dumps(overrides or {})]
-    if nproc == 1:
-        cmd = [sys.executable, str(script), *args]
-    else:
-        # --standalone: the launcher picks a free rendezvous port itself (no race for a port we chose)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(script), *args]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _check(_launch([str(script), *args], nproc, env, nodes))
     return torch.load(out)
 
 
@@ -169,6 +199,48 @@ def test_num_processes_flag_trains_with_two_processes(tmp_path):
     assert state["cursor"] == 8  # 2 steps × global batch of 2 per process × 2 processes
     assert len(torch.load(out / "checkpoints" / "step-2" / "rng.pt", weights_only=False)) == 2
     # and it resumes on a different process count
+    again = subprocess.run([sys.executable, "-m", "unisd", "train", "--resume", str(out), "--steps", "3"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(("nproc", "shard"), [(1, "none"), (2, "hybrid")], ids=["2x1", "2x2-hybrid"])
+def test_two_node_ranks_match_one_process(tmp_path, nproc, shard):
+    """Two node ranks (torchrun --nnodes 2, a local rendezvous): one process each, replicated; and two
+    each with hybrid sharding (sharded within a node, replicated across nodes), which must really build
+    a 2-D mesh. Both give one process's weights."""
+    model_dir = make_tiny_model_dir(tmp_path / "model")
+    data = write_jsonl(tmp_path / "data.jsonl", toy_records(8))
+    one = _run(1, model_dir, data, {}, tmp_path / "one.pt", tmp_path)
+    nodes = _run(nproc, model_dir, data, {}, tmp_path / "nodes.pt", tmp_path, shard, nodes=2)
+    assert one["losses"] == pytest.approx(nodes["losses"], rel=1e-5)  # a loss sums float32 round-off of O(1) terms
+    for a, b in zip(one["params"], nodes["params"], strict=True):
+        assert ((a - b).norm() / b.norm().clamp_min(1e-12)).item() <= 1e-6
+    assert one["generated"] == nodes["generated"] and one["evaluated"] == nodes["evaluated"]
+    if shard == "hybrid":
+        assert nodes["mesh"] == [[0, 1], [2, 3]]  # replicate across node ranks, shard within one
+    else:
+        assert nodes["mesh"] is None
+
+
+def test_two_node_ranks_train_checkpoint_and_resume_on_one(tmp_path):
+    """`unisd train` under torchrun --nnodes 2: the global rank 0 writes the run once, evaluates over
+    both node ranks, and the run resumes in one process."""
+    model_dir = make_tiny_model_dir(tmp_path / "model")
+    data = write_jsonl(tmp_path / "data.jsonl", toy_records(8))
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "UNISD_CACHE_DIR": str(tmp_path / "cache")}
+    train = ["-m", "unisd", "train", "--model", str(model_dir), "--data", str(data), "--steps", "2", "--batch-size",
+             "2", "--grad-accum", "1", "--max-new-tokens", "4", "--output", str(out), "--save-every", "1"]
+    results = _launch(train, 1, env, nodes=2)
+    _check(results)
+    assert "Done in" in results[0].stdout and "Done in" not in results[1].stdout  # one closing line, from rank 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    state = json.loads((out / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert state["cursor"] == 8  # 2 steps × 2 per process × 2 node ranks
+    assert len(torch.load(out / "checkpoints" / "step-2" / "rng.pt", weights_only=False)) == 2
     again = subprocess.run([sys.executable, "-m", "unisd", "train", "--resume", str(out), "--steps", "3"],
                            env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -53,13 +53,44 @@ def test_accelerate_fsdp1_strategies_map_to_fsdp2(env, reshard):
     assert plan is not None and plan.reshard_after_forward is reshard and not plan.cpu_offload
 
 
-def test_accelerate_no_shard_is_plain_data_parallelism_and_hybrid_is_refused():
+def test_accelerate_no_shard_is_plain_data_parallelism_and_hybrid_is_a_2d_mesh():
     assert plan_from_accelerate(_fsdp1("NO_SHARD")) is None
     assert plan_from_accelerate(_fsdp1("FULL_SHARD", "no_shard")) is None
     assert plan_from_accelerate({"ACCELERATE_MIXED_PRECISION": "no"}) is None  # a plain multi-GPU launch
-    for env in (_fsdp1("HYBRID_SHARD"), _fsdp1("FULL_SHARD", "hybrid_shard_zero2")):
-        with pytest.raises(ConfigError, match="HYBRID_SHARD.* is not supported"):
-            plan_from_accelerate(env)
+    for env, reshard in ((_fsdp1("HYBRID_SHARD"), True), (_fsdp1("FULL_SHARD", "hybrid_shard_zero2"), False),
+                         (_fsdp1("4"), True)):
+        plan = plan_from_accelerate(env)
+        assert plan.hybrid and plan.reshard_after_forward is reshard and "hybrid" in plan.describe()
+    assert not plan_from_accelerate(_fsdp1("FULL_SHARD")).hybrid
+    with pytest.raises(ConfigError, match="unknown sharding strategy SIDEWAYS"):
+        plan_from_accelerate(_fsdp1("SIDEWAYS"))
+    assert choose_plan("hybrid", None, 4, env={}).hybrid and not choose_plan("fsdp", None, 4, env={}).hybrid
+
+
+@pytest.mark.parametrize(("world", "local", "shape"), [(4, "2", (2, 2)), (2, "2", (1, 2)), (2, "1", (2, 1))])
+def test_hybrid_mesh_rows_are_machines(monkeypatch, world, local, shape):
+    import torch.distributed as dist
+    from torch.distributed import device_mesh
+
+    from unisd.parallel import sharding
+
+    made = []
+    monkeypatch.setattr(dist, "get_world_size", lambda: world)
+    monkeypatch.setattr(device_mesh, "init_device_mesh", lambda device, dims, mesh_dim_names: made.append(
+        (dims, mesh_dim_names)))
+    sharding.hybrid_mesh({"LOCAL_WORLD_SIZE": local})
+    assert made == [(shape, ("replicate", "shard"))]
+
+
+def test_hybrid_mesh_needs_equal_machines(monkeypatch):
+    import torch.distributed as dist
+
+    from unisd.errors import UsageError
+    from unisd.parallel import sharding
+
+    monkeypatch.setattr(dist, "get_world_size", lambda: 3)
+    with pytest.raises(UsageError, match="same number of processes on every machine: 3 in all, 2 on this one"):
+        sharding.hybrid_mesh({"LOCAL_WORLD_SIZE": "2"})
 
 
 def test_fp16_is_refused_with_the_fix():

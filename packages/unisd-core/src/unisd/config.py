@@ -15,7 +15,7 @@ from .errors import ConfigError, OptionError
 from .recipes import check_recipe
 from .values import convert_value
 
-SHARD_CHOICES = ("auto", "none", "fsdp")  # see unisd.parallel.sharding
+SHARD_CHOICES = ("auto", "none", "fsdp", "hybrid")  # see unisd.parallel.sharding
 COMPILE_CHOICES = ("auto", "on", "off")  # see unisd.divergence.chunk_math
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # see unisd.model.models.training_dtype
 GJSD_SCALE_CHOICES = ("normalized", "research")  # see unisd.divergence.losses

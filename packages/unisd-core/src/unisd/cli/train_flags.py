@@ -121,7 +121,7 @@ TRAIN_FLAGS: tuple[Flag, ...] = (
     Flag("resume", Path, typer.Option(None, "--resume", metavar="RUN", help="Continue a run directory (or one of its checkpoints) exactly.")),
     _run("seed", int, "--seed", metavar="N", help=f"Random seed.  {_default('seed')}"),
     Flag("num_processes", int, typer.Option(1, "--num-processes", metavar="N", help="Data-parallel processes on this machine (relaunches under torch.distributed.run).")),
-    _run("shard", str, "--shard", metavar="MODE", help=f"Multi-process: fsdp shards weights, gradients and optimizer state (FSDP2); none replicates them; auto follows an accelerate FSDP/DeepSpeed config.  {_default('shard')}"),
+    _run("shard", str, "--shard", metavar="MODE", help=f"Multi-process: fsdp shards weights, gradients and optimizer state (FSDP2); hybrid shards them within each machine and replicates across machines; none replicates them; auto follows an accelerate FSDP/DeepSpeed config.  {_default('shard')}"),
     _run("deepspeed", Path, "--deepspeed", metavar="FILE", convert=str, help="DeepSpeed JSON config: its ZeRO stage and offload select the equivalent FSDP2 sharding."),
     _run("report_to", list[str], "--report-to", metavar="TRACKER", convert=lambda trackers: list(trackers) or None, help="Also send metrics, config and evaluations to tensorboard, wandb, trackio or mlflow (repeatable; each an extra: pip install 'unisd-core[wandb]')."),
     _run("reference_control", str, "--reference-control", metavar="none|shuffled", help=f"A control run: 'shuffled' shows each example's teacher another example's reference, to separate the right reference's effect from the format's.  {_default('reference_control')}"),

@@ -47,11 +47,14 @@ class ShardPlan:
     cpu_offload: bool = False  # parameters, gradients and the optimizer step on the CPU
     param_dtype: str | None = None  # mixed precision: compute in this dtype, reduce gradients in fp32
     activation_checkpointing: bool = False
+    hybrid: bool = False  # shard within each machine, replicate across machines (a 2-D device mesh)
     source: str = "--shard fsdp"
     ignored: tuple[str, ...] = field(default_factory=tuple)
 
     def describe(self) -> str:
         mode = "full shard (ZeRO-3)" if self.reshard_after_forward else "shard grads+optimizer (ZeRO-2)"
+        if self.hybrid:
+            mode = f"hybrid {mode}: sharded within each machine, replicated across machines"
         extras = [e for e, on in (("CPU offload", self.cpu_offload), (f"{self.param_dtype} compute", self.param_dtype),
                                   ("activation checkpointing", self.activation_checkpointing)) if on]
         return f"FSDP2 {mode}" + (f", {', '.join(extras)}" if extras else "") + f" (from {self.source})"
@@ -84,7 +87,8 @@ def _mixed_precision(value: str | None, where: str) -> str | None:
 # (NO_RESHARD: accelerate's name for SHARD_GRAD_OP in `fsdp_reshard_after_forward`)
 _FSDP_STRATEGIES = {"FULL_SHARD": True, "1": True, "SHARD_GRAD_OP": False, "2": False, "NO_RESHARD": False,
                     "NO_SHARD": None, "3": None}
-_FSDP_HYBRID = {"HYBRID_SHARD", "4", "HYBRID_SHARD_ZERO2", "5"}
+# hybrid strategies: shard within a machine, replicate across machines; resharded after forward or not
+_FSDP_HYBRID = {"HYBRID_SHARD": True, "4": True, "HYBRID_SHARD_ZERO2": False, "5": False}
 
 
 def plan_from_accelerate(env: Mapping[str, str]) -> ShardPlan | None:
@@ -103,6 +107,7 @@ def plan_from_accelerate(env: Mapping[str, str]) -> ShardPlan | None:
     if not _flag(env, "ACCELERATE_USE_FSDP"):
         return None
     where = "accelerate FSDP config"
+    hybrid = False
     if env.get("FSDP_VERSION", "1") == "2":
         reshard = _flag(env, "FSDP_RESHARD_AFTER_FORWARD", default=True)
     else:
@@ -111,18 +116,18 @@ def plan_from_accelerate(env: Mapping[str, str]) -> ShardPlan | None:
         named = env.get("FSDP_RESHARD_AFTER_FORWARD", "").strip().upper()
         strategy = named if named in _FSDP_STRATEGIES or named in _FSDP_HYBRID else \
             env.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").strip().upper()
-        if strategy not in _FSDP_STRATEGIES:
-            raise ConfigError(
-                f"{where}: sharding strategy {strategy} is not supported (hybrid sharding needs several machines); "
-                f"use FULL_SHARD or SHARD_GRAD_OP"
-            )
-        reshard = _FSDP_STRATEGIES[strategy]
+        if strategy not in _FSDP_STRATEGIES and strategy not in _FSDP_HYBRID:
+            raise ConfigError(f"{where}: unknown sharding strategy {strategy}; use FULL_SHARD, SHARD_GRAD_OP, "
+                              "NO_SHARD, HYBRID_SHARD or HYBRID_SHARD_ZERO2")
+        hybrid = strategy in _FSDP_HYBRID
+        reshard = _FSDP_HYBRID[strategy] if hybrid else _FSDP_STRATEGIES[strategy]
         if reshard is None:
             return None  # NO_SHARD is plain data parallelism
     ignored = tuple(f"{k} (FSDP2 prefetches by itself)" for k in ("FSDP_FORWARD_PREFETCH", "FSDP_BACKWARD_PREFETCH")
                     if _flag(env, k))
     return ShardPlan(
-        reshard_after_forward=reshard, cpu_offload=_flag(env, "FSDP_OFFLOAD_PARAMS"),
+        reshard_after_forward=reshard, hybrid=hybrid,
+        cpu_offload=_flag(env, "FSDP_OFFLOAD_PARAMS"),
         param_dtype=_mixed_precision(env.get("ACCELERATE_MIXED_PRECISION"), where),
         activation_checkpointing=_flag(env, "FSDP_ACTIVATION_CHECKPOINTING"), source=where, ignored=ignored,
     )
@@ -191,8 +196,8 @@ def choose_plan(shard: str, deepspeed_config: str | None, world_size: int,
         if plan is None and shard == "fsdp":
             raise ConfigError(f"--deepspeed {deepspeed_config} is ZeRO stage 0 (no sharding) but --shard fsdp asks "
                               f"for sharding: drop one of them")
-    elif shard == "fsdp":
-        plan = ShardPlan()
+    elif shard in ("fsdp", "hybrid"):
+        plan = ShardPlan(hybrid=shard == "hybrid", source=f"--shard {shard}")
     elif shard == "auto":
         plan = plan_from_accelerate(env)
     else:
@@ -248,6 +253,22 @@ def _run_as_forward(self: Any, fn: Callable[[], Any]) -> Any:
     return out
 
 
+def hybrid_mesh(env: Mapping[str, str] | None = None) -> Any:
+    """The 2-D device mesh of hybrid sharding: one row per machine (replicas), the processes of one
+    machine along it (shards). torchrun numbers ranks machine by machine, so a row is one machine."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    env = os.environ if env is None else env
+    world = dist.get_world_size()
+    per_machine = int(env.get("LOCAL_WORLD_SIZE", world))
+    if per_machine < 1 or world % per_machine:
+        raise UsageError(f"hybrid sharding needs the same number of processes on every machine: {world} in all, "
+                         f"{per_machine} on this one")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return init_device_mesh(device, (world // per_machine, per_machine), mesh_dim_names=("replicate", "shard"))
+
+
 def shard_model(model: torch.nn.Module, plan: ShardPlan) -> torch.nn.Module:
     """Make every transformer block and then ``model`` itself an FSDP2 unit (in place; returns model)."""
     from torch.distributed.fsdp import (
@@ -258,6 +279,8 @@ def shard_model(model: torch.nn.Module, plan: ShardPlan) -> torch.nn.Module:
     )
 
     kwargs: dict[str, Any] = {"reshard_after_forward": plan.reshard_after_forward}
+    if plan.hybrid:
+        kwargs["mesh"] = hybrid_mesh()
     if plan.param_dtype:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=getattr(torch, plan.param_dtype), reduce_dtype=torch.float32)
     if plan.cpu_offload:
