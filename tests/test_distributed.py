@@ -247,6 +247,46 @@ def test_two_node_ranks_train_checkpoint_and_resume_on_one(tmp_path):
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
+FIRST_START = textwrap.dedent('''
+    import json, sys
+    from unisd.config import RunConfig
+    from unisd.data import example_file
+    from unisd.io.reporting import Reporter
+    from unisd.parallel import distributed
+    from unisd.plugins import get_plugin_manager
+    from unisd.run import build_run
+
+    env = distributed.init_from_env()
+    saved = []
+    real_save = example_file._save
+    example_file._save = lambda path, **arrays: saved.append(path.parent.name) or real_save(path, **arrays)
+    run = build_run(RunConfig(model=sys.argv[1], data=sys.argv[2], max_prompt_tokens=40), get_plugin_manager(),
+                    Reporter(), None)
+    everyone = distributed.gather_objects([saved, len(run.examples)])
+    if env.is_main:
+        print("RESULT " + json.dumps(everyone))
+    distributed.shutdown()
+''')
+
+
+def test_a_new_data_file_is_indexed_and_measured_by_one_process(tmp_path):
+    """The first start on a JSONL file under 2 processes: the main process indexes it and measures its
+    prompts; the other waits and reads both from the cache (and keeps the same examples)."""
+    model_dir = make_tiny_model_dir(tmp_path / "model")
+    records = toy_records(12)
+    records[3]["prompt"] = "long " * 60  # over max_prompt_tokens: left out on both processes
+    data = write_jsonl(tmp_path / "data.jsonl", records)
+    script = tmp_path / "first_start.py"
+    script.write_text(FIRST_START)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "UNISD_CACHE_DIR": str(tmp_path / "cache")}
+    [result] = _launch([str(script), str(model_dir), str(data)], 2, env)
+    _check([result])
+    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
+    (main_saved, main_count), (other_saved, other_count) = json.loads(line[len("RESULT "):])
+    assert sorted(main_saved) == ["data-index", "data-index"] and other_saved == []
+    assert main_count == other_count == 11
+
+
 def test_more_processes_than_gpus_is_a_usage_error(monkeypatch):
     """Emulated CUDA with one GPU and two local processes: refused before any process group is started."""
     from unisd.errors import UsageError

@@ -148,7 +148,9 @@ def _load_examples(config: RunConfig, pm: UnisdPluginManager) -> tuple[Task | No
     if config.data:
         columns = Columns(prompt=config.prompt_column, reference=config.reference_column)
         if is_jsonl_file(config.data):  # read lazily: start-up does not grow with the file
-            return None, open_example_file(config.data, columns=columns, limit=config.limit)
+            # one process indexes a new file; the others then read its index from the cache
+            return None, distributed.main_first(
+                lambda: open_example_file(config.data, columns=columns, limit=config.limit), DataError)
         return None, load_data(config.data, split=config.split, limit=config.limit, columns=columns)
     if not config.task:
         raise ConfigError("nothing to train on: give --task NAME or --data FILE.jsonl")
@@ -317,7 +319,8 @@ def _drop_long_prompts(run: Run, reporter: Reporter) -> None:
     """Leave out examples whose student prompt exceeds ``max_prompt_tokens`` (all of them: an error)."""
     limit = run.config.max_prompt_tokens
     if isinstance(run.examples, ExampleFile):  # counted once per file and tokenizer, then read from the cache
-        lengths = run.examples.prompt_lengths(run.tokenizer, lambda e: len(run.encode_student(e)), reporter.track)
+        lengths = distributed.main_first(lambda: run.examples.prompt_lengths(
+            run.tokenizer, lambda e: len(run.encode_student(e)), reporter.track), DataError)
     else:
         lengths = np.array([len(run.student_ids(e)) for e in run.examples], dtype=np.int64)
     over = np.flatnonzero(lengths > limit)

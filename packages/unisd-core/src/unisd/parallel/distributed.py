@@ -154,3 +154,17 @@ def on_main_only(work: Callable[[], T], error_type: type[Exception]) -> T | None
     if error is not None:
         raise error_type(error)
     return result
+
+
+def main_first(work: Callable[[], T], error_type: type[Exception]) -> T:
+    """``work()`` on the main process, then, once it has finished, on every other. Collective.
+
+    For work that fills a cache: the main process fills it (e.g. a large data file's index, minutes
+    for millions of records) while the others wait, and they then read it instead of each repeating
+    the work. An error on the main process is raised on every process, as by :func:`on_main_only`.
+    """
+    if not current().active:
+        return work()
+    result = on_main_only(work, error_type)
+    return result if current().is_main else work()  # type: ignore[return-value]
+
