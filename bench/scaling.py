@@ -23,6 +23,8 @@ Part ``g``: the teacher + student time of one ``distill_step`` per completion wi
 completions per prompt (``--num-generations``: each prompt runs once for its G completions), on
 ``--g-batch`` completions of the demo task with fixed sampled completions, the median of ``--g-repeats``.
 The last line adds ``g8_per_completion_speedup=<time per completion at G = 1 / at G = 8>`` (target ≥ 2).
+Generation's seconds per completion are printed beside it (each distinct prompt is prefilled once for
+its G samples).
 
 Part ``k``: one ``distill_step``'s time and peak memory (above the level before it) with K = 0, 1, 3, 5
 agreement contexts (random demonstrations: three more teacher prompts per example at K = 3), same
@@ -199,16 +201,20 @@ def g_part(args) -> dict[int, float]:
     backend, stream = HFBackend(run.model, run.tokenizer, batch_size=b), DataStream(run.examples, 1)
     sampling = SamplingParams(temperature=0.7, max_new_tokens=12)
     times: dict[int, list[float]] = {g: [] for g in (1, 4, 8) if b % g == 0}
+    generation: dict[int, list[float]] = {g: [] for g in times}
     for repeat in range(args.g_repeats + 1):  # the first round warms up
         for g in times:
             examples = [ex for ex in stream.take(b // g) for _ in range(g)]
-            completions = backend.generate([run.student_ids(e) for e in examples], sampling)
             start = time.perf_counter()
+            completions = backend.generate([run.student_ids(e) for e in examples], sampling)
+            generated = time.perf_counter()
             distill_step(run, examples, completions)
             run.model.zero_grad(set_to_none=True)
             if repeat:
-                times[g].append((time.perf_counter() - start) / b)
-    return {g: statistics.median(v) for g, v in times.items()}
+                times[g].append((time.perf_counter() - generated) / b)
+                generation[g].append((generated - start) / b)
+    return ({g: statistics.median(v) for g, v in times.items()},
+            {g: statistics.median(v) for g, v in generation.items()})
 
 
 def k_part(args) -> dict[int, dict[str, float]]:
@@ -295,11 +301,12 @@ def main() -> None:
         summary["startup_1m_over_1k"] = rows[-1]["warm_startup_s"] / rows[0]["warm_startup_s"]
         summary["step_overhead_1m_s"] = rows[-1]["step_overhead_s"]
     per_completion: dict[int, float] = {}
+    generation_per_completion: dict[int, float] = {}
     if "g" in parts:
-        per_completion = g_part(args)
-        print(f"{'G':>3} {'teacher+student s per completion':>34}")
+        per_completion, generation_per_completion = g_part(args)
+        print(f"{'G':>3} {'teacher+student s per completion':>34} {'generation s per completion':>28}")
         for g, seconds in per_completion.items():
-            print(f"{g:>3} {seconds:>34.3f}")
+            print(f"{g:>3} {seconds:>34.3f} {generation_per_completion[g]:>28.3f}")
         if 8 in per_completion:
             summary["g8_per_completion_speedup"] = per_completion[1] / per_completion[8]
     contexts: dict[int, dict[str, float]] = {}
@@ -321,7 +328,8 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({
             "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} cores",
             "model": args.model, "batch_size": args.batch_size, "rows": rows,
-            "g_per_completion_s": per_completion, "contexts": contexts, "data_parallel": parallel,
+            "g_per_completion_s": per_completion, "g_generation_per_completion_s": generation_per_completion,
+            "contexts": contexts, "data_parallel": parallel,
             "dp_threads": args.dp_threads, **summary}, indent=2))
     print(" ".join(f"{k}={v:.4g}" for k, v in summary.items()))
 
