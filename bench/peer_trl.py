@@ -25,8 +25,8 @@ with ``speedup = peer_step_s / unisd_step_s`` and ``gain`` = student accuracy af
 Differences that remain, all TRL's own behaviour: its loss is a per-sequence mean, then a mean over
 sequences (unisd's ``loss_reduction = "sequence"``; unisd's default is the step's token mean, see
 ``--loss-reduction``); its linear warm-up starts at lr 0 (unisd's at lr/(w+1)), over the same number of
-steps; it zeroes dropout (``disable_dropout``, its default) where unisd trains with LoRA dropout 0.05;
-its data order and sampling RNG differ.
+steps; its data order and sampling RNG differ. It zeroes dropout (``disable_dropout``, its default), so
+unisd runs with ``--lora-dropout 0`` here unless told otherwise (the demo itself trains with 0.05).
 """
 
 from __future__ import annotations
@@ -62,6 +62,10 @@ class Settings:
     alpha: float = 0.0  # forward KL(teacher || student), in unisd's and TRL's convention alike
     seed: int = 42
     loss_reduction: str = "token"  # unisd's; TRL's is always "sequence"
+    num_generations: int = 1  # completions per prompt (TRL's own default is 8)
+    # TRL's SDFTConfig zeroes every dropout (disable_dropout, its default), so 0 is the setting TRL runs
+    # with; the demo's 0.05 costs unisd ~17 % of its teacher + student time on CPU (bench/RESULTS.md)
+    lora_dropout: float = 0.0
 
 
 # ---- pure helpers (no torch, no trl: tests/test_bench_peer_trl.py runs them in the project's venv) ----
@@ -115,6 +119,7 @@ def unisd_settings_mapping(settings: Settings, model: str) -> dict[str, Any]:
         "lora_r": settings.lora_r, "lora_alpha": settings.lora_alpha, "max_new_tokens": settings.max_new_tokens,
         "temperature": settings.temperature, "alpha": settings.alpha, "seed": settings.seed,
         "loss_reduction": settings.loss_reduction, "eval_before_after": False, "save_every": 0,
+        "num_generations": settings.num_generations, "lora_dropout": settings.lora_dropout,
     }
 
 
@@ -237,7 +242,7 @@ def trl_config(settings: Settings, template: str, out: Path, bf16: bool) -> Any:
         output_dir=str(out), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum, learning_rate=settings.lr, lr_scheduler_type="cosine",
         warmup_steps=warmup_steps(settings), weight_decay=0.0, max_grad_norm=1.0, seed=settings.seed, bf16=bf16,
-        num_generations=1,  # one completion per prompt, as unisd (TRL's default 8 is GRPO-style groups)
+        num_generations=settings.num_generations,  # TRL's default 8 is GRPO-style groups
         max_completion_length=settings.max_new_tokens, temperature=settings.temperature, top_p=1.0, top_k=0,
         distillation_mode="full_logits",  # TRL's default is a top-100 approximation
         distillation_alpha=settings.alpha,  # TRL's default 0.5 is a JSD
@@ -276,7 +281,7 @@ def run_trl(settings: Settings, model_dir: str, work: Path, task: Any, train: li
 
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir, "auto")  # unisd's dtype choice
     dataset, template = trl_dataset(task, train)
-    lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=0.05, bias="none",
+    lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout, bias="none",
                       task_type="CAUSAL_LM", target_modules=lora_targets(model))  # unisd's modules
     timer = step_timer()
     trainer = SDFTTrainer(model=model, args=trl_config(settings, template, work / "trl-run", model.dtype == torch.bfloat16),
@@ -308,6 +313,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2", help="what unisd's --model takes (default: the bundled SmolLM2)")
     parser.add_argument("--loss-reduction", default="token", choices=["token", "sequence"],
                         help="unisd's loss reduction (sequence is TRL's; default token, the demo's)")
+    parser.add_argument("--num-generations", type=int, default=1, help="completions per prompt, both trainers")
+    parser.add_argument("--lora-dropout", type=float, default=0.0,
+                        help="unisd's LoRA dropout (default 0: TRL zeroes dropout whatever its config says)")
     parser.add_argument("--workdir", default=None, help="keep both runs here (default: a temporary directory)")
     parser.add_argument("--json", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
@@ -321,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from unisd.model.models import load_model, load_tokenizer, resolve_model
 
-    settings = Settings(steps=args.steps or Settings.steps, loss_reduction=args.loss_reduction)
+    settings = Settings(steps=args.steps or Settings.steps, loss_reduction=args.loss_reduction,
+                        num_generations=args.num_generations, lora_dropout=args.lora_dropout)
     model_dir = resolve_model(args.model, print)  # the same local HF directory for both trainers
     task, train, held_out = demo_items(args.eval_limit)
     print(f"model {model_dir}; {settings.steps} steps; {len(held_out)} held-out items; settings {asdict(settings)}",

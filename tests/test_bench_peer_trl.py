@@ -63,6 +63,7 @@ def test_unisd_run_settings_are_the_demos_with_forward_kl(peer, tmp_path):
     assert (config.steps, config.batch_size, config.grad_accum, config.lr) == (60, 4, 2, 1e-3)
     assert (config.lora_r, config.lora_alpha, config.max_new_tokens, config.alpha) == (16, 32, 12, 0.0)
     assert config.task == "demo" and config.temperature == 0.7 and not config.eval_before_after
+    assert config.num_generations == 1 and config.lora_dropout == 0.0  # TRL zeroes dropout
     assert peer.warmup_steps(settings) == 6 and peer.median_step([3.0, 1.0, 2.0]) == 2.0
 
 
