@@ -437,20 +437,22 @@ def eval_command(
             return
         settings = EvalSettings(model, predictions, split, limit, samples, missing, max_new_tokens, data_file,
                                 batch_size, protocol, backend)
-        generator = None
-        if model is not None:
-            if backend == "vllm":
-                from .vllm_generator import VLLMGenerator
-
-                generator = VLLMGenerator(model, 0, batch_size, console, dtype=dtype)
-            else:
-                generator = Generator(model, 0, batch_size, console, dtype=dtype)
+        generator = make_generator(model, backend, batch_size, dtype, console) if model is not None else None
         summary = {name: evaluate_task(pm, name, settings, generator, outputs[name], console) for name in names}
         if len(names) > 1:
             atomic.write_text(root / "summary.json", json.dumps(
                 {"model": model, "tasks": summary, "environment": environment(Path.cwd())}, indent=2, default=str) + "\n")
     if len(names) > 1:
         print_summary(console, summary, root)
+
+
+def make_generator(model: str, backend: str, batch_size: int, dtype: str, console: Console) -> Any:
+    """What generates the completions with --model: transformers, or vLLM (loaded once for every task)."""
+    if backend == "vllm":
+        from .vllm_generator import VLLMGenerator
+
+        return VLLMGenerator(model, 0, batch_size, console, dtype=dtype)
+    return Generator(model, 0, batch_size, console, dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -538,19 +540,7 @@ def evaluate_task(pm: Any, task: str, s: EvalSettings, generator: Any, output: P
         raise DataError(f"task '{task}' split '{split}' has no examples")
     loaded = time.perf_counter()
     max_new = s.max_new_tokens or task_obj.max_new_tokens
-    rows: list[Row]
-    absent: list[Example] = []
-    if s.predictions is not None:
-        by_id = read_predictions(s.predictions)
-        rows = list(match_predictions(task, split, examples, by_id))
-        absent = missing_items(examples, by_id)
-        if absent and s.missing == "error":
-            raise missing_error(task, split, examples, absent)
-        rows += missing_rows(absent, by_id)
-    else:
-        assert generator is not None
-        generator.max_new_tokens = max_new
-        rows = list(generate(generator, examples, s.samples))
+    rows, absent = task_rows(task, split, examples, s, generator, max_new)
     rounds = retry_rounds(task_obj, s.protocol, generating=s.predictions is None)
     if rounds:
         rows, retries = retry_unparsed(task_obj, rows, generator.complete, rounds)  # type: ignore[union-attr]
@@ -572,27 +562,53 @@ def evaluate_task(pm: Any, task: str, s: EvalSettings, generator: Any, output: P
         "task": task, "split": split, "protocol": describe_protocol(s.protocol, rounds), "metrics": metrics,
         "missing": {"policy": s.missing, "items": len(absent), "ids": [ex.id for ex in absent]},
         "scoring_errors": sum(sc.verdict == SCORING_ERROR_VERDICT for sc in scores),
-        "config": {"model": s.model, "predictions": str(s.predictions) if s.predictions else None,
-                   "limit": s.limit, "samples": s.samples, "missing": s.missing, "max_new_tokens": max_new,
-                   "temperature": 0.0 if s.samples == 1 else SAMPLING_TEMPERATURE,
-                   "data_file": str(s.data_file) if s.data_file else None, "batch_size": s.batch_size,
-                   "backend": s.backend if s.model is not None else None},
+        "config": run_settings(s, max_new),
         "environment": environment(Path.cwd()),
         "sandbox": sandbox_description(task_obj),
         "timings": {"load_s": loaded - began, "generate_s": generated - loaded, "score_s": scored - generated,
                     "total_s": time.perf_counter() - began},
     }
     write_outputs(output, results, rows, scores)
+    print_task_result(console, task, metrics, scores, len(absent), output)
+    key = headline_key(metrics)
+    return {"metric": key, "value": metrics.get(key), "stderr": metrics.get(f"{key}_stderr"),
+            "items": metrics["items"], "output": str(output)}
+
+
+def task_rows(task: str, split: str, examples: list[Example], s: EvalSettings, generator: Any,
+              max_new: int) -> tuple[list[Row], list[Example]]:
+    """Each item's completions, from --predictions (with the items that have none) or generated."""
+    if s.predictions is None:
+        assert generator is not None
+        generator.max_new_tokens = max_new
+        return list(generate(generator, examples, s.samples)), []
+    by_id = read_predictions(s.predictions)
+    rows = list(match_predictions(task, split, examples, by_id))
+    absent = missing_items(examples, by_id)
+    if absent and s.missing == "error":
+        raise missing_error(task, split, examples, absent)
+    return rows + missing_rows(absent, by_id), absent
+
+
+def run_settings(s: EvalSettings, max_new: int) -> dict[str, Any]:
+    """results.json's "config": what produced these numbers."""
+    return {"model": s.model, "predictions": str(s.predictions) if s.predictions else None,
+            "limit": s.limit, "samples": s.samples, "missing": s.missing, "max_new_tokens": max_new,
+            "temperature": 0.0 if s.samples == 1 else SAMPLING_TEMPERATURE,
+            "data_file": str(s.data_file) if s.data_file else None, "batch_size": s.batch_size,
+            "backend": s.backend if s.model is not None else None}
+
+
+def print_task_result(console: Console, task: str, metrics: dict[str, Any], scores: list[Score], absent: int,
+                      output: Path) -> None:
+    """One task's table, its headline line, and where its files are."""
     print_table(console, task, metrics)
     line = headline(metrics, scores)
     if line:
         console.print(line, highlight=False)
     if absent:
-        console.print(f"{len(absent)} item(s) had no prediction and count as failed (--missing fail)", highlight=False)
+        console.print(f"{absent} item(s) had no prediction and count as failed (--missing fail)", highlight=False)
     console.print(f"Wrote {output / 'results.json'} and {output / 'predictions.jsonl'}", highlight=False)
-    key = headline_key(metrics)
-    return {"metric": key, "value": metrics.get(key), "stderr": metrics.get(f"{key}_stderr"),
-            "items": metrics["items"], "output": str(output)}
 
 
 def print_summary(console: Console, summary: dict[str, dict[str, Any]], root: Path) -> None:
