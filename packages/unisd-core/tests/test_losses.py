@@ -1,6 +1,7 @@
 """The divergence against an independent float64 reference written from the definitions."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -69,11 +70,6 @@ def test_continuous_at_both_ends():
     assert not torch.allclose(fkl, rkl, rtol=1e-2)
 
 
-def test_rejects_out_of_range_alpha():
-    with pytest.raises(ValueError):
-        generalized_jsd(torch.zeros(1, 3), torch.zeros(1, 3), alpha=1.5)
-
-
 def test_token_outputs_from_hidden_states_match_logits_path():
     gen = torch.Generator().manual_seed(11)
     b, c, h, v = 3, 5, 8, 20
@@ -139,3 +135,20 @@ def test_unknown_gjsd_scale_is_a_usage_error():
 
     with pytest.raises(UsageError, match="gjsd_scale"):
         generalized_jsd(torch.zeros(1, 3), torch.zeros(1, 3), alpha=0.5, scale="paper")
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan")])
+def test_one_alpha_rule_for_the_config_the_oracle_and_the_chunked_path(alpha):
+    from unisd.config import ALPHA_RULE, RunConfig
+    from unisd.divergence.chunked import chunked_token_outputs
+    from unisd.errors import UsageError
+
+    logits = torch.randn(2, 5)
+    with pytest.raises(UsageError, match="^" + re.escape(ALPHA_RULE)):
+        generalized_jsd(logits, logits, alpha)
+    hidden, head = torch.randn(1, 2, 4), torch.randn(5, 4)
+    with pytest.raises(UsageError, match="alpha must be in"):
+        chunked_token_outputs(hidden, head, hidden, head, torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2),
+                              alpha=alpha)
+    with pytest.raises(UsageError, match="alpha must be in"):
+        RunConfig(alpha=alpha).validate()

@@ -21,6 +21,12 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # see unisd.model.mo
 GJSD_SCALE_CHOICES = ("normalized", "research")  # see unisd.divergence.losses
 LOSS_REDUCTION_CHOICES = ("token", "sequence")  # see unisd.divergence.reduction
 REFERENCE_CONTROL_CHOICES = ("none", "shuffled")  # see unisd.data.controls
+ALPHA_RULE = "alpha must be in [0, 1] (0 = forward KL, 1 = reverse KL)"
+
+
+def alpha_ok(alpha: float) -> bool:
+    """The one rule for the divergence's α, used by the config, the oracle and the chunked path (NaN fails)."""
+    return 0.0 <= alpha <= 1.0
 
 
 @dataclass
@@ -123,7 +129,7 @@ class RunConfig:
              f"grad_accum = {self.batch_size * self.grad_accum}: each prompt's completions come from one step"),
             # comparisons with NaN are false, so NaN fails each check below; inf needs isfinite
             (math.isfinite(self.lr) and self.lr > 0, f"--lr must be a finite number > 0, got {self.lr}"),
-            (0 <= self.alpha <= 1, "alpha must be in [0, 1] (0 = forward KL, 1 = reverse KL)"),
+            (alpha_ok(self.alpha), ALPHA_RULE),
             (math.isfinite(self.temperature) and self.temperature >= 0, "temperature must be a finite number ≥ 0"),
             (self.loss_temperature is None or (math.isfinite(self.loss_temperature) and self.loss_temperature > 0),
              "loss_temperature must be a finite number > 0"),

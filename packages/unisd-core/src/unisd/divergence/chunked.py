@@ -32,12 +32,12 @@ Gradients w.r.t. the student logits z = h·Wᵀ/T, with q = softmax(z), p the te
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 
 import torch
 
+from ..config import ALPHA_RULE, alpha_ok
 from ..errors import UsageError
 from . import chunk_math
 from .losses import TokenOutputs, check_gjsd_scale, jsd_factor
@@ -456,8 +456,8 @@ def _scatter(values: torch.Tensor, select: torch.Tensor, mask: torch.Tensor) -> 
 
 
 def _check(alpha: float, temperature: float, chunk_size: int) -> None:
-    if not 0.0 <= alpha <= 1.0 or math.isnan(alpha):
-        raise UsageError(f"alpha must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {alpha}")
+    if not alpha_ok(alpha):
+        raise UsageError(f"{ALPHA_RULE}, got {alpha}")
     if not temperature > 0:
         raise UsageError(f"divergence temperature must be > 0, got {temperature}")
     if int(chunk_size) < 1:

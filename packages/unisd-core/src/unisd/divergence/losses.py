@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..config import GJSD_SCALE_CHOICES
+from ..config import ALPHA_RULE, GJSD_SCALE_CHOICES, alpha_ok
 from ..errors import UsageError
 
 
@@ -40,8 +40,8 @@ def generalized_jsd(
     ``scale``: ``normalized`` divides the JSD (0 < α < 1) by α(1−α), ``research`` leaves it unscaled.
     """
     check_gjsd_scale(scale)
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if not alpha_ok(alpha):
+        raise UsageError(f"{ALPHA_RULE}, got {alpha}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
