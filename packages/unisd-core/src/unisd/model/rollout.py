@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import torch
 
 from ..parallel import sharding
+from .scoring import cache_argument, decoder_of, repeat_groups, returned_cache
 
 
 @dataclass
@@ -118,29 +118,25 @@ class HFBackend:
 
 def shared_prompt_cache(model: Any, prompts: list[list[int]], ids: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
     """One prefill for repeated prompts: the key/value cache of each distinct prompt's tokens but its last,
-    computed once and copied to every row that repeats it (``num_generations`` > 1 puts a prompt's G
-    rows next to each other), as the ``generate`` argument that starts from it; ``generate`` then runs
-    only the last prompt token and the new ones. ``ids``/``mask``: the chunk, left-padded.
+    computed once and copied to every row that repeats it (``num_generations`` > 1 repeats each prompt
+    G times), as the ``generate`` argument that starts from it; ``generate`` then runs only the last
+    prompt token and the new ones. ``ids``/``mask``: the chunk, left-padded.
 
     Empty when no prompt repeats, or where the cache cannot be shared: a sharded model (its wrappers
-    drive its forwards), or a cache that cannot be indexed by row.
+    drive its forwards), or a model without a separable body.
     """
-    first = [i for i in range(len(prompts)) if i == 0 or prompts[i] != prompts[i - 1]]
-    if len(first) == len(prompts) or ids.shape[1] < 2 or sharding.is_sharded(model):
+    groups = repeat_groups(prompts)
+    decoder = decoder_of(model)
+    if groups is None or decoder is None or ids.shape[1] < 2 or sharding.is_sharded(model):
         return {}
-    # each row's distinct prompt: its index in ``first``
-    starts = set(first)
-    owner = torch.tensor(list(itertools.accumulate(int(i in starts) for i in range(len(prompts))))) - 1
-    rows = torch.tensor(first)
-    prefix_ids, prefix_mask = ids[rows.to(ids.device), :-1], mask[rows.to(ids.device), :-1]
+    leaders, group = groups
+    rows = torch.tensor(leaders, device=ids.device)
+    prefix_ids, prefix_mask = ids[rows, :-1], mask[rows, :-1]
     # the positions generate gives left-padded rows: counted from each row's first real token
     positions = (prefix_mask.cumsum(-1) - 1).masked_fill(prefix_mask == 0, 1)
-    out = model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1)
-    # transformers 5 names the cache `cache`; 4.x `past_key_values` (generate takes the same name)
-    name = "cache" if "cache" in getattr(out, "__dataclass_fields__", {}) else "past_key_values"
-    cache = getattr(out, name, None)
-    if cache is None or not hasattr(cache, "batch_select_indices"):
+    cache = returned_cache(model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions,
+                                 use_cache=True, logits_to_keep=1))
+    if cache is None:
         return {}
-    cache.batch_select_indices(owner.to(ids.device))
-    return {name: cache}
+    cache.reorder_cache(torch.tensor(group, device=ids.device))  # each row gets its prompt's keys and values
+    return {cache_argument(decoder): cache}

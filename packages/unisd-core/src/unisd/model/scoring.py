@@ -9,6 +9,7 @@ ourselves in float32: no [B, L, V] logits tensor is ever built for the prompt pa
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,17 +91,21 @@ def prompt_groups(packed: Packed) -> tuple[list[int], list[int]] | None:
     lengths = (packed.positions[:, 0] + 1).tolist()
     if min((int(m) for m in packed.mask.sum(1).tolist()), default=0) < 1:
         return None  # a row without completion tokens has no prompt length to read
+    return repeat_groups([tuple(packed.input_ids[row, :length].tolist()) for row, length in enumerate(lengths)])
+
+
+def repeat_groups(prompts: Sequence[Sequence[int]]) -> tuple[list[int], list[int]] | None:
+    """``(first row of each distinct prompt, the group of every row)`` when some prompt repeats, else None."""
     first: dict[tuple[int, ...], int] = {}
+    leaders: list[int] = []
     group: list[int] = []
-    for row, length in enumerate(lengths):
-        key = tuple(packed.input_ids[row, :length].tolist())
-        group.append(first.setdefault(key, len(first)))
-    if len(first) == len(lengths):
-        return None
-    leaders = [0] * len(first)
-    for row in reversed(range(len(group))):
-        leaders[group[row]] = row
-    return leaders, group
+    for row, prompt in enumerate(prompts):
+        key = tuple(prompt)
+        if key not in first:
+            first[key] = len(leaders)
+            leaders.append(row)
+        group.append(first[key])
+    return None if len(leaders) == len(group) else (leaders, group)
 
 
 def shared_prompt_hidden(model: Any, packed: Packed) -> torch.Tensor | None:
@@ -130,7 +135,7 @@ def shared_prompt_hidden(model: Any, packed: Packed) -> torch.Tensor | None:
     prompt_mask = (torch.arange(width)[None, :] < lengths[leaders][:, None]).long()
     first = decoder(input_ids=packed.input_ids[leaders, :width].to(device), attention_mask=prompt_mask.to(device),
                     use_cache=True)
-    cache = _returned_cache(first)
+    cache = returned_cache(first)
     if cache is None:
         return None
     rows = torch.tensor(group)
@@ -144,7 +149,7 @@ def shared_prompt_hidden(model: Any, packed: Packed) -> torch.Tensor | None:
     attention = torch.cat([prompt_mask[rows], packed.mask[:, : c - 1].long()], dim=1)
     position_ids = lengths[:, None] + torch.arange(c - 1)[None, :]
     second = decoder(input_ids=follow.to(device), attention_mask=attention.to(device),
-                     position_ids=position_ids.to(device), use_cache=True, **{_cache_argument(decoder): cache})
+                     position_ids=position_ids.to(device), use_cache=True, **{cache_argument(decoder): cache})
     return torch.cat([hidden, second.last_hidden_state], dim=1)  # [B, C, H]
 
 
@@ -160,13 +165,14 @@ def _gap_safe(config: Any) -> bool:
     return not (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))
 
 
-def _cache_argument(decoder: Any) -> str:
+def cache_argument(decoder: Any) -> str:
     """The keyword a forward takes its key/value cache by: ``cache`` (transformers ≥ 5.2x) or
     ``past_key_values`` (before; kept there as a deprecated alias)."""
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
-def _returned_cache(output: Any) -> Any:
+def returned_cache(output: Any) -> Any:
+    """The key/value cache a forward returned (``cache`` in transformers ≥ 5.2x, ``past_key_values`` before)."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
