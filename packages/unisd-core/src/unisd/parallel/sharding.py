@@ -84,11 +84,14 @@ def _mixed_precision(value: str | None, where: str) -> str | None:
 
 
 # accelerate's FSDP1 sharding strategies, by name and by the number its config files may use
-# (NO_RESHARD: accelerate's name for SHARD_GRAD_OP in `fsdp_reshard_after_forward`)
-_FSDP_STRATEGIES = {"FULL_SHARD": True, "1": True, "SHARD_GRAD_OP": False, "2": False, "NO_RESHARD": False,
-                    "NO_SHARD": None, "3": None}
-# hybrid strategies: shard within a machine, replicate across machines; resharded after forward or not
-_FSDP_HYBRID = {"HYBRID_SHARD": True, "4": True, "HYBRID_SHARD_ZERO2": False, "5": False}
+# (NO_RESHARD: accelerate's name for SHARD_GRAD_OP in `fsdp_reshard_after_forward`): whether blocks are
+# resharded after forward (None: no sharding), and whether the strategy is hybrid (shard within a machine,
+# replicate across machines)
+_FSDP_STRATEGIES: dict[str, tuple[bool | None, bool]] = {
+    "FULL_SHARD": (True, False), "1": (True, False), "SHARD_GRAD_OP": (False, False), "2": (False, False),
+    "NO_RESHARD": (False, False), "NO_SHARD": (None, False), "3": (None, False),
+    "HYBRID_SHARD": (True, True), "4": (True, True), "HYBRID_SHARD_ZERO2": (False, True), "5": (False, True),
+}
 
 
 def plan_from_accelerate(env: Mapping[str, str]) -> ShardPlan | None:
@@ -114,13 +117,12 @@ def plan_from_accelerate(env: Mapping[str, str]) -> ShardPlan | None:
         # FSDP1: the strategy is FSDP_SHARDING_STRATEGY (the launcher always sets it, FULL_SHARD by
         # default), unless the config's reshard_after_forward names one (its FSDP1 spelling).
         named = env.get("FSDP_RESHARD_AFTER_FORWARD", "").strip().upper()
-        strategy = named if named in _FSDP_STRATEGIES or named in _FSDP_HYBRID else \
+        strategy = named if named in _FSDP_STRATEGIES else \
             env.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").strip().upper()
-        if strategy not in _FSDP_STRATEGIES and strategy not in _FSDP_HYBRID:
+        if strategy not in _FSDP_STRATEGIES:
             raise ConfigError(f"{where}: unknown sharding strategy {strategy}; use FULL_SHARD, SHARD_GRAD_OP, "
                               "NO_SHARD, HYBRID_SHARD or HYBRID_SHARD_ZERO2")
-        hybrid = strategy in _FSDP_HYBRID
-        reshard = _FSDP_HYBRID[strategy] if hybrid else _FSDP_STRATEGIES[strategy]
+        reshard, hybrid = _FSDP_STRATEGIES[strategy]
         if reshard is None:
             return None  # NO_SHARD is plain data parallelism
     ignored = tuple(f"{k} (FSDP2 prefetches by itself)" for k in ("FSDP_FORWARD_PREFETCH", "FSDP_BACKWARD_PREFETCH")
