@@ -153,7 +153,8 @@ class BucketedAllReduce(GradientSync):
         assert self._arrivals is not None
         index = {id(p): i for i, p in enumerate(self.params)}
         arrived = [index[id(p)] for p in self._arrivals]
-        late = [i for i in reversed(range(len(self.params))) if i not in set(arrived)]
+        seen = set(arrived)
+        late = [i for i in reversed(range(len(self.params))) if i not in seen]
         order = distributed.gather_objects(arrived + late)[0]
         self._arrivals = None
         self._set_buckets([self.params[i] for i in order])
