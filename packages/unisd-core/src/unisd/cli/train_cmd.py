@@ -19,7 +19,7 @@ from ..io.model_card import write_model_card
 from ..io.reporting import RichReporter
 from ..loop import train
 from ..model.export import check_repo_id, push_run
-from ..parallel import distributed
+from ..parallel import distributed, threads
 from ..plugins import UnisdPluginManager
 from ..recipes import apply_unless_set, named_run_settings, recipe_task
 from .command_line import command_line
@@ -186,7 +186,7 @@ def relaunch(num_processes: int) -> int:
         "    sys.exit(max(codes, key=lambda c: (c > 0, c)) if codes else 1)\n"
     )
     cmd = [sys.executable, "-c", launcher, "--standalone", f"--nproc-per-node={num_processes}", "-m", "unisd", *args]
-    return subprocess.call(cmd)
+    return subprocess.call(cmd, env=threads.share_threads(os.environ, num_processes))
 
 
 PATH_SETTINGS = {"model", "data", "task_data", "output", "deepspeed"}

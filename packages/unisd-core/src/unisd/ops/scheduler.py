@@ -35,6 +35,7 @@ from ..config import dump_config
 from ..errors import UsageError
 from ..io import atomic
 from ..io.signals import StopRequest
+from ..parallel import threads
 from .sweep import PHASES, Job, train_argv
 
 OOM_PATTERN = re.compile(r"out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED", re.IGNORECASE)
@@ -68,9 +69,10 @@ def slot_gpus(slot: str) -> list[str]:
     return [] if slot == "cpu" else slot.split("+")
 
 
-def slot_env(slot: str, index: int, base_port: int = 29500) -> dict[str, str]:
-    """The environment of a job on one slot: only its GPUs visible (none for 'cpu'), its own port."""
-    env = dict(os.environ)
+def slot_env(slot: str, index: int, slots: int = 1, base_port: int = 29500) -> dict[str, str]:
+    """The environment of a job on one slot of ``slots``: only its GPUs visible (none for 'cpu'), its own
+    port, and its share of the CPU cores (jobs side by side must not each take every core)."""
+    env = threads.share_threads(os.environ, slots)
     gpus = slot_gpus(slot)
     env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     env["MASTER_PORT"] = str(base_port + (int(gpus[0]) if gpus else index))
@@ -229,7 +231,7 @@ class SweepRunner:
         handle.flush()
         # A new session: Ctrl-C in the terminal reaches only us, and we stop each job's whole group.
         proc = subprocess.Popen([*self.python, *slot_argv(job, slot)], stdout=handle, stderr=subprocess.STDOUT,
-                                env=slot_env(slot, index), start_new_session=True)
+                                env=slot_env(slot, index, len(self.slots)), start_new_session=True)
         self._set(job, "running", log=str(log))
         self.echo(f"[start] {job.phase} {job.label} on {slot} (log: {log})")
         return _Running(job, proc, slot, index, log, time.perf_counter(), handle)
