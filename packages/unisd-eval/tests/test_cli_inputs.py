@@ -94,6 +94,22 @@ def test_table_shows_counts_as_integers(app, demo, tmp_path):
     assert table_value(result.output, "accuracy") == "1.0000"
 
 
+def test_leakage_and_overrun_are_counted_as_in_training(app, demo, tmp_path):
+    """The held-out evaluation's leakage and overrun (unisd.evaluation.leakage), per completion present."""
+    template = "This is an example for a response"
+    completions = [demo[0].reference, demo[1].reference + "\n\nThis is an example for a", template, "no idea"]
+    preds = write_jsonl(tmp_path / "p.jsonl", [{"id": ex.id, "completion": c} for ex, c in zip(demo[:4], completions, strict=True)])
+    out = tmp_path / "out"
+    result = run(app, "demo", "--predictions", str(preds), "--output", str(out), "--limit", "6", "--missing", "fail")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "results.json").read_text())["metrics"]
+    assert metrics["leakage"] == pytest.approx(2 / 4)  # the two items without a prediction are not counted
+    assert metrics["overrun"] == pytest.approx(1 / 4)  # the answer, then the template
+    assert metrics["accuracy"] == pytest.approx(2 / 6)  # first-line scoring counts the leaking answer
+    assert metrics["strict_accuracy"] == pytest.approx(1 / 6)
+    assert table_value(result.output, "leakage") == "0.5000"
+
+
 def test_bad_missing_policy_is_a_usage_error(app, tmp_path):
     preds = write_jsonl(tmp_path / "p.jsonl", [{"id": "demo-test-0", "completion": "x"}])
     result = run(app, "demo", "--predictions", str(preds), "--missing", "skip", "--output", str(tmp_path / "o"))

@@ -28,6 +28,7 @@ from unisd.commands import cli_errors
 from unisd.config import DTYPE_CHOICES as DTYPES
 from unisd.data.tasks import Example, Score, Task, iter_jsonl_lines
 from unisd.errors import DataError, UnisdError, UsageError
+from unisd.evaluation.leakage import leakage_flags, leakage_rate, overrun_flags, share
 from unisd.io import atomic
 
 from .protocols import DEFAULT, check_protocol, retry_rounds, retry_unparsed, use_protocol
@@ -216,6 +217,19 @@ def summarize(task: Task, examples: list[Example], scores: list[Score]) -> dict[
     """The task's summary metrics: ``summarize(examples, scores)`` when it has one, else ``aggregate``."""
     fn = getattr(task, "summarize", None)
     return dict(fn(examples, scores)) if callable(fn) else dict(task.aggregate(scores))
+
+
+def leakage_metrics(task: Task, rows: list[Row]) -> dict[str, float]:
+    """``leakage`` (the share of completions holding text only the teacher saw: its template, spans of the
+    reference) and ``overrun`` (the share that reproduce the reference's ending and go on writing), as
+    training's held-out evaluation counts them (:mod:`unisd.evaluation.leakage`); items without a
+    completion are left out."""
+    present = [(ex, c) for ex, c in rows if c is not None]
+    if not present:
+        return {}
+    examples, completions = [ex for ex, _ in present], [c for _, c in present]
+    return {"leakage": leakage_rate(leakage_flags(examples, completions, task)),
+            "overrun": share(overrun_flags(examples, completions))}
 
 
 def per_item_values(rows: list[Row], scores: list[Score]) -> list[float]:
@@ -549,6 +563,7 @@ def evaluate_task(pm: Any, task: str, s: EvalSettings, generator: Any, output: P
     scored = time.perf_counter()
     metrics = summarize(task_obj, [ex for ex, _ in rows], scores)
     metrics = with_stderrs(metrics, per_item_values(rows, scores))
+    metrics.update(leakage_metrics(task_obj, rows))
     if absent and any(k.startswith("verdict/") for k in metrics):  # the verdict shares still sum to 1
         metrics["verdict/missing"] = sum(sc.verdict == MISSING_VERDICT for sc in scores) / len(scores)
     metrics["items"] = len({ex.id for ex, _ in rows})
