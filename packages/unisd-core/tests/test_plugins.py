@@ -196,3 +196,19 @@ def test_components_are_called_through_the_protocol_helpers():
         implements(comps[0], "token_weight")
     with pytest.raises(KeyError):
         attribute(comps[0], "no_such_attribute")
+
+
+def test_a_preset_whose_component_is_disabled_is_marked_unavailable(monkeypatch):
+    pytest.importorskip("unisd_components")
+    monkeypatch.setenv("UNISD_DISABLE_PLUGINS", "ema")
+    app = make_app(get_plugin_manager())
+    result = CliRunner().invoke(app, ["plugins", "--json"])
+    assert result.exit_code == 0, result.output
+    presets = {p["name"]: p for p in json.loads(result.output)["presets"]}
+    assert presets["ema"]["status"] == "unavailable" and presets["ema"]["missing"] == ["ema"]
+    assert presets["clip"]["status"] == "loaded" and "missing" not in presets["clip"]
+    table = CliRunner().invoke(app, ["plugins"], terminal_width=200)
+    assert "unavailable: needs ema" in table.output
+    monkeypatch.delenv("UNISD_DISABLE_PLUGINS")
+    listed = CliRunner().invoke(make_app(get_plugin_manager()), ["plugins", "--json"])
+    assert {p["status"] for p in json.loads(listed.output)["presets"]} == {"loaded"}

@@ -44,12 +44,20 @@ def inventory(pm: UnisdPluginManager, show_all: bool = False) -> dict[str, Any]:
             for e in regs.backends.entries()
         ],
         "presets": [
-            {"name": e.name, "provider": e.provider, "status": "loaded", "description": e.item.help,
-             "components": {k: dict(v) for k, v in e.item.components.items()}, "run": dict(e.item.run)}
+            {"name": e.name, "provider": e.provider, **preset_status(e.item.components, regs.components.names()),
+             "description": e.item.help, "components": {k: dict(v) for k, v in e.item.components.items()},
+             "run": dict(e.item.run)}
             for e in regs.presets.entries()
         ],
         "recipes": describe_recipes(),
     }
+
+
+def preset_status(components: Any, installed: list[str]) -> dict[str, Any]:
+    """``loaded``, or ``unavailable`` with the ``missing`` components (not installed, or their plugin
+    disabled by ``UNISD_DISABLE_PLUGINS``): such a preset is listed, but training with it fails."""
+    missing = [name for name in components if name not in installed]
+    return {"status": "unavailable", "missing": missing} if missing else {"status": "loaded"}
 
 
 def settings_text(values: dict[str, Any]) -> str:
@@ -95,6 +103,8 @@ def row_description(kind: str, row: dict[str, Any], show_all: bool) -> str:
     if kind == "presets":
         desc = f"{desc}\n[dim]components: {components_text(row['components'])}; run: {settings_text(row['run'])}[/]" \
             if show_all else f"{desc}\n[dim]run: {settings_text(row['run'])}[/]"
+        if row["status"] == "unavailable":
+            desc += f"\n[yellow]unavailable: needs {', '.join(row['missing'])} (not installed, or its plugin disabled)[/]"
     return desc
 
 
