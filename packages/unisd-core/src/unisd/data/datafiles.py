@@ -25,7 +25,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -86,7 +86,7 @@ def with_system_prompt(examples: list[Example], system_prompt: str | None) -> li
 def is_jsonl_file(source: str | Path) -> bool:
     """Whether ``source`` is a local file read as JSON lines (``.jsonl``, or any name not another format)."""
     path = Path(str(source)).expanduser()
-    return path.is_file() and path.suffix.lower() not in (".csv", ".parquet", ".json")
+    return path.is_file() and path.suffix.lower() not in WHOLE_FILE_FORMATS
 
 
 def looks_like_hub_id(text: str) -> bool:
@@ -99,15 +99,9 @@ def looks_like_hub_id(text: str) -> bool:
 
 
 def _file_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return _csv_records(path)
-    if suffix == ".parquet":
-        return _parquet_records(path)
-    if suffix == ".json":
-        return _json_records(path)
+    reader = WHOLE_FILE_FORMATS.get(path.suffix.lower())
     # .jsonl, and any other name: JSON lines, the format the project always read
-    return iter_jsonl(path, JSONL_EXPECTED)
+    return reader(path) if reader is not None else iter_jsonl(path, JSONL_EXPECTED)
 
 
 def _json_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -147,6 +141,13 @@ def _parquet_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
     return ((f"{path}:row {i + 1}", row) for i, row in enumerate(rows))
+
+
+# The formats read whole, by suffix; every other local file is read as JSON lines (lazily, see
+# unisd.data.example_file).
+WHOLE_FILE_FORMATS: dict[str, Callable[[Path], Iterator[tuple[str, dict[str, Any]]]]] = {
+    ".json": _json_records, ".csv": _csv_records, ".parquet": _parquet_records,
+}
 
 
 def _load_local_dataset(path: Path, split: str) -> Any:
