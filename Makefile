@@ -32,8 +32,8 @@ lint: setup
 clean:
 	rm -rf $(VENV) runs
 
-# `make ablation`: the sweep in examples/ablation-demo.toml (11 methods x 3 seeds on the demo task, two
-# jobs at a time with a core each: about 3.5 hours on 2 CPU cores; rerun to resume; the file says how to
+# `make ablation`: the sweep in examples/ablation-demo.toml (10 methods x 3 seeds on the demo task, two
+# jobs at a time with a core each: about 4 hours on 2 CPU cores; rerun to resume; the file says how to
 # run it in parts), then its report against plain self-distillation.
 .PHONY: ablation
 ablation: setup
