@@ -471,3 +471,20 @@ def test_a_preset_name_does_not_split_runs_whose_resolved_settings_agree(tmp_pat
     named.write_text('preset = "unisd-star"\n' + named.read_text())  # started with --preset, same settings
     runs, baseline = collect([root])
     assert [len(g.runs) for g in group_runs(runs, baseline) if not g.untrained] == [2]
+
+
+def test_unisd_eval_leakage_and_strict_accuracy_are_headline_columns(tmp_path):
+    """Beside a `unisd eval` accuracy the tables show its strict accuracy, leakage and overrun (a first-line
+    accuracy alone counts an answer followed by copied template text), not its bookkeeping."""
+    from unisd.ops.report import headline_columns
+
+    run = make_run(tmp_path / "plain" / "m", losses=[0.5, 0.4], accuracy=0.25)
+    results = run / "eval" / "demo" / "results.json"
+    data = json.loads(results.read_text())
+    data["metrics"].update(strict_accuracy=0.125, leakage=0.3, overrun=0.2, items=384)
+    results.write_text(json.dumps(data))
+    runs, _ = collect([tmp_path])
+    columns = headline_columns(runs, main_metric(runs))
+    assert columns[0] == "demo/accuracy"
+    assert {"demo/strict_accuracy", "demo/leakage", "demo/overrun"} <= set(columns)
+    assert "demo/extraction_rate" not in columns and "demo/items" not in columns

@@ -58,6 +58,8 @@ HELD_OUT = (
     "student_accuracy", "student_strict_accuracy", "leakage", "overrun", "teacher_accuracy", "privileged_gap", "gap_closed",
 )
 EVAL_HEADLINES = ("accuracy", "pass@1")  # the headline of a `unisd eval` results.json
+# ... and what the tables show beside it (what a first-line accuracy alone would hide)
+EVAL_SHOWN = (*EVAL_HEADLINES, "strict_accuracy", "leakage", "overrun")
 UNTRAINED = "untrained (before training)"
 SPECIAL = ("final_loss", "final_divergence", "privileged_gap")
 
@@ -481,7 +483,7 @@ def headline_columns(runs: list[RunSummary], metric: str) -> list[str]:
     have_after = {k for k in HELD_OUT if any(f"after/{k}" in r.scores for r in runs)}
     wanted += [c for c in columns if c.startswith("eval/") and c.rsplit("/", 1)[-1] in set(HELD_OUT) - have_after]
     wanted += [c for c in columns if c.split("/")[0] not in ("eval", "after", "before")
-               and c.rsplit("/", 1)[-1] in EVAL_HEADLINES]
+               and c.rsplit("/", 1)[-1] in EVAL_SHOWN]
     wanted.append("final_loss")
     wanted += [c for c in columns if c.startswith("activity/")]  # beside the outcome: did each component act?
     wanted = list(dict.fromkeys(wanted))
