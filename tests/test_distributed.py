@@ -26,7 +26,8 @@ WORKER = textwrap.dedent('''
     model_dir, data, components, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
     shard, lora, overrides = sys.argv[5], sys.argv[6] == "lora", json.loads(sys.argv[7])
     env = distributed.init_from_env()
-    cfg = RunConfig(model=model_dir, data=data, batch_size=2, grad_accum=8 // (2 * env.world_size),
+    per_process = overrides.pop("batch_size", 2)  # 8 examples per step, in micro-batches of this size
+    cfg = RunConfig(model=model_dir, data=data, batch_size=per_process, grad_accum=8 // (per_process * env.world_size),
                     lora_dropout=0.0, max_new_tokens=8, components=components, lr=1e-2, shard=shard, lora=lora,
                     **overrides)
     import unisd.run
@@ -205,15 +206,18 @@ def test_num_processes_flag_trains_with_two_processes(tmp_path):
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
-@pytest.mark.parametrize(("nproc", "shard"), [(1, "none"), (2, "hybrid")], ids=["2x1", "2x2-hybrid"])
-def test_two_node_ranks_match_one_process(tmp_path, nproc, shard):
+@pytest.mark.parametrize(("nproc", "shard", "batch_size"), [(1, "none", 2), (2, "hybrid", 2), (2, "hybrid", 1)],
+                         ids=["2x1", "2x2-hybrid", "2x2-hybrid-2-micro-batches"])
+def test_two_node_ranks_match_one_process(tmp_path, nproc, shard, batch_size):
     """Two node ranks (torchrun --nnodes 2, a local rendezvous): one process each, replicated; and two
     each with hybrid sharding (sharded within a node, replicated across nodes), which must really build
-    a 2-D mesh. Both give one process's weights."""
+    a 2-D mesh, with one micro-batch per step and with two (the first skips gradient reduction). All
+    give one process's weights."""
     model_dir = make_tiny_model_dir(tmp_path / "model")
     data = write_jsonl(tmp_path / "data.jsonl", toy_records(8))
-    one = _run(1, model_dir, data, {}, tmp_path / "one.pt", tmp_path)
-    nodes = _run(nproc, model_dir, data, {}, tmp_path / "nodes.pt", tmp_path, shard, nodes=2)
+    sizes = {"batch_size": batch_size}
+    one = _run(1, model_dir, data, {}, tmp_path / "one.pt", tmp_path, overrides=sizes)
+    nodes = _run(nproc, model_dir, data, {}, tmp_path / "nodes.pt", tmp_path, shard, overrides=sizes, nodes=2)
     assert one["losses"] == pytest.approx(nodes["losses"], rel=1e-5)  # a loss sums float32 round-off of O(1) terms
     for a, b in zip(one["params"], nodes["params"], strict=True):
         assert ((a - b).norm() / b.norm().clamp_min(1e-12)).item() <= 1e-6

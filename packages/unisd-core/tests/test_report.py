@@ -488,3 +488,38 @@ def test_unisd_eval_leakage_and_strict_accuracy_are_headline_columns(tmp_path):
     assert columns[0] == "demo/accuracy"
     assert {"demo/strict_accuracy", "demo/leakage", "demo/overrun"} <= set(columns)
     assert "demo/extraction_rate" not in columns and "demo/items" not in columns
+
+
+def _base_evaluation(root, model="m", accuracy=0.05):
+    """What `unisd sweep` writes for [eval] untrained = true: OUTPUT_ROOT/untrained/MODEL/eval/demo/."""
+    path = root / "untrained" / model
+    (path / "eval" / "demo").mkdir(parents=True)
+    (path / "sweep_job.json").write_text(json.dumps({"method": "untrained", "model": model, "dataset": None,
+                                                     "task": None, "hparams": {}, "eval_task": "demo"}))
+    (path / "eval" / "demo" / "results.json").write_text(json.dumps(
+        {"task": "demo", "metrics": {"accuracy": accuracy, "leakage": 0.0, "items": 384}}))
+
+
+def test_a_sweeps_evaluation_of_the_base_joins_the_untrained_group(seeded):
+    """The base model's `unisd eval` scores sit in the untrained group beside its before-training numbers;
+    it is not a method of its own, and the trained groups keep their short labels."""
+    from unisd.ops.report import group_runs
+
+    _base_evaluation(seeded)
+    runs, _ = collect([seeded])
+    groups = group_runs(runs)
+    assert groups[0].label == "untrained (before training)" and {g.label for g in groups[1:]} == {"plain", "ema"}
+    base = groups[0]
+    assert len(base.runs) == 3 and base.values("demo/accuracy") == [0.05] * 3
+    assert base.values("after/student_accuracy") == [0.0] * 3  # its before.json numbers are kept
+    assert all(math.isnan(r.scores.get("demo/accuracy", math.nan)) for g in groups[1:] for r in g.runs)
+
+
+def test_a_base_evaluation_alone_is_the_untrained_group(tmp_path):
+    from unisd.ops.report import group_runs
+
+    make_run(tmp_path / "plain" / "m", losses=[0.5, 0.4], accuracy=0.25)
+    _base_evaluation(tmp_path, accuracy=0.125)
+    groups = group_runs(collect([tmp_path])[0])
+    assert [(g.label, g.untrained) for g in groups] == [("untrained (before training)", True), ("plain/m", False)]
+    assert groups[0].values("demo/accuracy") == [0.125]

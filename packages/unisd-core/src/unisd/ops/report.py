@@ -37,6 +37,7 @@ import math
 import os
 import re
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,7 @@ class RunSummary:
     path: Path
     name: str = ""
     task: str = ""
+    model: str = ""
     method: str = ""
     components: str = ""
     steps: int = 0
@@ -203,6 +205,7 @@ def _describe(run: RunSummary, config: dict[str, Any], job: dict[str, Any]) -> N
     )
     fallback = ("+".join(sorted(comps)) if comps else "plain") if config else "?"
     run.method = str(job.get("method") or config.get("preset") or fallback)
+    run.model = str(config.get("model") or job.get("model") or "")
     seed = config.get("seed", job.get("seed"))
     run.seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else None
     source = config or job
@@ -343,14 +346,16 @@ def _label(members: list[RunSummary]) -> str:
 def group_runs(runs: list[RunSummary], baseline: RunSummary | None = None) -> list[Group]:
     """Groups in a stable order: the untrained base first, then the baseline's group, then the others in
     the order their first run was found. Each run's ``group`` is set to its group's label."""
+    base_evals = [run for run in runs if is_base_evaluation(run)]
     by_identity: dict[str, list[RunSummary]] = {}
     for run in runs:
-        by_identity.setdefault(run.identity, []).append(run)
+        if run not in base_evals:
+            by_identity.setdefault(run.identity, []).append(run)
     groups = [Group(_label(members), members) for members in by_identity.values()]
     _drop_shared_parts(groups)
     if baseline is not None:
         groups.sort(key=lambda g: baseline not in g.runs)
-    groups = untrained_groups(runs) + groups
+    groups = untrained_groups(runs, base_evals) + groups
     seen: dict[str, int] = {}
     for group in groups:  # two groups with one label (differing only in an unnamed setting): number them
         seen[group.label] = seen.get(group.label, 0) + 1
@@ -377,35 +382,53 @@ def _drop_shared_parts(groups: list[Group]) -> None:
         group.shared = shared
 
 
-def untrained_groups(runs: list[RunSummary]) -> list[Group]:
-    """The untrained base, from the runs' eval/before.json: one entry per seed, per task and item count.
+def is_base_evaluation(run: RunSummary) -> bool:
+    """A sweep's evaluation of a model as it is (``[eval] untrained = true``): no training run of its own."""
+    return run.method == "untrained" and not run.config
+
+
+def untrained_groups(runs: list[RunSummary], base_evals: Sequence[RunSummary] = ()) -> list[Group]:
+    """The untrained base, from the runs' eval/before.json: one entry per seed, per model, task and item count;
+    with the scores of the sweep's evaluations of that base model (``base_evals``: ``demo/accuracy`` ...).
 
     Its before-training numbers are stored under the ``after/…`` (and the periodic ``eval/TASK/…``) names,
     so they line up with the trained groups' columns; ``after/gap_closed`` is 0 by definition. Greedy
-    evaluation of the same base weights gives the same numbers for every seed, so its spread is 0."""
-    per_setting: dict[tuple[str, float], dict[int | None, RunSummary]] = {}
+    evaluation of the same base weights gives the same numbers for every seed, so its spread is 0. A base
+    model that only a sweep's evaluation measured is a group of one."""
+    per_setting: dict[tuple[str, str, float], dict[int | None, RunSummary]] = {}
     for run in runs:
         if "before/student_accuracy" in run.scores:
-            key = (run.task, run.scores.get("before/n", math.nan))
+            key = (run.model, run.task, run.scores.get("before/n", math.nan))
             per_setting.setdefault(key, {}).setdefault(run.seed, run)
+    models = {model for model, _, _ in per_setting} | {r.model for r in base_evals}
     groups = []
-    for (task, _), by_seed in per_setting.items():
-        label = UNTRAINED if len(per_setting) == 1 else f"{UNTRAINED} {task}"
-        members = [_untrained_run(run, label) for run in by_seed.values()]
+    for (model, task, _), by_seed in per_setting.items():
+        label = " ".join([UNTRAINED, *([model] if len(models) > 1 else []), *([task] if len(per_setting) > 1 else [])])
+        members = [_untrained_run(run, label, _base_scores(base_evals, model)) for run in by_seed.values()]
         groups.append(Group(label, members, untrained=True))
+    for model in sorted({r.model for r in base_evals} - {model for model, _, _ in per_setting}):
+        label = f"{UNTRAINED} {model}" if len(models) > 1 else UNTRAINED
+        scores = _base_scores(base_evals, model)
+        member = RunSummary(path=next(r.path for r in base_evals if r.model == model), name=label, model=model,
+                            method="untrained", scores=scores, identity=f"untrained:{model}", group=label)
+        groups.append(Group(label, [member], untrained=True))
     return groups
 
 
-def _untrained_run(run: RunSummary, label: str) -> RunSummary:
+def _base_scores(base_evals: Sequence[RunSummary], model: str) -> dict[str, float]:
+    return {k: v for run in base_evals if run.model == model for k, v in run.scores.items()}
+
+
+def _untrained_run(run: RunSummary, label: str, base_scores: dict[str, float]) -> RunSummary:
     before = {k.split("/", 1)[1]: v for k, v in run.scores.items() if k.startswith("before/")}
-    scores = {f"before/{k}": v for k, v in before.items()} | {f"after/{k}": v for k, v in before.items()}
+    scores = base_scores | {f"before/{k}": v for k, v in before.items()} | {f"after/{k}": v for k, v in before.items()}
     eval_task = run.config.get("eval_task")
     if eval_task and eval_task == run.task:  # the periodic evaluation's series starts from these numbers
         scores |= {f"eval/{eval_task}/{k}": v for k, v in before.items()}
     closed = gap_closed(scores)
     if closed is not None:
         scores["after/gap_closed"] = closed
-    return RunSummary(path=run.path / "eval" / "before.json", name=label, task=run.task, method="untrained",
+    return RunSummary(path=run.path / "eval" / "before.json", name=label, task=run.task, model=run.model, method="untrained",
                       scores=scores, seed=run.seed, identity=f"untrained:{run.task}", group=label)
 
 
