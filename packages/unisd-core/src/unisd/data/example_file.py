@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import io
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -33,7 +32,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..io import atomic
-from ..io.cachedir import cache_dir
+from ..io.cachedir import cache_dir, digest, package_versions
 from .datafiles import JSONL_EXPECTED, Columns, checked_examples, example_from_record
 from .tasks import Example, parse_json_line, utf8_line
 
@@ -116,7 +115,7 @@ class ExampleFile(Sequence[Example]):
         ``track(examples, total, label)`` may wrap the measuring pass (a progress bar)."""
         key = None
         if self.key is not None:
-            key = _digest([self.key, self.system_prompt, tokenizer_fingerprint(tokenizer), _versions()])
+            key = digest([self.key, self.system_prompt, tokenizer_fingerprint(tokenizer), _versions()])
             cached = _load(_cache_path("lengths", key), lengths=(len(self),))
             if cached is not None:
                 return cached["lengths"]
@@ -135,7 +134,7 @@ def open_example_file(path: str | Path, columns: Columns | None = None, limit: i
     path = Path(path).expanduser()
     columns = columns or Columns()
     stamp = _stamp(path)
-    key = _digest([FORMAT, str(path.resolve()), *stamp, dataclasses.asdict(columns), limit])
+    key = digest([FORMAT, str(path.resolve()), *stamp, dataclasses.asdict(columns), limit])
     cached = _load(_cache_path("index", key), spans=(-1, 2), lines=(-1,))
     if cached is not None and len(cached["spans"]) == len(cached["lines"]):
         spans, lines = cached["spans"], cached["lines"]
@@ -175,21 +174,13 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     whole definition), the special tokens and the chat template."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     definition = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    return _digest([type(tokenizer).__name__, len(tokenizer), getattr(tokenizer, "chat_template", None) or "",
+    return digest([type(tokenizer).__name__, len(tokenizer), getattr(tokenizer, "chat_template", None) or "",
                     str(getattr(tokenizer, "special_tokens_map", {})), definition])
 
 
 def _versions() -> list[str]:
     """The packages that render and tokenize a prompt: an upgrade may count its tokens differently."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = []
-    for name in ("unisd-core", "transformers", "tokenizers", "jinja2"):
-        try:
-            found.append(f"{name}=={version(name)}")
-        except PackageNotFoundError:
-            found.append(f"{name}: none")
-    return found
+    return package_versions(("unisd-core", "transformers", "tokenizers", "jinja2"))
 
 
 def _stamp(path: Path) -> tuple[int, ...]:
@@ -200,10 +191,6 @@ def _stamp(path: Path) -> tuple[int, ...]:
     except OSError as exc:
         raise DataError(f"{path}: cannot read the data file ({exc.strerror})") from None
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
-
-
-def _digest(parts: list[Any]) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:32]
 
 
 def _cache_path(kind: str, key: str) -> Path:

@@ -22,7 +22,10 @@ from ..data.tasks import Example, Score, Task
 from ..io import atomic
 from ..model.rollout import HFBackend, SamplingParams
 from ..parallel import distributed
+from .base_cache import base_weights_key, cached_completions, student_is_base, teacher_is_base
 from .leakage import Leak, leakage_flags, leakage_rate, overrun_flags, share
+
+EVAL_BATCH_SIZE = 16
 
 if TYPE_CHECKING:
     from ..run import Run
@@ -66,6 +69,7 @@ def evaluate(
     max_new_tokens: int,
     with_reference: bool = False,
     split_over_processes: bool = False,
+    weights: str | None = None,
 ) -> EvalResult:
     """Greedy-decode every example (as the student, or as the teacher given the reference) and score it.
 
@@ -73,6 +77,9 @@ def evaluate(
     scores a contiguous share and every process gets the whole result, in the examples' order. Shares
     are padded to equal length (the padding's results are dropped) because a sharded model's processes
     must make the same number of ``generate`` calls.
+
+    ``weights``: where the model holds the base weights, their key (:mod:`unisd.evaluation.base_cache`):
+    the completions are then read from, or kept in, the cache of the base model's completions.
     """
     env = distributed.current()
     if split_over_processes and env.active and examples:
@@ -85,7 +92,10 @@ def evaluate(
         scores = [s for _, verdicts in parts for s in verdicts]
         return _result(task, examples, completions, scores)
     texts = [task.teacher_text(ex) if with_reference else ex.prompt for ex in examples]
-    completions = generate_texts(model, tokenizer, texts, max_new_tokens, systems=[ex.system for ex in examples])
+    systems = [ex.system for ex in examples]
+    completions = cached_completions(weights, texts, systems, max_new_tokens, EVAL_BATCH_SIZE,
+                                     lambda: generate_texts(model, tokenizer, texts, max_new_tokens, EVAL_BATCH_SIZE,
+                                                            systems=systems))
     scores = task.score_batch(examples, completions)
     return _result(task, examples, completions, scores)
 
@@ -106,11 +116,17 @@ def privileged_gap(run: Run, task: Task, limit: int | None, predictions: Path | 
     """
     examples = with_system_prompt(task.load(task.eval_split, limit=limit), run.config.system_prompt)
     max_new = run.config.completion_budget(task)
+    # Where a side still has the base weights (the student before training; the adapter-off teacher at any
+    # step), its completions are the base model's, the same in every run: generated once, then reused.
+    base = base_weights_key(run)
+    student_weights = base if base is not None and student_is_base(run) else None
+    teacher_weights = base if base is not None and teacher_is_base(run) else None
     # Every process evaluates its share of the items (a sharded model needs all of them to generate).
-    student_result = evaluate(run.model, run.tokenizer, task, examples, max_new, split_over_processes=True)
+    student_result = evaluate(run.model, run.tokenizer, task, examples, max_new, split_over_processes=True,
+                              weights=student_weights)
     with run.teacher.as_model() as teacher_model:
         teacher_result = evaluate(teacher_model, run.tokenizer, task, examples, max_new, with_reference=True,
-                                  split_over_processes=True)
+                                  split_over_processes=True, weights=teacher_weights)
     if predictions is not None:
         write_predictions(predictions, examples, student_result, teacher_result)
     student, teacher = student_result.metrics, teacher_result.metrics
