@@ -565,7 +565,10 @@ def test_shipped_ablation_example_plans_ten_methods_at_three_seeds():
     assert set(by_method["unisd-star"].components) == {"agreement", "ema", "contrastive", "matching"}
     assert set(by_method["unisd-star-leak-guard"].components) == {"agreement", "ema", "contrastive", "matching",
                                                                   "leak-guard"}
-    assert not [j for j in jobs if j.phase == "eval"]  # before/after.json are the evaluation
+    # every student, and the base once, scored on all 384 held-out items at the training budget
+    evals = [j for j in jobs if j.phase == "eval"]
+    assert len(evals) == 31 and all(j.argv[-2:] == ["--max-new-tokens", "12"] for j in evals)
+    assert "--limit" not in evals[0].argv and evals[-1].meta["method"] == "untrained"
     assert any(j.id.startswith("cache:negatives:") for j in jobs)  # contrastive's negatives come first
     assert spec.output_root == example.parents[1] / "runs" / "ablation-demo"
 
