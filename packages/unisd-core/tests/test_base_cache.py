@@ -98,7 +98,11 @@ def test_several_processes_or_a_hub_id_keep_nothing(tmp_path, monkeypatch):
     from unisd.parallel import distributed
 
     run = _run(make_tiny_model_dir(tmp_path / "model"))
-    assert base_cache.base_weights_key(run) is not None
+    key = base_cache.base_weights_key(run)
+    assert key is not None
+    with monkeypatch.context() as patch:  # an edited generation or prompt module (an editable install)
+        patch.setattr(base_cache, "_code_stamp", lambda: "edited")
+        assert base_cache.base_weights_key(run) not in (None, key)
     with monkeypatch.context() as patch:
         patch.setattr(distributed, "current", lambda: SimpleNamespace(active=True))
         assert base_cache.base_weights_key(run) is None

@@ -11,11 +11,13 @@ A completion is reused only under a key that holds everything the generation dep
 directory's files (names, sizes, modification times), its config (dtype, attention kernel), the tokenizer
 (vocabulary, chat template), the prompts and system prompts in order, the budget, the batch size, the
 device, the torch thread count (a different reduction order can flip a near-tie) and the package
-versions. A hub id (not a local directory) or several processes: nothing is kept.
+versions, and the source of the prompt rendering and generation code. A hub id (not a local directory) or
+several processes: nothing is kept.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -44,7 +46,21 @@ def base_weights_key(run: Run) -> str | None:
     config = getattr(run.model, "config", None)
     settings = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else ""
     versions = [f"torch=={torch.__version__}", *package_versions(("unisd-core", "transformers", "tokenizers", "peft"))]
-    return digest([str(source.resolve()), files, settings, tokenizer_fingerprint(run.tokenizer), versions])
+    return digest([str(source.resolve()), files, settings, tokenizer_fingerprint(run.tokenizer), versions,
+                   _code_stamp()])
+
+
+def _code_stamp() -> str:
+    """The source of what renders the prompts and generates: under an editable install the code changes
+    without a new version number, and a fix there must not be hidden by completions kept before it."""
+    from ..data import prompts
+    from ..model import rollout
+    from . import evaluate
+
+    sources = hashlib.sha256()
+    for module in (prompts, rollout, evaluate):
+        sources.update(Path(str(module.__file__)).read_bytes())
+    return sources.hexdigest()
 
 
 def student_is_base(run: Run) -> bool:
