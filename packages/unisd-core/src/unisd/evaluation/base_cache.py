@@ -86,7 +86,7 @@ def cached_completions(weights: str | None, texts: list[str], systems: list[str 
     if weights is None:
         return generate()
     key = digest([weights, texts, systems, max_new_tokens, batch_size, torch.get_num_threads(),
-                   torch.device("cuda" if torch.cuda.is_available() else "cpu").type])
+                   "cuda" if torch.cuda.is_available() else "cpu"])
     path = cache_dir() / "base-eval" / f"{key}.json"
     kept = _read(path, len(texts))
     if kept is not None:

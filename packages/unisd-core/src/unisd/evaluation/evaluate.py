@@ -118,9 +118,10 @@ def privileged_gap(run: Run, task: Task, limit: int | None, predictions: Path | 
     max_new = run.config.completion_budget(task)
     # Where a side still has the base weights (the student before training; the adapter-off teacher at any
     # step), its completions are the base model's, the same in every run: generated once, then reused.
-    base = base_weights_key(run)
-    student_weights = base if base is not None and student_is_base(run) else None
-    teacher_weights = base if base is not None and teacher_is_base(run) else None
+    student_base, teacher_base = student_is_base(run), teacher_is_base(run)
+    base = base_weights_key(run) if student_base or teacher_base else None  # (stats the model's files)
+    student_weights = base if student_base else None
+    teacher_weights = base if teacher_base else None
     # Every process evaluates its share of the items (a sharded model needs all of them to generate).
     student_result = evaluate(run.model, run.tokenizer, task, examples, max_new, split_over_processes=True,
                               weights=student_weights)

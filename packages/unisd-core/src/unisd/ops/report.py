@@ -349,7 +349,7 @@ def group_runs(runs: list[RunSummary], baseline: RunSummary | None = None) -> li
     base_evals = [run for run in runs if is_base_evaluation(run)]
     by_identity: dict[str, list[RunSummary]] = {}
     for run in runs:
-        if run not in base_evals:
+        if not is_base_evaluation(run):
             by_identity.setdefault(run.identity, []).append(run)
     groups = [Group(_label(members), members) for members in by_identity.values()]
     _drop_shared_parts(groups)
@@ -401,13 +401,17 @@ def untrained_groups(runs: list[RunSummary], base_evals: Sequence[RunSummary] = 
             key = (run.model, run.task, run.scores.get("before/n", math.nan))
             per_setting.setdefault(key, {}).setdefault(run.seed, run)
     models = {model for model, _, _ in per_setting} | {r.model for r in base_evals}
+
+    def label_of(model: str, task: str | None = None) -> str:  # names only what tells the groups apart
+        return " ".join([UNTRAINED, *([model] if len(models) > 1 else []), *([task] if task else [])])
+
     groups = []
     for (model, task, _), by_seed in per_setting.items():
-        label = " ".join([UNTRAINED, *([model] if len(models) > 1 else []), *([task] if len(per_setting) > 1 else [])])
+        label = label_of(model, task if len(per_setting) > 1 else None)
         members = [_untrained_run(run, label, _base_scores(base_evals, model)) for run in by_seed.values()]
         groups.append(Group(label, members, untrained=True))
     for model in sorted({r.model for r in base_evals} - {model for model, _, _ in per_setting}):
-        label = f"{UNTRAINED} {model}" if len(models) > 1 else UNTRAINED
+        label = label_of(model)
         scores = _base_scores(base_evals, model)
         member = RunSummary(path=next(r.path for r in base_evals if r.model == model), name=label, model=model,
                             method="untrained", scores=scores, identity=f"untrained:{model}", group=label)
