@@ -94,3 +94,11 @@ def test_scaling_benchmark_reports_startup_and_step_overhead_per_size(tmp_path):
     parallel = data["data_parallel"]
     assert sorted(parallel) == ["1 process", "2 processes", "2 processes, after backward"]
     assert len({row["tokens"] for row in parallel.values()}) == 1  # the same global batch in each
+
+
+def test_prefix_benchmark_runs_both_modes_and_prints_ratios(tmp_path):
+    out = _run(["bench/prefix.py", "--threads", "1", "--repeats", "1", "--batch", "2", "--eval-items", "4"], tmp_path)
+    assert "same completions True" in out and "same greedy completions True" in out, out[-1500:]
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"generate_ratio=[\d.]+ teacher_ratio=[\d.]+ step_ratio=[\d.]+ eval16_ratio=[\d.]+ "
+                        r"eval32_over_eval16_whole=[\d.]+", last), last

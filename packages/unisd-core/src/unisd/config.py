@@ -22,6 +22,9 @@ GJSD_SCALE_CHOICES = ("normalized", "research")  # see unisd.divergence.losses
 LOSS_REDUCTION_CHOICES = ("token", "sequence")  # see unisd.divergence.reduction
 REFERENCE_CONTROL_CHOICES = ("none", "shuffled")  # see unisd.data.controls
 ALPHA_RULE = "alpha must be in [0, 1] (0 = forward KL, 1 = reverse KL)"
+# Greedy evaluation's generation batch (training's held-out evaluation, `unisd eval`). Decoding reads every
+# weight once per token for the whole batch: on a 2-core CPU, 32 rows took 0.7x the time of 16 rows.
+EVAL_BATCH_SIZE = 32
 
 
 def alpha_ok(alpha: float) -> bool:

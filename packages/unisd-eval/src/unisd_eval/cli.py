@@ -26,6 +26,7 @@ from rich.table import Table
 
 from unisd.commands import cli_errors
 from unisd.config import DTYPE_CHOICES as DTYPES
+from unisd.config import EVAL_BATCH_SIZE
 from unisd.data.tasks import Example, Score, Task, iter_jsonl_lines
 from unisd.errors import DataError, UnisdError, UsageError
 from unisd.evaluation.leakage import leakage_flags, leakage_rate, overrun_flags, share
@@ -421,7 +422,7 @@ def eval_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace results.json/predictions.jsonl already in --output."),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Generation budget (default: the task's)."),
     data_file: Path = typer.Option(None, "--data-file", help="Local JSON/JSONL/CSV/Parquet file in the hub layout."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Generation batch size."),
+    batch_size: int = typer.Option(EVAL_BATCH_SIZE, "--batch-size", help="Generation batch size."),
     dtype: str = typer.Option("auto", "--dtype", help="Weights' dtype with --model: auto, float32, bfloat16 or float16."),
     backend: str = typer.Option("hf", "--backend", help="Generation with --model: 'hf' (transformers) or 'vllm' "
                                 "(needs vLLM; a LoRA run's final/ is served as its base plus the adapter)."),

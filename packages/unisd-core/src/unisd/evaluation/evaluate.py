@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..config import EVAL_BATCH_SIZE
 from ..data.datafiles import with_system_prompt
 from ..data.prompts import encode, render_chat
 from ..data.tasks import Example, Score, Task
@@ -24,8 +25,6 @@ from ..model.rollout import HFBackend, SamplingParams
 from ..parallel import distributed
 from .base_cache import base_weights_key, cached_completions, student_is_base, teacher_is_base
 from .leakage import Leak, leakage_flags, leakage_rate, overrun_flags, share
-
-EVAL_BATCH_SIZE = 16
 
 if TYPE_CHECKING:
     from ..run import Run
@@ -40,8 +39,8 @@ class EvalResult:
     overruns: list[bool] = field(default_factory=list)  # per completion: goes on after a finished answer
 
 
-def generate_texts(model: Any, tokenizer: Any, user_texts: list[str], max_new_tokens: int, batch_size: int = 16,
-                   systems: list[str | None] | None = None, temperature: float = 0.0,
+def generate_texts(model: Any, tokenizer: Any, user_texts: list[str], max_new_tokens: int,
+                   batch_size: int = EVAL_BATCH_SIZE, systems: list[str | None] | None = None, temperature: float = 0.0,
                    progress: Callable[[int], None] | None = None) -> list[str]:
     """One completion per user text (chat-rendered, after its system text if any), decoded: greedy, or
     sampled at ``temperature``. ``progress(n)`` is called after each batch of ``n`` texts.

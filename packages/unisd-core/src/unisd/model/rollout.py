@@ -8,7 +8,15 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from ..parallel import sharding
-from .scoring import cache_argument, decoder_of, repeat_groups, returned_cache
+from . import scoring
+from .scoring import (
+    cache_argument,
+    can_share_states,
+    common_prefix_length,
+    decoder_of,
+    repeat_groups,
+    returned_cache,
+)
 
 
 @dataclass
@@ -86,12 +94,8 @@ class HFBackend:
         try:
             for start in range(0, len(prompts), self.batch_size):
                 chunk = prompts[start : start + self.batch_size]
-                width = max(len(p) for p in chunk)
-                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for i, p in enumerate(chunk):  # left padding keeps every prompt's end aligned
-                    ids[i, width - len(p) :] = torch.tensor(p)
-                    mask[i, width - len(p) :] = 1
+                prefix = shared_prefix_length(self.model, chunk)
+                ids, mask = left_padded(chunk, pad_id, prefix)
                 sample = params.temperature > 0
                 kwargs: dict[str, Any] = dict(
                     max_new_tokens=params.max_new_tokens,
@@ -106,37 +110,74 @@ class HFBackend:
                 else:
                     kwargs.update(temperature=None, top_p=None)
                 with sharding.gathered(self.model, keep_blocks=True):
-                    kwargs.update(shared_prompt_cache(self.model, chunk, ids.to(device), mask.to(device)))
+                    kwargs.update(shared_prompt_cache(self.model, chunk, ids.to(device), mask.to(device), prefix))
                     gen = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs,
                                               **sharding.generation_kwargs(self.model))
-                for row in gen[:, width:].tolist():
+                for row in gen[:, ids.shape[1]:].tolist():
                     out.append(split_completion(row, eos, pad_id))
         finally:
             self.model.train(was_training)
         return out
 
 
-def shared_prompt_cache(model: Any, prompts: list[list[int]], ids: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
-    """One prefill for repeated prompts: the key/value cache of each distinct prompt's tokens but its last,
-    computed once and copied to every row that repeats it (``num_generations`` > 1 repeats each prompt
-    G times), as the ``generate`` argument that starts from it; ``generate`` then runs only the last
-    prompt token and the new ones. ``ids``/``mask``: the chunk, left-padded.
+def shared_prefix_length(model: Any, prompts: list[list[int]]) -> int:
+    """How many leading tokens the prompts of one generation batch share and may prefill once (0: none, or
+    fewer than :data:`~unisd.model.scoring.MIN_SHARED_PREFIX`). The last token of every prompt is left for
+    ``generate`` to run."""
+    decoder = decoder_of(model)
+    if len(prompts) < 2 or decoder is None or not can_share_states(model, decoder):
+        return 0
+    prefix = min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1)
+    return prefix if prefix >= scoring.MIN_SHARED_PREFIX else 0
 
-    Empty when no prompt repeats, or where the cache cannot be shared: a sharded model (its wrappers
+
+def left_padded(prompts: list[list[int]], pad_id: int, prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, attention mask)`` with every prompt's end aligned on the last column. The first ``prefix``
+    tokens, which all prompts share, stay in front of the padding (``[prefix | padding | rest]``), so that
+    their keys and values are one copy for every row; positions count real tokens only (``generate``
+    derives them from the mask), so the gap changes nothing."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, :prefix] = torch.tensor(p[:prefix], dtype=torch.long)
+        mask[i, :prefix] = 1
+        ids[i, width - len(p) + prefix :] = torch.tensor(p[prefix:], dtype=torch.long)
+        mask[i, width - len(p) + prefix :] = 1
+    return ids, mask
+
+
+def shared_prompt_cache(model: Any, prompts: list[list[int]], ids: torch.Tensor, mask: torch.Tensor,
+                        prefix: int = 0) -> dict[str, Any]:
+    """One prefill for what rows share: the key/value cache of every prompt's tokens but its last, as the
+    ``generate`` argument that starts from it; ``generate`` then runs only the last prompt token and the
+    new ones. ``prefix`` leading tokens common to all rows (laid out by :func:`left_padded`) run once for
+    the whole batch; then each distinct prompt's rest runs once and is copied to every row that repeats
+    it (``num_generations`` > 1 repeats each prompt G times). ``ids``/``mask``: the chunk, left-padded.
+
+    Empty when nothing is shared, or where the cache cannot be shared: a sharded model (its wrappers
     drive its forwards), or a model without a separable body.
     """
     groups = repeat_groups(prompts)
     decoder = decoder_of(model)
-    if groups is None or decoder is None or ids.shape[1] < 2 or sharding.is_sharded(model):
+    if (groups is None and not prefix) or decoder is None or ids.shape[1] < 2 or sharding.is_sharded(model):
         return {}
-    leaders, group = groups
+    leaders, group = groups if groups is not None else (list(range(len(prompts))), None)
     rows = torch.tensor(leaders, device=ids.device)
-    prefix_ids, prefix_mask = ids[rows, :-1], mask[rows, :-1]
+    prompt_ids, prompt_mask = ids[rows, :-1], mask[rows, :-1]
     # the positions generate gives left-padded rows: counted from each row's first real token
-    positions = (prefix_mask.cumsum(-1) - 1).masked_fill(prefix_mask == 0, 1)
-    cache = returned_cache(model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions,
-                                 use_cache=True, logits_to_keep=1))
+    positions = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1)
+    cache = None
+    if prefix:
+        cache = returned_cache(decoder(input_ids=prompt_ids[:1, :prefix], attention_mask=prompt_mask[:1, :prefix],
+                                       position_ids=positions[:1, :prefix], use_cache=True))
+        cache.reorder_cache(torch.zeros(len(leaders), dtype=torch.long, device=ids.device))  # a copy per prompt
+    if prefix < prompt_ids.shape[1]:
+        given = {cache_argument(decoder): cache} if cache is not None else {}
+        cache = returned_cache(decoder(input_ids=prompt_ids[:, prefix:], attention_mask=prompt_mask,
+                                       position_ids=positions[:, prefix:], use_cache=True, **given))
     if cache is None:
         return {}
-    cache.reorder_cache(torch.tensor(group, device=ids.device))  # each row gets its prompt's keys and values
+    if group is not None:
+        cache.reorder_cache(torch.tensor(group, device=ids.device))  # each row gets its prompt's keys and values
     return {cache_argument(decoder): cache}

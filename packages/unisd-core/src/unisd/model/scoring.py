@@ -72,14 +72,15 @@ def completion_hidden(model: Any, packed: Packed, share_prompts: bool = False) -
         if shared is not None:
             return shared
     device = next(model.parameters()).device
-    inputs = dict(
-        input_ids=packed.input_ids.to(device), attention_mask=packed.attention_mask.to(device), use_cache=False
-    )
+    input_ids, attention_mask = packed.input_ids.to(device), packed.attention_mask.to(device)
     decoder = decoder_of(model)
-    if decoder is not None:
-        hidden = decoder(**inputs).last_hidden_state  # [B, L, H]
+    if decoder is not None and can_share_states(model, decoder):
+        hidden, _ = body_states(decoder, input_ids, attention_mask)  # [B, L, H]
+    elif decoder is not None:
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     else:  # models without a separable body: ask for hidden states, skip most of the lm-head
-        hidden = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True,
+                       logits_to_keep=1).hidden_states[-1]
     index = packed.positions.to(device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
     return hidden.gather(1, index)  # [B, C, H]
 
@@ -124,22 +125,19 @@ def shared_prompt_hidden(model: Any, packed: Packed) -> torch.Tensor | None:
     """
     groups = prompt_groups(packed)
     decoder = decoder_of(model)
-    if groups is None or decoder is None or (decoder.training and getattr(decoder, "gradient_checkpointing", False)):
-        return None  # (gradient checkpointing turns the cache off while the model is in training mode)
-    if not _gap_safe(getattr(decoder, "config", None)) or sharding.is_sharded(model):
-        return None  # (a sharded model's forwards are driven by the sharding wrappers)
+    if groups is None or decoder is None or not can_share_states(model, decoder):
+        return None
     leaders, group = groups
     device = next(model.parameters()).device
     lengths = packed.positions[:, 0] + 1  # [B] prompt lengths
     width = int(lengths[leaders].max())
     prompt_mask = (torch.arange(width)[None, :] < lengths[leaders][:, None]).long()
-    first = decoder(input_ids=packed.input_ids[leaders, :width].to(device), attention_mask=prompt_mask.to(device),
-                    use_cache=True)
-    cache = returned_cache(first)
+    prompt_hidden, cache = body_states(decoder, packed.input_ids[leaders, :width].to(device), prompt_mask.to(device),
+                                       keep_cache=True)
     if cache is None:
         return None
     rows = torch.tensor(group)
-    last = first.last_hidden_state[torch.arange(len(leaders), device=device), (lengths[leaders] - 1).to(device)]
+    last = prompt_hidden[torch.arange(len(leaders), device=device), (lengths[leaders] - 1).to(device)]
     hidden = last[rows.to(device)][:, None, :]  # [B, 1, H]: the state that predicts completion token 0
     c = packed.mask.shape[1]
     if c == 1:
@@ -151,6 +149,58 @@ def shared_prompt_hidden(model: Any, packed: Packed) -> torch.Tensor | None:
     second = decoder(input_ids=follow.to(device), attention_mask=attention.to(device),
                      position_ids=position_ids.to(device), use_cache=True, **{cache_argument(decoder): cache})
     return torch.cat([hidden, second.last_hidden_state], dim=1)  # [B, C, H]
+
+
+# A prefix shared by every row runs once only from this many tokens on: below it, the extra forward's fixed
+# cost outweighs the prefix's compute.
+MIN_SHARED_PREFIX = 16
+
+
+def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every row has in common."""
+    if not rows:
+        return 0
+    first, n = rows[0], min(len(r) for r in rows)
+    for i in range(n):
+        if any(r[i] != first[i] for r in rows):
+            return i
+    return n
+
+
+def can_share_states(model: Any, decoder: Any) -> bool:
+    """Whether rows may take keys and values computed once for several of them: not under gradient
+    checkpointing in training mode (it turns the cache off), not on a sharded model (its wrappers drive its
+    forwards), and only with kernels and attention patterns for which a split forward equals one forward
+    (:func:`_gap_safe`)."""
+    if decoder.training and getattr(decoder, "gradient_checkpointing", False):
+        return False
+    return _gap_safe(getattr(decoder, "config", None)) and not sharding.is_sharded(model)
+
+
+def body_states(decoder: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                keep_cache: bool = False) -> tuple[torch.Tensor, Any]:
+    """The decoder's final hidden states ``[B, L, H]`` over right-padded rows (and, with ``keep_cache``, its
+    key/value cache). A prefix of at least :data:`MIN_SHARED_PREFIX` tokens that every row starts with (a
+    chat template's system turn, a task's fixed instructions) runs once, and its keys and values serve every
+    row; the rest of each row then runs on them. Equal to one forward up to float rounding (tested in
+    float64, gradients included: the prefix's gradient is the sum over the rows). Under dropout the rows
+    share the prefix's dropout mask, as rows that repeat a prompt do (:func:`shared_prompt_hidden`)."""
+    b, width = input_ids.shape
+    c = 0
+    if b > 1:
+        agree = ((input_ids == input_ids[:1]) & (attention_mask == 1)).all(0)  # [L]
+        c = min(int(agree.long().cumprod(0).sum()), width - 1)
+    if c < MIN_SHARED_PREFIX:
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=keep_cache)
+        return out.last_hidden_state, returned_cache(out) if keep_cache else None
+    head = decoder(input_ids=input_ids[:1, :c], attention_mask=attention_mask[:1, :c], use_cache=True)
+    cache = returned_cache(head)
+    cache.reorder_cache(torch.zeros(b, dtype=torch.long, device=input_ids.device))  # a copy per row
+    positions = torch.arange(c, width, device=input_ids.device).expand(b, -1)
+    rest = decoder(input_ids=input_ids[:, c:], attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                   **{cache_argument(decoder): cache})
+    hidden = torch.cat([head.last_hidden_state.expand(b, -1, -1), rest.last_hidden_state], dim=1)
+    return hidden, returned_cache(rest) if keep_cache else None
 
 
 def _gap_safe(config: Any) -> bool:
