@@ -14,6 +14,7 @@ from .scoring import (
     can_share_states,
     common_prefix_length,
     decoder_of,
+    prefix_states,
     repeat_groups,
     returned_cache,
 )
@@ -169,9 +170,7 @@ def shared_prompt_cache(model: Any, prompts: list[list[int]], ids: torch.Tensor,
     positions = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1)
     cache = None
     if prefix:
-        cache = returned_cache(decoder(input_ids=prompt_ids[:1, :prefix], attention_mask=prompt_mask[:1, :prefix],
-                                       position_ids=positions[:1, :prefix], use_cache=True))
-        cache.reorder_cache(torch.zeros(len(leaders), dtype=torch.long, device=ids.device))  # a copy per prompt
+        _, cache = prefix_states(decoder, prompt_ids, prompt_mask, prefix, len(leaders))  # a copy per prompt
     if prefix < prompt_ids.shape[1]:
         given = {cache_argument(decoder): cache} if cache is not None else {}
         cache = returned_cache(decoder(input_ids=prompt_ids[:, prefix:], attention_mask=prompt_mask,

@@ -193,14 +193,22 @@ def body_states(decoder: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     if c < MIN_SHARED_PREFIX:
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=keep_cache)
         return out.last_hidden_state, returned_cache(out) if keep_cache else None
-    head = decoder(input_ids=input_ids[:1, :c], attention_mask=attention_mask[:1, :c], use_cache=True)
-    cache = returned_cache(head)
-    cache.reorder_cache(torch.zeros(b, dtype=torch.long, device=input_ids.device))  # a copy per row
+    head, cache = prefix_states(decoder, input_ids, attention_mask, c, b)
     positions = torch.arange(c, width, device=input_ids.device).expand(b, -1)
     rest = decoder(input_ids=input_ids[:, c:], attention_mask=attention_mask, position_ids=positions, use_cache=True,
                    **{cache_argument(decoder): cache})
-    hidden = torch.cat([head.last_hidden_state.expand(b, -1, -1), rest.last_hidden_state], dim=1)
+    hidden = torch.cat([head.expand(b, -1, -1), rest.last_hidden_state], dim=1)
     return hidden, returned_cache(rest) if keep_cache else None
+
+
+def prefix_states(decoder: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int,
+                  copies: int) -> tuple[torch.Tensor, Any]:
+    """The first row's first ``length`` tokens, run once: their hidden states ``[1, length, H]`` and their
+    key/value cache copied ``copies`` times (one per row that continues from them)."""
+    head = decoder(input_ids=input_ids[:1, :length], attention_mask=attention_mask[:1, :length], use_cache=True)
+    cache = returned_cache(head)
+    cache.reorder_cache(torch.zeros(copies, dtype=torch.long, device=input_ids.device))
+    return head.last_hidden_state, cache
 
 
 def _gap_safe(config: Any) -> bool:
