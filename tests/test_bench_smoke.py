@@ -102,3 +102,11 @@ def test_prefix_benchmark_runs_both_modes_and_prints_ratios(tmp_path):
     last = out.strip().splitlines()[-1]
     assert re.fullmatch(r"generate_ratio=[\d.]+ teacher_ratio=[\d.]+ step_ratio=[\d.]+ eval16_ratio=[\d.]+ "
                         r"eval32_over_eval16_whole=[\d.]+", last), last
+
+
+def test_merged_adapter_benchmark_runs_both_modes_and_prints_ratios(tmp_path):
+    out = _run(["bench/merged_adapter.py", "--threads", "1", "--repeats", "1", "--batch", "2", "--eval-items", "4"],
+               tmp_path)
+    assert out.count("same tokens") == 5, out[-1500:]  # two rollout repeats, three evaluation passes
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"generate_ratio=[\d.]+ eval_ratio=[\d.]+ same_samples=\d+/5", last), last

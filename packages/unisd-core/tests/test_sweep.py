@@ -545,9 +545,11 @@ def test_tiny_sweep_with_seeds_completes_skips_on_rerun_and_reports_groups(tmp_p
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_shipped_ablation_example_plans_ten_methods_at_three_seeds():
+@pytest.mark.parametrize(("name", "settings", "eval_jobs"),
+                         [("ablation-demo", (16, 192, True, 4), 0), ("ablation-demo-60", (60, 48, True, 4), 31)])
+def test_shipped_ablation_examples_plan_ten_methods_at_three_seeds(name, settings, eval_jobs):
     pytest.importorskip("unisd_components")
-    example = Path(__file__).resolve().parents[3] / "examples" / "ablation-demo.toml"
+    example = Path(__file__).resolve().parents[3] / "examples" / f"{name}.toml"
     spec = load_sweep(example)
     jobs = plan(spec, get_plugin_manager())
     train = [j for j in jobs if j.phase == "train"]
@@ -555,8 +557,8 @@ def test_shipped_ablation_example_plans_ten_methods_at_three_seeds():
                "leak-guard", "unisd-star-leak-guard"]
     assert [j.meta["method"] for j in train[:10]] == methods and len(train) == 30
     assert {j.config.seed for j in train} == {1, 2, 3}
-    assert {(j.config.steps, j.config.eval_limit, j.config.eval_before_after, j.config.batch_size) for j in train} == {
-        (60, 48, True, 4)}
+    assert {(j.config.steps, j.config.eval_limit, j.config.eval_before_after, j.config.batch_size)
+            for j in train} == {settings}
     by_method = {j.meta["method"]: j.config for j in train if j.config.seed == 1}
     assert by_method["plain"].components == {} and by_method["plain"].reference_control == "none"
     assert by_method["shuffled-reference"].components == {}
@@ -565,12 +567,13 @@ def test_shipped_ablation_example_plans_ten_methods_at_three_seeds():
     assert set(by_method["unisd-star"].components) == {"agreement", "ema", "contrastive", "matching"}
     assert set(by_method["unisd-star-leak-guard"].components) == {"agreement", "ema", "contrastive", "matching",
                                                                   "leak-guard"}
-    # every student, and the base once, scored on all 384 held-out items at the training budget
+    # the 60-step file scores every student, and the base once, on all 384 held-out items at the training
+    # budget; the 90-minute file has only each run's own evaluation
     evals = [j for j in jobs if j.phase == "eval"]
-    assert len(evals) == 31 and all(j.argv[-2:] == ["--max-new-tokens", "12"] for j in evals)
-    assert "--limit" not in evals[0].argv and evals[-1].meta["method"] == "untrained"
+    assert len(evals) == eval_jobs and all(j.argv[-2:] == ["--max-new-tokens", "12"] for j in evals)
+    assert not evals or ("--limit" not in evals[0].argv and evals[-1].meta["method"] == "untrained")
     assert any(j.id.startswith("cache:negatives:") for j in jobs)  # contrastive's negatives come first
-    assert spec.output_root == example.parents[1] / "runs" / "ablation-demo"
+    assert spec.output_root == example.parents[1] / "runs" / name
 
 
 def test_data_files_resolve_next_to_the_sweep_file_and_hub_ids_stay_as_written(tmp_path):

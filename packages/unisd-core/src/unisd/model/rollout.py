@@ -9,6 +9,7 @@ import torch
 
 from ..parallel import sharding
 from . import scoring
+from .merged_adapter import adapter_merged
 from .scoring import (
     cache_argument,
     can_share_states,
@@ -79,8 +80,11 @@ class HFBackend:
     name: ClassVar[str] = "hf"
     description: ClassVar[str] = "transformers generate (default; CPU and GPU)"
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 16, **_: Any):
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 16, config: Any = None, **_: Any):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        # a LoRA adapter merged into the base weights for each generate call (model/merged_adapter.py)
+        self.merge_adapter = getattr(config, "merge_adapter_for_generation", True)
+        self.merge_buffers: dict[str, torch.Tensor] = {}  # the merged weights' memory, reused every call
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
@@ -91,34 +95,34 @@ class HFBackend:
         was_training = self.model.training
         self.model.eval()  # no dropout while sampling the policy
         device = sharding.compute_device(self.model)
+        kwargs = generation_kwargs(params, pad_id, eos)
         out: list[Completion] = []
         try:
-            for start in range(0, len(prompts), self.batch_size):
-                chunk = prompts[start : start + self.batch_size]
-                prefix = shared_prefix_length(self.model, chunk)
-                ids, mask = left_padded(chunk, pad_id, prefix)
-                sample = params.temperature > 0
-                kwargs: dict[str, Any] = dict(
-                    max_new_tokens=params.max_new_tokens,
-                    do_sample=sample,
-                    pad_token_id=pad_id,
-                    eos_token_id=sorted(eos),
-                    top_k=0,
-                    repetition_penalty=1.0,
-                )
-                if sample:
-                    kwargs.update(temperature=params.temperature, top_p=params.top_p)
-                else:
-                    kwargs.update(temperature=None, top_p=None)
-                with sharding.gathered(self.model, keep_blocks=True):
-                    kwargs.update(shared_prompt_cache(self.model, chunk, ids.to(device), mask.to(device), prefix))
-                    gen = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs,
-                                              **sharding.generation_kwargs(self.model))
-                for row in gen[:, ids.shape[1]:].tolist():
-                    out.append(split_completion(row, eos, pad_id))
+            with adapter_merged(self.model, self.merge_adapter, self.merge_buffers):
+                for start in range(0, len(prompts), self.batch_size):
+                    chunk = prompts[start : start + self.batch_size]
+                    prefix = shared_prefix_length(self.model, chunk)
+                    ids, mask = left_padded(chunk, pad_id, prefix)
+                    ids, mask = ids.to(device), mask.to(device)
+                    with sharding.gathered(self.model, keep_blocks=True):
+                        cache = shared_prompt_cache(self.model, chunk, ids, mask, prefix)
+                        gen = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs, **cache,
+                                                  **sharding.generation_kwargs(self.model))
+                    out += [split_completion(row, eos, pad_id) for row in gen[:, ids.shape[1]:].tolist()]
         finally:
             self.model.train(was_training)
         return out
+
+
+def generation_kwargs(params: SamplingParams, pad_id: int, eos: set[int]) -> dict[str, Any]:
+    """``generate``'s settings for the method's sampling (or greedy decoding at temperature 0)."""
+    kwargs: dict[str, Any] = dict(max_new_tokens=params.max_new_tokens, do_sample=params.temperature > 0,
+                                  pad_token_id=pad_id, eos_token_id=sorted(eos), top_k=0, repetition_penalty=1.0)
+    if params.temperature > 0:
+        kwargs.update(temperature=params.temperature, top_p=params.top_p)
+    else:
+        kwargs.update(temperature=None, top_p=None)
+    return kwargs
 
 
 def shared_prefix_length(model: Any, prompts: list[list[int]]) -> int:
