@@ -546,7 +546,7 @@ def test_tiny_sweep_with_seeds_completes_skips_on_rerun_and_reports_groups(tmp_p
 
 
 @pytest.mark.parametrize(("name", "settings", "eval_jobs"),
-                         [("ablation-demo", (16, 192, True, 4), 0), ("ablation-demo-60", (60, 48, True, 4), 31)])
+                         [("ablation-demo", (20, 384, True, 4), 0), ("ablation-demo-60", (60, 48, True, 4), 31)])
 def test_shipped_ablation_examples_plan_ten_methods_at_three_seeds(name, settings, eval_jobs):
     pytest.importorskip("unisd_components")
     example = Path(__file__).resolve().parents[3] / "examples" / f"{name}.toml"
