@@ -84,7 +84,10 @@ class HFBackend:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         # a LoRA adapter merged into the base weights for each generate call (model/merged_adapter.py)
         self.merge_adapter = getattr(config, "merge_adapter_for_generation", True)
-        self.merge_buffers: dict[str, torch.Tensor] = {}  # the merged weights' memory, reused every call
+        # the merged weights' memory, kept between calls on a CPU only: there allocating and first touching it
+        # costs more than the merge, while a GPU's caching allocator hands it out again cheaply, and holding
+        # it would keep a copy of the adapted weights from the training step's activations
+        self.merge_buffers: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
@@ -98,7 +101,8 @@ class HFBackend:
         kwargs = generation_kwargs(params, pad_id, eos)
         out: list[Completion] = []
         try:
-            with adapter_merged(self.model, self.merge_adapter, self.merge_buffers):
+            buffers = self.merge_buffers if device.type == "cpu" else None
+            with adapter_merged(self.model, self.merge_adapter, buffers):
                 for start in range(0, len(prompts), self.batch_size):
                     chunk = prompts[start : start + self.batch_size]
                     prefix = shared_prefix_length(self.model, chunk)
