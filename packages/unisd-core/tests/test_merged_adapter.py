@@ -167,5 +167,8 @@ def test_no_merge_where_it_would_change_the_model(tokenizer):
     assert mergeable_layers(variant) == []
     with adapter_merged(variant) as same:
         assert same is variant
+    tied = apply_lora(make_tiny_model(tokenizer).double(), r=4, alpha=8, dropout=0.0, targets=["q_proj", "lm_head"])
+    assert tied.get_base_model().lm_head.base_layer.weight is tied.get_input_embeddings().weight
+    assert mergeable_layers(tied) == []  # merging the head would change the input embeddings too
     with adapter_merged(adapted, enabled=False):
         assert mergeable_layers(adapted)  # switched off: the adapter layers stay on and run

@@ -12,9 +12,9 @@ rounded) and no autograd version counter moves (leak-guard generates between a s
 backward). The adapter layers are switched off meanwhile, so each adapted layer is just its base layer.
 
 Only plain LoRA on ``nn.Linear`` (or GPT-2's ``Conv1D``) layers is merged, on an unsharded model whose
-adapters are on; anything else (DoRA and other variants, LoRA biases, embeddings, quantised layers,
-disabled adapters, FSDP) generates through the adapter as before. The samples equal the adapter path's
-up to floating-point rounding of the weights.
+adapters are on. Anything else generates through the adapter as before: DoRA and other variants, LoRA
+biases, embeddings, quantised layers, a weight shared with another module, offloaded weights, disabled
+adapters, FSDP. The samples equal the adapter path's up to floating-point rounding of the weights.
 """
 
 from __future__ import annotations
@@ -38,8 +38,16 @@ def mergeable_layers(model: Any) -> list[tuple[str, Any]]:
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
     if not layers or sharding.is_sharded(model):
         return []
+    # a weight that another module also uses (a LoRA on a head tied to the input embeddings) would change
+    # there too; offloaded (meta) weights have no values to merge into
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
     for _, layer in layers:
         if type(layer) is not LoraLinear or layer.disable_adapters or layer.merged:
+            return []
+        weight = layer.get_base_layer().weight
+        if uses.get(id(weight), 0) != 1 or weight.is_meta:
             return []
         for name in layer.active_adapters:
             if name in getattr(layer, "lora_variant", {}) or getattr(layer, "lora_bias", {}).get(name, False):
