@@ -192,6 +192,8 @@ def test_opening_guards_the_first_position_where_the_teachers_own_answer_opens_w
     bare = [p for p in seen if p in (run.teacher_ids(EX), run.teacher_ids(EX2))]
     assert sorted(map(len, bare)) == sorted(len(run.teacher_ids(ex)) for ex in (EX, EX2)) and len(seen) == 5
     assert comp.metrics()["teacher_opening_fraction"] == pytest.approx(2 / 3)
+    assert comp._opens_with_leak("**This is an example for a response", EX)  # markdown before it: still an opening
+    assert not comp._opens_with_leak("CLOUD: This is an example for a response", EX)
     comp_off = LeakGuard(make_options(LeakGuard, {"lookahead": "8", "stop_weight": "0", "opening": "false"}))
     lora_run(tokenizer, [comp_off])
     assert comp_off.token_weights(scores(mask), batch)[0, 0] == 1.0

@@ -30,7 +30,8 @@ the student (under forward KL it is mass to cover), and that is how a leak first
 ``lookahead`` (tokens, 0: off) checks this where it happens: the teacher, with its own prompt,
 greedily continues each completion that ended with EOS (without the EOS) for that many tokens; when
 the continuation leaks, the EOS position is guarded too, so the student is not pulled from stopping
-toward the copy. It costs one short teacher generation per completion and is refused under sharding
+toward the copy. It costs one short teacher generation per completion (and, with ``opening``, per
+example), all in one ``generate`` call, and is refused under sharding
 (the processes would make different numbers of ``generate`` calls). With ``opening`` (default on) the
 teacher also answers each example from its bare prompt for ``lookahead`` tokens; where its own answer
 opens with teacher-only text (nothing before it) (on the demo, 38 of the 384 held-out items: "This is an example for a
@@ -59,6 +60,7 @@ divided by the step's token count like the divergence.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -180,13 +182,16 @@ class LeakGuard:
             return []
         prompts = [self.run.teacher_ids(ex) + list(prefix) for ex, prefix in zip(examples, prefixes, strict=True)]
         with self.run.teacher.as_model() as model:
-            continued = HFBackend(model, self.tokenizer).generate(prompts, SamplingParams(0.0, 1.0, self.options.lookahead))
+            backend = HFBackend(model, self.tokenizer, config=getattr(self.run, "config", None))
+            continued = backend.generate(prompts, SamplingParams(0.0, 1.0, self.options.lookahead))
         return [self.tokenizer.decode(list(prefix) + list(extra.ids), skip_special_tokens=True)
                 for prefix, extra in zip(prefixes, continued, strict=True)]
 
     def _opens_with_leak(self, text: str, example: Example) -> bool:
+        """Does ``text`` open with the template's own words (only whitespace or punctuation before them)?
+        A copy of the reference there is the answer itself, whose first-token target is the one to keep."""
         leak = self._leak(text, example)
-        return leak.leaked and not text[: leak.spans[0][0]].strip()
+        return leak.leaked and leak.reason.startswith("template") and not re.search(r"\w", text[: leak.spans[0][0]])
 
     def _looked_ahead(self, examples: list[Example], completions: list[list[int]],
                       guarded: list[list[int]]) -> tuple[int, int]:
@@ -210,9 +215,9 @@ class LeakGuard:
                 starts += 1
         for rows, text in zip(firsts.values(), texts[len(stops):], strict=True):
             if self._opens_with_leak(text, examples[rows[0]]):  # its first-token target leans to the template
-                for i in rows:
+                for i in (i for i in rows if completions[i]):
                     guarded[i] = sorted({0, *guarded[i]})
-                openings += len(rows)
+                    openings += 1
         return starts, openings
 
     def token_weights(self, scores: Any, batch: Any) -> torch.Tensor:
