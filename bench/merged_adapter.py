@@ -5,7 +5,7 @@ a demo training step's rollouts and greedy evaluation of a trained-looking stude
     python bench/merged_adapter.py --threads 1 --repeats 6 --eval-items 128
 
 ``HFBackend`` merges ``W + scaling * B @ A`` into a copy of each adapted weight for every ``generate`` call
-(``unisd.model.merged_adapter``); "adapter" turns that off (``merge_adapter_for_generation = false``),
+(``unisd.model.merged_adapter``); "adapter" turns that off (``merge_adapter_for_generation = "off"``),
 which is the previous behaviour. The adapter's B starts at zero in PEFT, so it is filled with small random
 values first: the merged weights must differ from the base for the comparison to mean anything. Modes
 alternate which runs first; every repeat reports whether both drew the same tokens from the same seed
@@ -33,7 +33,7 @@ from unisd.run import DataStream, build_run
 
 def backend(run, merge: bool, batch_size: int) -> HFBackend:
     return HFBackend(run.model, run.tokenizer, batch_size=batch_size,
-                     config=SimpleNamespace(merge_adapter_for_generation=merge))
+                     config=SimpleNamespace(merge_adapter_for_generation="on" if merge else "off"))
 
 
 def timed_generate(gen: HFBackend, prompts: list[list[int]], params: SamplingParams, seed: int):

@@ -146,7 +146,7 @@ def test_lookahead_guards_the_eos_where_the_teacher_would_go_on_copying(tokenize
         return [Completion(tokenizer("\n\nThis is an example for a", add_special_tokens=False)["input_ids"], True)
                 for _ in prompts]
 
-    comp = LeakGuard(make_options(LeakGuard, {"lookahead": "8", "stop_weight": "0"}))
+    comp = LeakGuard(make_options(LeakGuard, {"lookahead": "8", "stop_weight": "0", "opening": "false"}))
     run = lora_run(tokenizer, [comp])
     monkeypatch.setattr(HFBackend, "generate", continue_with_template)
     texts = ["CLOUD TABLE", "CLOUD TABLE\n\nThis is an example for a"]
@@ -157,6 +157,47 @@ def test_lookahead_guards_the_eos_where_the_teacher_would_go_on_copying(tokenize
     assert comp.metrics()["teacher_start_fraction"] == 0.5 and comp.metrics()["leaking_fraction"] == 0.5
     off = guard(tokenizer)
     assert weights_for(off, tokenizer, texts)[0][0].tolist() == [1.0] * w.shape[1]  # lookahead 0: not looked at
+
+
+EX2 = Example("u2", "What is 20 + 26? Reply with only the number.", "46")
+
+
+def test_opening_guards_the_first_position_where_the_teachers_own_answer_opens_with_the_template(
+        tokenizer, monkeypatch):
+    """The teacher answers each example once from its bare prompt; only an answer that *opens* with
+    teacher-only text guards the first position of that example's completions."""
+    seen = []
+    answers = {"u1": "This is an example for a response", "u2": "46\n\nThis is an example for"}
+
+    def teacher_answers(self, prompts, params):
+        seen.extend(prompts)
+        bare = {tuple(run.teacher_ids(ex)): answers[ex.id] for ex in (EX, EX2)}
+        return [Completion(tokenizer(bare.get(tuple(p), ""), add_special_tokens=False)["input_ids"], True)
+                for p in prompts]
+
+    comp = LeakGuard(make_options(LeakGuard, {"lookahead": "8", "stop_weight": "0"}))
+    run = lora_run(tokenizer, [comp])
+    monkeypatch.setattr(HFBackend, "generate", teacher_answers)
+    examples = [EX, EX, EX2]
+    completions = [ids_of(tokenizer, t) for t in ("CLOUD TABLE", "CLOUD", "46")]
+    width = max(len(c) for c in completions)
+    mask = torch.tensor([[1.0] * len(c) + [0.0] * (width - len(c)) for c in completions])
+    batch = step_batch(examples, [mask], [{}])
+    batch.completions = completions
+    w = comp.token_weights(scores(mask), batch)
+    assert w[0, 0] == 0.0 and w[1, 0] == 0.0  # the rewrite item: its teacher opens with the template
+    assert w[0, 1:len(completions[0])].tolist() == [1.0] * (len(completions[0]) - 1)
+    assert w[2].tolist() == [1.0] * width  # "46" first, the template after it: not an opening
+    # one bare-prompt answer per example, beside the three EOS continuations
+    bare = [p for p in seen if p in (run.teacher_ids(EX), run.teacher_ids(EX2))]
+    assert sorted(map(len, bare)) == sorted(len(run.teacher_ids(ex)) for ex in (EX, EX2)) and len(seen) == 5
+    assert comp.metrics()["teacher_opening_fraction"] == pytest.approx(2 / 3)
+    assert comp._opens_with_leak("**This is an example for a response", EX)  # markdown before it: still an opening
+    assert not comp._opens_with_leak("CLOUD: This is an example for a response", EX)
+    comp_off = LeakGuard(make_options(LeakGuard, {"lookahead": "8", "stop_weight": "0", "opening": "false"}))
+    lora_run(tokenizer, [comp_off])
+    assert comp_off.token_weights(scores(mask), batch)[0, 0] == 1.0
+    assert "teacher_opening_fraction" not in comp_off.metrics()
 
 
 def test_lookahead_between_forward_and_backward_leaves_the_gradient_alone(tokenizer):

@@ -126,7 +126,7 @@ def test_sampling_with_the_merged_adapter_draws_the_same_tokens(tokenizer):
     samples = []
     for merge in (True, False):
         calls, hooks = count_adapter_calls(model)
-        config = type("Config", (), {"merge_adapter_for_generation": merge})()
+        config = type("Config", (), {"merge_adapter_for_generation": "on" if merge else "off"})()
         torch.manual_seed(11)
         samples.append([c.ids for c in HFBackend(model, tokenizer, config=config).generate(prompts, params)])
         for h in hooks:
@@ -167,5 +167,24 @@ def test_no_merge_where_it_would_change_the_model(tokenizer):
     assert mergeable_layers(variant) == []
     with adapter_merged(variant) as same:
         assert same is variant
+    half = apply_lora(make_tiny_model(tokenizer).bfloat16(), r=4, alpha=8, dropout=0.0)
+    assert mergeable_layers(half) == []  # bf16 would round a small update away: through the adapter
+    tied = apply_lora(make_tiny_model(tokenizer).double(), r=4, alpha=8, dropout=0.0, targets=["q_proj", "lm_head"])
+    assert tied.get_base_model().lm_head.base_layer.weight is tied.get_input_embeddings().weight
+    assert mergeable_layers(tied) == []  # merging the head would change the input embeddings too
     with adapter_merged(adapted, enabled=False):
         assert mergeable_layers(adapted)  # switched off: the adapter layers stay on and run
+
+
+def test_the_setting_is_checked_and_auto_merges_on_a_cpu(tokenizer):
+    from unisd.config import RunConfig
+    from unisd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="merge_adapter_for_generation must be one of auto, on, off"):
+        RunConfig(merge_adapter_for_generation="yes").validate()
+    model = lora_model(tokenizer, seed=6)
+    calls, hooks = count_adapter_calls(model)
+    HFBackend(model, tokenizer, config=RunConfig()).generate([[5, 6, 7]], SamplingParams(0.0, 1.0, 3))
+    for h in hooks:
+        h.remove()
+    assert calls[0] == 0  # "auto" on this CPU: merged

@@ -161,6 +161,18 @@ def test_run_killed_before_its_first_checkpoint_starts_again_with_the_same_comma
     assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
 
 
+def test_a_sweeps_job_file_alone_is_not_called_a_stopped_run(tiny_llama, toy_data, tmp_path):
+    """`unisd sweep` writes sweep_job.json into the run directory before it starts the run."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "sweep_job.json").write_text("{}")
+    app = make_app(get_plugin_manager(load_entry_points=False))
+    result = CliRunner().invoke(app, train_args(tiny_llama, toy_data, out, steps=1))
+    assert result.exit_code == 0, result.output
+    assert "stopped before its first checkpoint" not in flat(result.output)
+    assert (out / "sweep_job.json").is_file() and (out / "final").is_dir()
+
+
 def test_run_killed_before_its_first_checkpoint_resumes_from_step_0(tiny_llama, toy_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     kill_at_step_1(monkeypatch)

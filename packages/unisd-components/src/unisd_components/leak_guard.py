@@ -30,9 +30,16 @@ the student (under forward KL it is mass to cover), and that is how a leak first
 ``lookahead`` (tokens, 0: off) checks this where it happens: the teacher, with its own prompt,
 greedily continues each completion that ended with EOS (without the EOS) for that many tokens; when
 the continuation leaks, the EOS position is guarded too, so the student is not pulled from stopping
-toward the copy. It costs one short teacher generation per completion and is refused under sharding
-(the processes would make different numbers of ``generate`` calls). Other positions are not looked
-ahead from. Masked tokens stay in the step's loss-token count (the
+toward the copy. It costs one short teacher generation per completion (and, with ``opening``, per
+example), all in one ``generate`` call, and is refused under sharding
+(the processes would make different numbers of ``generate`` calls). With ``opening`` (default on) the
+teacher also answers each example from its bare prompt for ``lookahead`` tokens; where its own answer
+opens with teacher-only text (nothing before it) (on the demo, 38 of the 384 held-out items: "This is an example for a
+response to the question:"), the first position of that example's completions is guarded too: that is
+where its target pulls the student toward opening with the template, whatever token the student sampled
+there (the 60-step guarded students still answered those items with "This is an example of a creative
+solution …"). Other positions are not looked ahead from. Masked tokens stay in the step's loss-token
+count (the
 denominator is fixed before components act, as for agreement's weights), so a masked token lowers
 the step's loss rather than re-weighting the others. Extra terms (contrastive, matching) are summed
 over the loss mask by the loop and are not weighted by the guard.
@@ -53,6 +60,7 @@ divided by the step's token count like the divergence.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -89,6 +97,8 @@ class LeakGuard:
         ngram: int = option(NGRAM, "Length, in words, of a reference span whose copy counts as a leak.")
         lookahead: int = option(0, "Tokens the teacher greedily continues a completion that ended by itself; when "
                                    "that continuation leaks, the EOS position is guarded too (0: off).")
+        opening: bool = option(True, "With lookahead: also let the teacher answer from its bare prompt; where its answer "
+                                     "opens with teacher-only text, the completion's first position is guarded.")
         stop_weight: float = option(1.0, "Weight of -log p(EOS) where a completion has just reproduced the reference's "
                                          "ending (the divergence from there on is guarded); 0: off.")
 
@@ -165,44 +175,69 @@ class LeakGuard:
         return self._ends[1]
 
     @torch.no_grad()
-    def teacher_would_leak(self, examples: list[Example], completions: list[list[int]]) -> list[bool]:
-        """For each completion that ended with EOS: does the teacher's greedy continuation of it leak?"""
-        eos = eos_ids_of(self.tokenizer, self.run.model)
-        rows = [i for i, ids in enumerate(completions) if len(ids) > 1 and ids[-1] in eos]
-        out = [False] * len(completions)
-        if not rows:
-            return out
-        prompts = [self.run.teacher_ids(examples[i]) + list(completions[i][:-1]) for i in rows]
+    def teacher_continues(self, examples: list[Example], prefixes: list[list[int]]) -> list[str]:
+        """The teacher's greedy continuation (``lookahead`` tokens) of each completion prefix from its own prompt,
+        decoded with the prefix in front. One ``generate`` call."""
+        if not examples:
+            return []
+        prompts = [self.run.teacher_ids(ex) + list(prefix) for ex, prefix in zip(examples, prefixes, strict=True)]
         with self.run.teacher.as_model() as model:
-            continued = HFBackend(model, self.tokenizer).generate(prompts, SamplingParams(0.0, 1.0, self.options.lookahead))
-        for i, extra in zip(rows, continued, strict=True):
-            ids = list(completions[i][:-1])
-            out[i] = self._leak(self.tokenizer.decode(ids + list(extra.ids), skip_special_tokens=True),
-                                examples[i]).leaked
-        return out
+            backend = HFBackend(model, self.tokenizer, config=getattr(self.run, "config", None))
+            continued = backend.generate(prompts, SamplingParams(0.0, 1.0, self.options.lookahead))
+        return [self.tokenizer.decode(list(prefix) + list(extra.ids), skip_special_tokens=True)
+                for prefix, extra in zip(prefixes, continued, strict=True)]
+
+    def _opens_with_leak(self, text: str, example: Example) -> bool:
+        """Does ``text`` open with the template's own words (only whitespace or punctuation before them)?
+        A copy of the reference there is the answer itself, whose first-token target is the one to keep."""
+        leak = self._leak(text, example)
+        return leak.leaked and leak.reason.startswith("template") and not re.search(r"\w", text[: leak.spans[0][0]])
+
+    def _looked_ahead(self, examples: list[Example], completions: list[list[int]],
+                      guarded: list[list[int]]) -> tuple[int, int]:
+        """The lookahead's guards, added to ``guarded``: the EOS of clean completions the teacher would go on
+        copying after, and (``opening``) the first position of completions whose example the teacher itself
+        answers with teacher-only text first. Returns how many completions got each."""
+        eos = set(self._eos)
+        stops = [i for i, ids in enumerate(completions) if not guarded[i] and len(ids) > 1 and ids[-1] in eos]
+        firsts: dict[str, list[int]] = {}  # example id -> its completions whose first position is not guarded yet
+        if self.options.opening:
+            for i, ex in enumerate(examples):
+                if 0 not in guarded[i]:
+                    firsts.setdefault(ex.id, []).append(i)
+        queries = [(examples[i], completions[i][:-1]) for i in stops]
+        queries += [(examples[rows[0]], []) for rows in firsts.values()]
+        texts = self.teacher_continues([ex for ex, _ in queries], [prefix for _, prefix in queries])
+        starts = openings = 0
+        for i, text in zip(stops, texts[: len(stops)], strict=True):
+            if self._leak(text, examples[i]).leaked:  # the teacher would rather go on copying than stop
+                guarded[i] = [len(completions[i]) - 1]  # so its EOS target is left alone
+                starts += 1
+        for rows, text in zip(firsts.values(), texts[len(stops):], strict=True):
+            if self._opens_with_leak(text, examples[rows[0]]):  # its first-token target leans to the template
+                for i in (i for i in rows if completions[i]):
+                    guarded[i] = sorted({0, *guarded[i]})
+                    openings += 1
+        return starts, openings
 
     def token_weights(self, scores: Any, batch: Any) -> torch.Tensor:
         weights = torch.ones_like(scores.mask)  # [B, C]
         completions = [list(ids) for ids in batch.completions]
         guarded = [self.guarded_positions(ex, ids) for ex, ids in zip(batch.examples, completions, strict=True)]
-        leaking, starts, finished = sum(bool(positions) for positions in guarded), 0, 0
+        leaking = sum(bool(positions) for positions in guarded)
+        starts = openings = finished = 0
         if self.options.stop_weight > 0:
             for row, end in enumerate(self._reference_ends(batch)):
                 if end is not None:  # from the end of the reproduced reference on: guarded, and taught to stop
                     guarded[row] = sorted(set(guarded[row]) | set(range(end, len(completions[row]))))
                     finished += 1
         if self.options.lookahead:
-            clean = [i for i, positions in enumerate(guarded) if not positions]
-            verdicts = self.teacher_would_leak([batch.examples[i] for i in clean], [completions[i] for i in clean])
-            for i, would in zip(clean, verdicts, strict=True):
-                if would:  # the teacher would rather go on copying than stop: leave its EOS target alone
-                    guarded[i] = [len(completions[i]) - 1]
-                    starts += 1
+            starts, openings = self._looked_ahead(list(batch.examples), completions, guarded)
         for row, positions in enumerate(guarded):
             if positions:
                 weights[row, positions] = self.options.weight
         self._sums.add(batch.step, completions=len(batch.examples), leaking=leaking, starts=starts, finished=finished,
-                       tokens=float(scores.mask.sum()), guarded=float(((weights < 1) & (scores.mask > 0)).sum()))
+                       openings=openings, tokens=float(scores.mask.sum()), guarded=float(((weights < 1) & (scores.mask > 0)).sum()))
         return weights
 
     def extra_losses(self, scores: Any, batch: Any) -> dict[str, torch.Tensor]:
@@ -224,7 +259,8 @@ class LeakGuard:
 
     def metrics(self) -> dict[str, float]:
         """Share of the step's completions that leaked, of its loss tokens that were guarded, and (with
-        ``lookahead``) of its clean completions' EOS guarded because the teacher would go on copying."""
+        ``lookahead``) of its clean completions' EOS guarded because the teacher would go on copying, and of
+        its completions whose first position was guarded because the teacher's own answer opens with a leak."""
         completions = self._sums["completions"]
         if not completions:
             return {}
@@ -233,6 +269,8 @@ class LeakGuard:
                "activity": guarded}
         if self.options.lookahead:
             out["teacher_start_fraction"] = self._sums["starts"] / completions
+            if self.options.opening:
+                out["teacher_opening_fraction"] = self._sums["openings"] / completions
         if self.options.stop_weight > 0:
             out["reference_end_fraction"] = self._sums["finished"] / completions
         return out

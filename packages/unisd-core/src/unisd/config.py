@@ -17,6 +17,7 @@ from .values import convert_value
 
 SHARD_CHOICES = ("auto", "none", "fsdp", "hybrid")  # see unisd.parallel.sharding
 COMPILE_CHOICES = ("auto", "on", "off")  # see unisd.divergence.chunk_math
+MERGE_CHOICES = ("auto", "on", "off")  # see unisd.model.merged_adapter
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # see unisd.model.models.training_dtype
 GJSD_SCALE_CHOICES = ("normalized", "research")  # see unisd.divergence.losses
 LOSS_REDUCTION_CHOICES = ("token", "sequence")  # see unisd.divergence.reduction
@@ -79,9 +80,10 @@ class RunConfig:
     vllm_sleep: bool = False  # free the engine's GPU memory between generations
     vllm_server_url: str | None = None  # --backend vllm-server
     vllm_adapter_dir: str | None = None  # where the server can read the adapters we save
-    # --backend hf: a LoRA adapter merged into a copy of the weights it adapts for each generate call
-    # (decoding ~1.3x faster on CPU; costs one copy of those weights while generating)
-    merge_adapter_for_generation: bool = True
+    # --backend hf: a LoRA adapter merged into a copy of the float32 weights it adapts for each generate
+    # call (unisd.model.merged_adapter): "auto" = on a CPU (where decoding streams every weight per token;
+    # the copies are kept between calls), "on" = also on a GPU (a copy per call), "off"
+    merge_adapter_for_generation: str = "auto"
     temperature: float = 0.7
     top_p: float = 1.0
     max_new_tokens: int | None = None  # None: the task's default (256 for --data files)
@@ -160,6 +162,9 @@ class RunConfig:
             (self.shard in SHARD_CHOICES, f"--shard must be one of {', '.join(SHARD_CHOICES)}, got '{self.shard}'"),
             (self.compile_divergence in COMPILE_CHOICES,
              f"compile_divergence must be one of {', '.join(COMPILE_CHOICES)}, got '{self.compile_divergence}'"),
+            (self.merge_adapter_for_generation in MERGE_CHOICES,
+             f"merge_adapter_for_generation must be one of {', '.join(MERGE_CHOICES)}, "
+             f"got '{self.merge_adapter_for_generation}'"),
             (self.gjsd_scale in GJSD_SCALE_CHOICES,
              f"gjsd_scale must be one of {', '.join(GJSD_SCALE_CHOICES)}, got '{self.gjsd_scale}'"),
             (self.loss_reduction in LOSS_REDUCTION_CHOICES,

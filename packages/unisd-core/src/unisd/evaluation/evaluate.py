@@ -41,14 +41,15 @@ class EvalResult:
 
 def generate_texts(model: Any, tokenizer: Any, user_texts: list[str], max_new_tokens: int,
                    batch_size: int = EVAL_BATCH_SIZE, systems: list[str | None] | None = None, temperature: float = 0.0,
-                   progress: Callable[[int], None] | None = None) -> list[str]:
+                   progress: Callable[[int], None] | None = None, merge_adapter: str = "auto") -> list[str]:
     """One completion per user text (chat-rendered, after its system text if any), decoded: greedy, or
     sampled at ``temperature``. ``progress(n)`` is called after each batch of ``n`` texts.
+    ``merge_adapter``: a run's ``merge_adapter_for_generation`` (``HFBackend``).
 
     The one "prompts in, texts out" path of evaluation, ``unisd eval`` and the contexts components build.
     """
     systems = systems or [None] * len(user_texts)
-    backend = HFBackend(model, tokenizer, batch_size=batch_size)
+    backend = HFBackend(model, tokenizer, batch_size=batch_size, merge_adapter=merge_adapter)
     params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens)
     out: list[str] = []
     for start in range(0, len(user_texts), batch_size):
@@ -69,6 +70,7 @@ def evaluate(
     with_reference: bool = False,
     split_over_processes: bool = False,
     weights: str | None = None,
+    merge_adapter: str = "auto",
 ) -> EvalResult:
     """Greedy-decode every example (as the student, or as the teacher given the reference) and score it.
 
@@ -79,13 +81,14 @@ def evaluate(
 
     ``weights``: where the model holds the base weights, their key (:mod:`unisd.evaluation.base_cache`):
     the completions are then read from, or kept in, the cache of the base model's completions.
+    ``merge_adapter``: a run's ``merge_adapter_for_generation`` (``HFBackend``).
     """
     env = distributed.current()
     if split_over_processes and env.active and examples:
         share = -(-len(examples) // env.world_size)
         mine = examples[env.rank * share : (env.rank + 1) * share]
         padded = mine + [examples[-1]] * (share - len(mine))
-        part = evaluate(model, tokenizer, task, padded, max_new_tokens, with_reference)
+        part = evaluate(model, tokenizer, task, padded, max_new_tokens, with_reference, merge_adapter=merge_adapter)
         parts = distributed.gather_objects((part.completions[: len(mine)], part.scores[: len(mine)]))
         completions = [c for texts, _ in parts for c in texts]
         scores = [s for _, verdicts in parts for s in verdicts]
@@ -94,7 +97,7 @@ def evaluate(
     systems = [ex.system for ex in examples]
     completions = cached_completions(weights, texts, systems, max_new_tokens, EVAL_BATCH_SIZE,
                                      lambda: generate_texts(model, tokenizer, texts, max_new_tokens, EVAL_BATCH_SIZE,
-                                                            systems=systems))
+                                                            systems=systems, merge_adapter=merge_adapter))
     scores = task.score_batch(examples, completions)
     return _result(task, examples, completions, scores)
 
@@ -122,11 +125,12 @@ def privileged_gap(run: Run, task: Task, limit: int | None, predictions: Path | 
     student_weights = base if student_base else None
     teacher_weights = base if teacher_base else None
     # Every process evaluates its share of the items (a sharded model needs all of them to generate).
+    merge = run.config.merge_adapter_for_generation
     student_result = evaluate(run.model, run.tokenizer, task, examples, max_new, split_over_processes=True,
-                              weights=student_weights)
+                              weights=student_weights, merge_adapter=merge)
     with run.teacher.as_model() as teacher_model:
         teacher_result = evaluate(teacher_model, run.tokenizer, task, examples, max_new, with_reference=True,
-                                  split_over_processes=True, weights=teacher_weights)
+                                  split_over_processes=True, weights=teacher_weights, merge_adapter=merge)
     if predictions is not None:
         write_predictions(predictions, examples, student_result, teacher_result)
     student, teacher = student_result.metrics, teacher_result.metrics

@@ -29,7 +29,8 @@ LOCK_FILE = "run.lock"
 # What a run writes into its directory (and sweep_job.json, which `unisd sweep` writes before it starts the
 # job); a directory holding only these (and no checkpoint) is a run that stopped before its first
 # checkpoint, which may be started over.
-RUN_ENTRIES = {LOCK_FILE, "config.toml", "metrics.jsonl", "checkpoints", "eval", "sweep_job.json"}
+SWEEP_JOB_FILE = "sweep_job.json"  # written by `unisd sweep` (ops/scheduler.py) before the run starts
+RUN_ENTRIES = {LOCK_FILE, "config.toml", "metrics.jsonl", "checkpoints", "eval", SWEEP_JOB_FILE}
 # Temporary siblings written by unisd.io.atomic (".NAME.tmp-XXXX") and the previous version it moves aside
 # during a replace (".NAME.old-PID").
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-[^/]+")
@@ -167,7 +168,8 @@ def prepare_new_run(run_dir: Path, note: Callable[[str], None]) -> None:
     if foreign:
         raise UsageError(f"--output {run_dir} exists and is not empty ({', '.join(foreign[:3])}); choose another "
                          f"directory or use --resume {run_dir}")
-    note(f"{run_dir} holds a run that stopped before its first checkpoint: starting it over.")
+    if set(entries) - {SWEEP_JOB_FILE}:  # a sweep writes which job this is before starting it: not a run yet
+        note(f"{run_dir} holds a run that stopped before its first checkpoint: starting it over.")
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
 

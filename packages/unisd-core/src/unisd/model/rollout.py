@@ -80,11 +80,16 @@ class HFBackend:
     name: ClassVar[str] = "hf"
     description: ClassVar[str] = "transformers generate (default; CPU and GPU)"
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 16, config: Any = None, **_: Any):
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 16, config: Any = None,
+                 merge_adapter: str = "auto", **_: Any):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        # a LoRA adapter merged into the base weights for each generate call (model/merged_adapter.py)
-        self.merge_adapter = getattr(config, "merge_adapter_for_generation", True)
-        self.merge_buffers: dict[str, torch.Tensor] = {}  # the merged weights' memory, reused every call
+        # a LoRA adapter merged into the base weights for each generate call (model/merged_adapter.py):
+        # "auto" on a CPU only; a run's config decides where there is one
+        self.merge_adapter = getattr(config, "merge_adapter_for_generation", merge_adapter)
+        # the merged weights' memory, kept between calls on a CPU only: there allocating and first touching it
+        # costs more than the merge, while a GPU's caching allocator hands it out again cheaply, and holding
+        # it would keep a copy of the adapted weights from the training step's activations
+        self.merge_buffers: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
@@ -98,7 +103,9 @@ class HFBackend:
         kwargs = generation_kwargs(params, pad_id, eos)
         out: list[Completion] = []
         try:
-            with adapter_merged(self.model, self.merge_adapter, self.merge_buffers):
+            on_cpu = device.type == "cpu"
+            merge = self.merge_adapter == "on" or (self.merge_adapter == "auto" and on_cpu)
+            with adapter_merged(self.model, merge, self.merge_buffers if on_cpu else None):
                 for start in range(0, len(prompts), self.batch_size):
                     chunk = prompts[start : start + self.batch_size]
                     prefix = shared_prefix_length(self.model, chunk)

@@ -34,6 +34,7 @@ from typing import Any
 from ..config import dump_config
 from ..errors import UsageError
 from ..io import atomic
+from ..io.rundir import SWEEP_JOB_FILE
 from ..io.signals import StopRequest
 from ..parallel import threads
 from .sweep import PHASES, Job, train_argv
@@ -373,7 +374,7 @@ def _write_job_info(job: Job) -> None:
     """``sweep_job.json`` in the run directory: which method and grid point it was (for `unisd report`)."""
     assert job.run_dir is not None
     info = {k: v for k, v in job.meta.items()}
-    atomic.write_text(job.run_dir / "sweep_job.json", json.dumps(info, indent=2, default=str) + "\n")
+    atomic.write_text(job.run_dir / SWEEP_JOB_FILE, json.dumps(info, indent=2, default=str) + "\n")
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

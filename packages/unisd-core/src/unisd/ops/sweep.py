@@ -25,7 +25,7 @@ train on)::
     run = { lr = 1e-5 }                 # run settings of this method (a list = a grid axis)
 
     [eval]
-    tasks = ["demo"]                    # default: each job's training task (none for data files)
+    tasks = ["demo"]                    # default: each job's training task (none for data files); [] for none
     args = ["--limit", "64"]            # extra arguments passed to `unisd eval`
     untrained = false                   # also evaluate every model before training
 
