@@ -175,7 +175,7 @@ def test_opening_guards_the_first_position_where_the_teachers_own_answer_opens_w
         return [Completion(tokenizer(bare.get(tuple(p), ""), add_special_tokens=False)["input_ids"], True)
                 for p in prompts]
 
-    comp = LeakGuard(make_options(LeakGuard, {"lookahead": "8", "stop_weight": "0"}))
+    comp = LeakGuard(make_options(LeakGuard, {"lookahead": "8", "stop_weight": "0", "opening": "true"}))
     run = lora_run(tokenizer, [comp])
     monkeypatch.setattr(HFBackend, "generate", teacher_answers)
     examples = [EX, EX, EX2]
@@ -194,7 +194,7 @@ def test_opening_guards_the_first_position_where_the_teachers_own_answer_opens_w
     assert comp.metrics()["teacher_opening_fraction"] == pytest.approx(2 / 3)
     assert comp._opens_with_leak("**This is an example for a response", EX)  # markdown before it: still an opening
     assert not comp._opens_with_leak("CLOUD: This is an example for a response", EX)
-    comp_off = LeakGuard(make_options(LeakGuard, {"lookahead": "8", "stop_weight": "0", "opening": "false"}))
+    comp_off = LeakGuard(make_options(LeakGuard, {"lookahead": "8", "stop_weight": "0"}))  # off by default
     lora_run(tokenizer, [comp_off])
     assert comp_off.token_weights(scores(mask), batch)[0, 0] == 1.0
     assert "teacher_opening_fraction" not in comp_off.metrics()

@@ -32,14 +32,14 @@ greedily continues each completion that ended with EOS (without the EOS) for tha
 the continuation leaks, the EOS position is guarded too, so the student is not pulled from stopping
 toward the copy. It costs one short teacher generation per completion (and, with ``opening``, per
 example), all in one ``generate`` call, and is refused under sharding
-(the processes would make different numbers of ``generate`` calls). With ``opening`` (default on) the
-teacher also answers each example from its bare prompt for ``lookahead`` tokens; where its own answer
-opens with teacher-only text (nothing before it) (on the demo, 38 of the 384 held-out items: "This is an example for a
-response to the question:"), the first position of that example's completions is guarded too: that is
-where its target pulls the student toward opening with the template, whatever token the student sampled
-there (the 60-step guarded students still answered those items with "This is an example of a creative
-solution …"). Other positions are not looked ahead from. Masked tokens stay in the step's loss-token
-count (the
+(the processes would make different numbers of ``generate`` calls). With ``opening`` (off by default)
+the teacher also answers each example from its bare prompt for ``lookahead`` tokens; where its own answer
+opens with template text (nothing but whitespace or punctuation before it; on the demo, 38 of the 384
+held-out items: "This is an example for a response to the question:"), the first position of that
+example's completions is guarded too. The guarded 60-step students still answered those very items "This
+is an example of a creative solution …", and this was the guess at why; measured, it did not help (one
+seed: leakage 0.22 against 0.10 without it; bench/RESULTS.md), so it stays an experiment. Other
+positions are not looked ahead from. Masked tokens stay in the step's loss-token count (the
 denominator is fixed before components act, as for agreement's weights), so a masked token lowers
 the step's loss rather than re-weighting the others. Extra terms (contrastive, matching) are summed
 over the loss mask by the loop and are not weighted by the guard.
@@ -97,8 +97,9 @@ class LeakGuard:
         ngram: int = option(NGRAM, "Length, in words, of a reference span whose copy counts as a leak.")
         lookahead: int = option(0, "Tokens the teacher greedily continues a completion that ended by itself; when "
                                    "that continuation leaks, the EOS position is guarded too (0: off).")
-        opening: bool = option(True, "With lookahead: also let the teacher answer from its bare prompt; where its answer "
-                                     "opens with teacher-only text, the completion's first position is guarded.")
+        opening: bool = option(False, "With lookahead: also let the teacher answer from its bare prompt; where its "
+                                      "answer opens with template text, the completion's first position is guarded "
+                                      "(experimental: did not lower leakage on the demo, see bench/RESULTS.md).")
         stop_weight: float = option(1.0, "Weight of -log p(EOS) where a completion has just reproduced the reference's "
                                          "ending (the divergence from there on is guarded); 0: off.")
 
