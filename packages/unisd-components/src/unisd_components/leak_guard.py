@@ -37,9 +37,9 @@ the teacher also answers each example from its bare prompt for ``lookahead`` tok
 opens with template text (nothing but whitespace or punctuation before it; on the demo, 38 of the 384
 held-out items: "This is an example for a response to the question:"), the first position of that
 example's completions is guarded too. The guarded 60-step students still answered those very items "This
-is an example of a creative solution …", and this was the guess at why; measured, it did not help (one
-seed: leakage 0.22 against 0.10 without it; bench/RESULTS.md), so it stays an experiment. Other
-positions are not looked ahead from. Masked tokens stay in the step's loss-token count (the
+is an example of a creative solution …", and this was the guess at why; measured, it did not help (two
+seeds: leakage 0.22 and 0.14 against 0.10 and 0.13 without it; bench/RESULTS.md), so it stays an
+experiment. Other positions are not looked ahead from. Masked tokens stay in the step's loss-token count (the
 denominator is fixed before components act, as for agreement's weights), so a masked token lowers
 the step's loss rather than re-weighting the others. Extra terms (contrastive, matching) are summed
 over the loss mask by the loop and are not weighted by the guard.
