@@ -16,19 +16,16 @@ Last line: ``generate_ratio=.. eval_ratio=.. same_samples=../..`` (merged over a
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from types import SimpleNamespace
 
 import torch
+from demo_run import demo_arguments, demo_run  # bench/demo_run.py, beside this script
 
-from unisd.config import RunConfig
 from unisd.data.demo import DemoTask
-from unisd.io.reporting import Reporter
 from unisd.model.rollout import HFBackend, SamplingParams
-from unisd.plugins import get_plugin_manager
-from unisd.run import DataStream, build_run
+from unisd.run import DataStream
 
 
 def backend(run, merge: bool, batch_size: int) -> HFBackend:
@@ -59,16 +56,9 @@ def compare(run, prompts_per_repeat, params, batch_size: int, label: str) -> tup
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=4, help="timed repeats of the rollouts")
-    parser.add_argument("--batch", type=int, default=4, help="prompts per training step's generation")
-    parser.add_argument("--eval-items", type=int, default=64)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    cfg = RunConfig(model="smollm2", task="demo", batch_size=args.batch, grad_accum=1, lora_r=16, lora_alpha=32,
-                    lora_dropout=0.0, max_new_tokens=12, seed=1, eval_before_after=False)
-    run = build_run(cfg, get_plugin_manager(), Reporter(), None)
+    args = demo_arguments(__doc__.split("\n")[0], "timed repeats of the rollouts",
+                          "prompts per training step's generation", eval_items=64).parse_args()
+    run = demo_run(args)
     with torch.no_grad():
         gen = torch.Generator().manual_seed(0)
         for name, p in run.model.named_parameters():

@@ -16,20 +16,17 @@ Last line: ``generate_ratio=.. teacher_ratio=.. step_ratio=.. eval16_ratio=.. ev
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
+from demo_run import demo_arguments, demo_run  # bench/demo_run.py, beside this script
 
-from unisd.config import RunConfig
 from unisd.data.demo import DemoTask
-from unisd.io.reporting import Reporter
 from unisd.model import scoring
 from unisd.model.rollout import HFBackend, SamplingParams
 from unisd.model.scoring import pack
-from unisd.plugins import get_plugin_manager
-from unisd.run import DataStream, build_run
+from unisd.run import DataStream
 from unisd.step import distill_step, teacher_pass
 
 MODES = {"shared": scoring.MIN_SHARED_PREFIX, "whole": 10**9}
@@ -91,16 +88,9 @@ def evaluation(run, items: int) -> dict[tuple[str, str], list[float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=4, help="timed repeats of the training phases")
-    parser.add_argument("--batch", type=int, default=4, help="examples per training step (one micro-batch)")
-    parser.add_argument("--eval-items", type=int, default=96)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    cfg = RunConfig(model="smollm2", task="demo", batch_size=args.batch, grad_accum=1, lora_r=16, lora_alpha=32,
-                    lora_dropout=0.0, max_new_tokens=12, seed=1, eval_before_after=False)
-    run = build_run(cfg, get_plugin_manager(), Reporter(), None)
+    args = demo_arguments(__doc__.split("\n")[0], "timed repeats of the training phases",
+                          "examples per training step (one micro-batch)", eval_items=96).parse_args()
+    run = demo_run(args)
     times = training_phases(run, args.repeats, args.batch)
     times.update(evaluation(run, args.eval_items))
     median = {key: statistics.median(v) for key, v in times.items()}
