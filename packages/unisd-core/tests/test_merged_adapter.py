@@ -21,10 +21,11 @@ def tokenizer():
 def lora_model(tokenizer, arch: str = "llama", seed: int = 0, **lora):
     """A float64 tiny model with a LoRA adapter whose B is random (PEFT starts it at zero: no effect)."""
     model = apply_lora(make_tiny_model(tokenizer, arch=arch, seed=seed).double(), r=4, alpha=8, dropout=0.0, **lora)
+    generator = torch.Generator().manual_seed(seed)  # str hashes change per process: one seeded stream instead
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(hash(name) % 2**31))
+                p.normal_(0, 0.3, generator=generator)
     return model.eval()
 
 
