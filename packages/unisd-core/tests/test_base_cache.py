@@ -62,14 +62,39 @@ def test_a_second_run_reuses_the_base_models_completions(tmp_path, generated):
     assert len(generated) == 7
 
 
-def test_an_ema_teacher_is_not_taken_for_the_base(tmp_path, generated):
+def test_an_ema_teacher_is_the_base_until_it_moves(tmp_path, generated):
     model_dir = make_tiny_model_dir(tmp_path / "model")
     plain = _run(model_dir)
     evaluate.privileged_gap(plain, plain.task, 3)
-    ema = _run(model_dir, components={"ema": {}})
-    assert base_cache.student_is_base(ema) and not base_cache.teacher_is_base(ema)
+    assert len(generated) == 2
+    # before training the EMA adapter is the student's own (B = 0): both sides are the base's, read back
+    ema = _run(model_dir, components={"ema": {"sync_steps": 1}})
+    assert base_cache.student_is_base(ema) and base_cache.teacher_is_base(ema)
+    assert evaluate.privileged_gap(ema, ema.task, 3) == evaluate.privileged_gap(plain, plain.task, 3)
+    assert len(generated) == 2
+    # the student trains and the teacher averages it in: neither is the base any more
+    with torch.no_grad():
+        for name, p in ema.model.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.05)
+    assert not base_cache.teacher_is_base(ema)  # (swapped-in zeros now differ from the student's values)
+    ema.components[0].update()
+    assert not base_cache.student_is_base(ema) and not base_cache.teacher_is_base(ema)
     evaluate.privileged_gap(ema, ema.task, 3)
-    assert len(generated) == 3  # the student's were the base's; the EMA teacher generated its own
+    assert len(generated) == 4
+
+
+def test_a_full_fine_tuning_ema_teacher_is_the_base_until_it_moves(tmp_path, generated):
+    run = _run(make_tiny_model_dir(tmp_path / "model"), lora=False, components={"ema": {"sync_steps": 1}})
+    assert base_cache.teacher_is_base(run)  # the frozen copy of the initial weights
+    with torch.no_grad():
+        next(run.model.parameters()).add_(0.01)  # an optimiser step
+    run.step = 1
+    assert base_cache.teacher_is_base(run)  # the copy has not moved
+    run.components[0].update()  # the EMA averages the student into the copy, in place
+    assert not base_cache.teacher_is_base(run)
+    evaluate.privileged_gap(run, run.task, 3)
+    assert len(generated) == 2  # both sides generated: neither holds the base weights
 
 
 def test_what_the_cache_holds_is_checked(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from unisd.cli import report_cmd, sweep_cmd
 from unisd.components import Preset, option
 from unisd.errors import ConfigError, OptionError, UnknownNameError, UsageError
 from unisd.hookspecs import hookimpl
-from unisd.ops.scheduler import SweepRunner, parse_devices
+from unisd.ops.scheduler import STATE_FILE, JobStatus, SweepRunner, job_kind, parse_devices
 from unisd.ops.sweep import load_sweep, plan
 from unisd.plugins import get_plugin_manager
 from unisd.testing import make_tiny_model_dir, toy_records, write_jsonl
@@ -212,6 +212,53 @@ def test_seeds_axis_one_run_per_seed_in_seed_major_order(tmp_path):
     plain = plan(load_sweep(write(tmp_path / "p.toml", 'models = ["smollm2"]\ntasks = ["demo"]\n[run]\nseed = 5\n')),
                  make_pm())
     assert [(j.id, j.config.seed) for j in plain if j.phase == "train"] == [("train:plain/demo/smollm2", 5)]
+
+
+def test_timed_kinds_start_longest_first_after_every_first_seed(tmp_path):
+    sweep = write(tmp_path / "s.toml", """
+        models = ["smollm2"]
+        tasks = ["demo"]
+        presets = ["p-one", "p-two"]
+        seeds = [1, 2, 3]
+        [run]
+        steps = 2
+        [eval]
+        tasks = []
+    """)
+    spec = load_sweep(sweep)
+    runner = SweepRunner(plan(spec, make_pm()), spec.output_root, ["cpu", "cpu"], echo=lambda _: None)
+    runner.statuses = {j.id: JobStatus() for j in runner.jobs}
+    for job in runner.jobs:
+        if job.phase == "cache":
+            runner.statuses[job.id].status = "done"
+
+    def start(expected):
+        job = runner._next_ready()
+        assert job is not None and job.id == expected
+        runner.statuses[job.id].status = "running"
+        return job
+
+    def finish(job, seconds):
+        runner.timings.setdefault(job_kind(job), []).append(seconds)
+        runner.statuses[job.id].status = "done"
+
+    one = start("train:p-one/demo/smollm2-s1")
+    two = start("train:p-two/demo/smollm2-s1")
+    finish(one, 10.0)
+    # p-two's first seed is still running, so its kind has no time yet: its next seed goes first
+    start("train:p-two/demo/smollm2-s2")
+    finish(two, 50.0)
+    start("train:p-two/demo/smollm2-s3")  # 50 s against p-one's 10 s: the long one first
+    assert runner._next_ready().id == "train:p-one/demo/smollm2-s2"  # then plan order among equals
+
+    # an earlier, interrupted run of the sweep left its times in sweep_state.json: they count on resume
+    (spec.output_root / STATE_FILE).parent.mkdir(parents=True, exist_ok=True)
+    (spec.output_root / STATE_FILE).write_text(json.dumps({"jobs": {
+        "train:p-one/demo/smollm2-s1": {"status": "done", "seconds": 90.0},
+        "train:p-two/demo/smollm2-s1": {"status": "skipped", "seconds": 20.0},
+        "train:p-one/demo/smollm2-s2": {"status": "failed", "seconds": 900.0}}}))
+    seconds = runner._earlier_seconds()
+    assert seconds == {"train:p-one/demo/smollm2-s1": 90.0, "train:p-two/demo/smollm2-s1": 20.0}
 
 
 def test_dry_run_shows_the_seeds(tmp_path):
@@ -545,6 +592,51 @@ def test_tiny_sweep_with_seeds_completes_skips_on_rerun_and_reports_groups(tmp_p
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_base_evaluations_are_generated_once_by_cache_jobs_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNISD_CACHE_DIR", str(tmp_path / "cache"))
+    make_tiny_model_dir(tmp_path / "tiny")
+    sweep = write(tmp_path / "tiny.toml", """
+        models = ["tiny"]
+        tasks = ["demo"]
+        seeds = [1, 2]
+        [run]
+        steps = 1
+        batch_size = 2
+        grad_accum = 1
+        max_new_tokens = 4
+        lora_r = 4
+        eval_before_after = true
+        eval_limit = 3
+        [eval]
+        tasks = []
+        [methods.forward]
+        run = { alpha = 0.0 }
+        [methods.longer]
+        run = { alpha = 0.0, max_new_tokens = 5 }
+    """)
+    pm = get_plugin_manager(load_entry_points=False)
+    jobs = plan(load_sweep(sweep), pm)
+    base_jobs = [j for j in jobs if j.id.startswith("cache:base-eval:")]
+    # one student and one teacher job per budget; every run waits for its own two
+    assert [j.id.rsplit(":", 1)[1] for j in base_jobs] == ["student", "teacher"] * 2
+    for job in (j for j in jobs if j.phase == "train"):
+        own = [d for d in job.depends if d.startswith("cache:base-eval:")]
+        assert len(own) == 2 and {j.config.max_new_tokens for j in base_jobs if j.id in own} == {job.config.max_new_tokens}
+
+    result = CliRunner().invoke(app_with(pm), ["sweep", str(sweep), "--devices", "cpu,cpu"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("[done] train") == 4 and result.output.count("[done] cache base model's") == 4
+    kept = sorted((tmp_path / "cache" / "base-eval").glob("*.json"))
+    assert len(kept) == 4  # two sides at two budgets
+    # No run generated its base evaluation again: each would have written its completions there, later than
+    # the first run's start (a run whose key differed from the cache job's would add a file instead).
+    root = tmp_path / "runs" / "tiny"
+    first_start = min((d / "config.toml").stat().st_mtime_ns for d in root.glob("*/demo/tiny-s*"))
+    assert all(path.stat().st_mtime_ns < first_start for path in kept)
+    before = [json.loads(p.read_text()) for p in sorted(root.glob("forward/demo/tiny-s*/eval/before.json"))]
+    assert len(before) == 2 and before[0] == before[1] and before[0]["n"] == 3
+
+
 @pytest.mark.parametrize(("name", "settings", "eval_jobs"),
                          [("ablation-demo", (20, 384, True, 4), 0), ("ablation-demo-60", (60, 48, True, 4), 31)])
 def test_shipped_ablation_examples_plan_ten_methods_at_three_seeds(name, settings, eval_jobs):
@@ -573,6 +665,10 @@ def test_shipped_ablation_examples_plan_ten_methods_at_three_seeds(name, setting
     assert len(evals) == eval_jobs and all(j.argv[-2:] == ["--max-new-tokens", "12"] for j in evals)
     assert not evals or ("--limit" not in evals[0].argv and evals[-1].meta["method"] == "untrained")
     assert any(j.id.startswith("cache:negatives:") for j in jobs)  # contrastive's negatives come first
+    # every method shares the base model's held-out completions: generated once, by two cache jobs
+    base = [j.id for j in jobs if j.id.startswith("cache:base-eval:")]
+    assert base == ["cache:base-eval:smollm2-demo-1:student", "cache:base-eval:smollm2-demo-1:teacher"]
+    assert all(set(base) <= set(j.depends) for j in train)
     assert spec.output_root == example.parents[1] / "runs" / name
 
 

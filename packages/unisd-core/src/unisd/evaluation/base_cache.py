@@ -73,10 +73,18 @@ def student_is_base(run: Run) -> bool:
 
 
 def teacher_is_base(run: Run) -> bool:
-    """Whether the teacher is the base model at any step: the adapter switched off, or a frozen copy."""
-    from ..model.teacher import AdapterDisabledTeacher, FrozenCopyTeacher
+    """Whether the teacher computes the base model's function now: the adapter switched off; a frozen copy
+    whose weights no component has moved; swapped-in values (an EMA adapter) equal to a base student's."""
+    from ..model.teacher import AdapterDisabledTeacher, FrozenCopyTeacher, SwappedWeightsTeacher
 
-    return type(run.teacher) in (AdapterDisabledTeacher, FrozenCopyTeacher)
+    teacher = run.teacher
+    if type(teacher) is AdapterDisabledTeacher:
+        return True
+    if type(teacher) is FrozenCopyTeacher:
+        return teacher.unchanged()
+    if type(teacher) is SwappedWeightsTeacher:
+        return student_is_base(run) and teacher.swaps_in_current_values()
+    return False
 
 
 def cached_completions(weights: str | None, texts: list[str], systems: list[str | None], max_new_tokens: int,

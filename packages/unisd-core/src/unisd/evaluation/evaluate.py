@@ -116,14 +116,14 @@ def privileged_gap(run: Run, task: Task, limit: int | None, predictions: Path | 
     ``predictions``: also write every item's student and teacher completion with its verdicts there
     (JSON lines), so what a number counts can be read (a leak, an overrun) without evaluating again.
     """
-    examples = with_system_prompt(task.load(task.eval_split, limit=limit), run.config.system_prompt)
+    examples = held_out_examples(run, task, limit)
     max_new = run.config.completion_budget(task)
     # Where a side still has the base weights (the student before training; the adapter-off teacher at any
     # step), its completions are the base model's, the same in every run: generated once, then reused.
-    student_base, teacher_base = student_is_base(run), teacher_is_base(run)
-    base = base_weights_key(run) if student_base or teacher_base else None  # (stats the model's files)
-    student_weights = base if student_base else None
-    teacher_weights = base if teacher_base else None
+    # (No key where nothing is kept: a hub id, several processes; then the sides are not even checked.)
+    base = base_weights_key(run)  # (stats the model's files)
+    student_weights = base if base is not None and student_is_base(run) else None
+    teacher_weights = base if base is not None and teacher_is_base(run) else None
     # Every process evaluates its share of the items (a sharded model needs all of them to generate).
     merge = run.config.merge_adapter_for_generation
     student_result = evaluate(run.model, run.tokenizer, task, examples, max_new, split_over_processes=True,
@@ -146,6 +146,30 @@ def privileged_gap(run: Run, task: Task, limit: int | None, predictions: Path | 
         gap.update(student_strict_accuracy=student["strict_accuracy"], teacher_strict_accuracy=teacher["strict_accuracy"])
     gap["n"] = float(len(examples))
     return gap
+
+
+def held_out_examples(run: Run, task: Task, limit: int | None) -> list[Example]:
+    """The items a run's held-out evaluation decodes, with the run's system prompt."""
+    return with_system_prompt(task.load(task.eval_split, limit=limit), run.config.system_prompt)
+
+
+def keep_base_completions(run: Run, task: Task, limit: int | None, side: str) -> bool:
+    """Generate the base model's completions of one side (``student`` or ``teacher``) of
+    :func:`privileged_gap` into the base-completion cache, as a run of this configuration would before
+    training, so that runs started later read them. False where nothing is kept (a hub id, several
+    processes; a side that does not hold the base weights)."""
+    base = base_weights_key(run)
+    if base is None or not (student_is_base(run) if side == "student" else teacher_is_base(run)):
+        return False
+    examples, max_new = held_out_examples(run, task, limit), run.config.completion_budget(task)
+    merge = run.config.merge_adapter_for_generation
+    if side == "student":
+        evaluate(run.model, run.tokenizer, task, examples, max_new, weights=base, merge_adapter=merge)
+    else:
+        with run.teacher.as_model() as teacher_model:
+            evaluate(teacher_model, run.tokenizer, task, examples, max_new, with_reference=True, weights=base,
+                     merge_adapter=merge)
+    return True
 
 
 def write_predictions(path: Path, examples: list[Example], student: EvalResult, teacher: EvalResult) -> None:

@@ -81,12 +81,21 @@ class AdapterDisabledTeacher:
 
 
 class FrozenCopyTeacher:
-    """A frozen copy of the initial weights, for full fine-tuning."""
+    """A frozen copy of the initial weights, for full fine-tuning.
+
+    A component may move the copy's weights (the EMA teacher averages the student into them in place), so
+    :meth:`unchanged` tells whether they are still the ones copied.
+    """
 
     def __init__(self, model: Any):
         self.model = copy.deepcopy(model)
         self.model.eval()
         self.model.requires_grad_(False)
+        self._fingerprint = weights_fingerprint(self.model)
+
+    def unchanged(self) -> bool:
+        """Whether the copy still holds the weights it was made with (up to a float64 checksum per tensor)."""
+        return torch.equal(weights_fingerprint(self.model), self._fingerprint)
 
     @torch.no_grad()
     def hidden(self, packed: Packed, share_prompts: bool = False) -> torch.Tensor:
@@ -109,6 +118,17 @@ def _settle(model: Any) -> None:
     asynchronously, and overwriting them in place before such a copy ran would change what it reads."""
     if torch.cuda.is_available() and sharding.is_sharded(model):
         torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def weights_fingerprint(model: Any) -> torch.Tensor:
+    """Per parameter, the float64 sum and 2-norm of its values, on the CPU: any update that moves the
+    weights (an EMA step, an optimiser step) changes it, and it costs one read of the weights (accumulated
+    in float64 without a float64 copy of the tensor)."""
+    sums = [torch.stack([p.detach().sum(dtype=torch.float64),
+                         torch.linalg.vector_norm(p.detach(), dtype=torch.float64)])
+            for p in model.parameters()]
+    return torch.stack(sums).cpu() if sums else torch.zeros(0, 2, dtype=torch.float64)
 
 
 class SwappedWeightsTeacher:
@@ -161,6 +181,13 @@ class SwappedWeightsTeacher:
         finally:
             for name, data in saved.items():
                 self.params[name].data = data
+
+    @torch.no_grad()
+    def swaps_in_current_values(self) -> bool:
+        """Whether every value it swaps in equals the student's (e.g. an EMA teacher before any update):
+        then it computes the student's own function."""
+        return all(torch.equal(self.shadow[name].to(device=p.device, dtype=p.dtype), p.detach())
+                   for name, p in self.params.items())
 
     @torch.no_grad()
     def hidden(self, packed: Packed, share_prompts: bool = False) -> torch.Tensor:

@@ -6,6 +6,11 @@
   the first save) is *moved aside* to ``NAME.partial-N``, never deleted.
 * Jobs start in phase order (cache, then train, then eval) as soon as their dependencies are done.
   A job whose dependency failed is marked ``blocked``.
+* Among the ready jobs of a phase, those of a kind not timed yet go first, in plan order (so with seeds,
+  every method's first seed runs before any second seed), then the longest first, by the mean time of
+  the finished jobs of their kind (the same method and grid point at other seeds; times of an earlier,
+  interrupted sweep count too, read from ``sweep_state.json``). Two slots then end together instead of
+  one idling while the other runs a long job that happened to come last.
 * A failed attempt is appended, with its command and log tail, to ``failed_jobs.md``. A training job
   whose log shows out-of-memory is retried once with half the micro-batch and twice the gradient
   accumulation: the loss is normalised over the whole optimiser step, so the update is the same.
@@ -131,12 +136,18 @@ class SweepRunner:
     cleanup: bool = False
     poll_s: float = 0.2
     statuses: dict[str, JobStatus] = field(default_factory=dict)
+    timings: dict[str, list[float]] = field(default_factory=dict)  # job kind → seconds of its finished jobs
 
     def run(self) -> dict[str, JobStatus]:
         """Run every job not done yet; returns each job's status. Raises KeyboardInterrupt when interrupted."""
         self.root.mkdir(parents=True, exist_ok=True)
+        earlier = self._earlier_seconds()
+        self.timings = {}
+        for job in self.jobs:
+            if job.id in earlier:
+                self.timings.setdefault(job_kind(job), []).append(earlier[job.id])
         self.statuses = {j.id: JobStatus() for j in self.jobs}
-        self._skip_unneeded()
+        self._skip_unneeded(earlier)
         running: dict[str, _Running] = {}
         free = list(enumerate(self.slots))
         stop = StopRequest()  # Ctrl-C/SIGTERM set a flag; the loop stops at its next check
@@ -156,11 +167,12 @@ class SweepRunner:
         self._write_state("failed" if failed else "finished")
         return self.statuses
 
-    def _skip_unneeded(self) -> None:
-        """Mark the jobs that will not run: those whose outputs exist, and evaluations without `unisd eval`."""
+    def _skip_unneeded(self, earlier: dict[str, float]) -> None:
+        """Mark the jobs that will not run: those whose outputs exist (keeping their earlier time), and
+        evaluations without `unisd eval`."""
         for job in self.jobs:
             if job.marker.exists():
-                self._set(job, "skipped", note=f"{job.marker.name} exists")
+                self._set(job, "skipped", note=f"{job.marker.name} exists", seconds=earlier.get(job.id))
             elif job.phase == "eval" and not self.eval_available:
                 self._set(job, "no-eval", note="`unisd eval` is not installed; evaluation skipped")
         skipped = sum(s.status == "skipped" for s in self.statuses.values())
@@ -195,12 +207,29 @@ class SweepRunner:
 
     def _next_ready(self) -> Job | None:
         for phase in PHASES:
-            for job in self.jobs:
-                if job.phase != phase or self.statuses[job.id].status != "pending":
-                    continue
-                if all(self.statuses[d].status in ("done", "skipped") for d in job.depends if d in self.statuses):
-                    return job
+            ready = [job for job in self.jobs if job.phase == phase and self.statuses[job.id].status == "pending"
+                     and all(self.statuses[d].status in ("done", "skipped") for d in job.depends if d in self.statuses)]
+            if ready:
+                untimed = [job for job in ready if not self.timings.get(job_kind(job))]
+                if untimed:
+                    return untimed[0]
+                # max() keeps the first of equal ones: plan order breaks ties
+                return max(ready, key=lambda job: _mean(self.timings[job_kind(job)]))
         return None
+
+    def _earlier_seconds(self) -> dict[str, float]:
+        """How long each job an earlier run of this sweep finished took (from its ``sweep_state.json``)."""
+        try:
+            earlier = json.loads((self.root / STATE_FILE).read_text(encoding="utf-8")).get("jobs", {})
+        except (OSError, ValueError, AttributeError):
+            return {}
+        seconds = {}
+        for job in self.jobs:
+            record = earlier.get(job.id)
+            if (isinstance(record, dict) and record.get("status") in ("done", "skipped")
+                    and isinstance(record.get("seconds"), (int, float))):
+                seconds[job.id] = float(record["seconds"])
+        return seconds
 
     def _block_orphans(self) -> None:
         changed = True
@@ -223,6 +252,8 @@ class SweepRunner:
         status.attempts += 1
         if job.phase == "train":
             self._prepare_train(job)
+        elif job.config is not None and job.config_path is not None:  # a base-evaluation cache job
+            atomic.write_text(job.config_path, dump_config(job.config))
         safe = re.sub(r"[^A-Za-z0-9._+-]", "_", job.id)
         log = self.root / "logs" / (f"{safe}.log" if status.attempts == 1 else f"{safe}.retry{status.attempts - 1}.log")
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -259,6 +290,7 @@ class SweepRunner:
         if code == 0 and job.phase == "cache":
             atomic.write_text(job.marker, time.strftime("%Y-%m-%d %H:%M:%S\n"))
         if code == 0 and job.marker.exists():
+            self.timings.setdefault(job_kind(job), []).append(status.seconds)
             self._set(job, "done")
             self.echo(f"[done] {job.phase} {job.label} ({status.seconds} s)")
             if job.run_dir is not None and (job.phase == "train" or not (job.run_dir / "config.toml").exists()):
@@ -351,6 +383,16 @@ class SweepRunner:
         ]
         with path.open("a", encoding="utf-8") as fh:
             fh.write("\n".join(lines) + "\n")
+
+
+def job_kind(job: Job) -> str:
+    """What a job's time is predicted from: the same phase and plan entry apart from the seed."""
+    same = {k: v for k, v in job.meta.items() if k != "seed"}
+    return job.phase + ":" + json.dumps(same, sort_keys=True, default=str)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _free_name(path: Path, tag: str) -> Path:

@@ -48,7 +48,10 @@ Layout (as the research orchestrator's, see the design notes §6.3)::
     OUTPUT_ROOT/failed_jobs.md, OUTPUT_ROOT/sweep_state.json
 
 Methods with the ``contrastive`` component get a cache job ``unisd cache negatives`` per model and
-training set (skipped when ``contrastive.cache`` names a file). ``{dataset}`` is the task name or the data file's stem, with ``-max{N}`` when ``limit = N`` is set;
+training set (skipped when ``contrastive.cache`` names a file). Runs that evaluate before and after
+training (``eval_before_after``) get two cache jobs per group of runs with the same model, items and
+budget, which generate the base model's held-out completions (the student's side and the teacher's) into
+the base-completion cache once, side by side, before any of those runs starts. ``{dataset}`` is the task name or the data file's stem, with ``-max{N}`` when ``limit = N`` is set;
 ``{grid values}`` joins every grid axis as ``key{value}`` (``comp.key{value}`` for component options).
 """
 
@@ -57,6 +60,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -123,8 +127,8 @@ class Job:
     label: str
     depends: list[str] = field(default_factory=list)
     run_dir: Path | None = None  # train and eval jobs: the run directory
-    config: RunConfig | None = None  # train jobs: the full config
-    config_path: Path | None = None  # train jobs: where that config is written before launch
+    config: RunConfig | None = None  # train and base-evaluation jobs: the run's full config
+    config_path: Path | None = None  # where that config is written before launch
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -404,6 +408,7 @@ def plan(spec: SweepSpec, pm: UnisdPluginManager) -> list[Job]:
                     eval_jobs.append(_eval_job(spec, ev_task, run_dir / "final", run_dir, [job_id], meta, rel))
     if spec.seeds:
         train_jobs, eval_jobs = _seed_major(train_jobs, spec.seeds), _seed_major(eval_jobs, spec.seeds)
+    cache_jobs += _base_eval_jobs(train_jobs, root)
     if spec.eval.untrained:
         eval_jobs += _untrained_eval_jobs(spec, root, cache_ids)
     return cache_jobs + train_jobs + eval_jobs
@@ -508,6 +513,44 @@ def _negatives_job(cfg: RunConfig, root: Path, deps: list[str]) -> Job | None:
     argv = ["-m", "unisd", "cache", "negatives", "--model", cfg.model, *source, *limit]
     return Job(f"cache:negatives:{slug}", "cache", argv, root / ".cache" / f"negatives-{slug}.done",
                f"negatives for {cfg.model} on {source[1]}", list(deps), meta={"key": ("negatives", slug)})
+
+
+# What a run's held-out evaluation of the base model depends on, beyond the model and the items: runs that
+# agree on these decode the same prompts with the same weights (unisd.evaluation.base_cache keys the rest).
+_BASE_EVAL_FIELDS = ("model", "task", "data", "task_data", "prompt_column", "reference_column", "limit",
+                     "eval_limit", "max_new_tokens", "max_prompt_tokens", "system_prompt", "chat_template",
+                     "allow_no_chat_template", "dtype", "attn_implementation", "lora", "merge_adapter_for_generation")
+
+
+def _base_eval_jobs(train_jobs: list[Job], root: Path) -> list[Job]:
+    """Runs that evaluate before and after training all decode the held-out items with the base model
+    first (and with an adapter-off teacher, after too). Two cache jobs per group of such runs, the
+    student's side and the teacher's, generate those completions once, side by side, before any run
+    starts; otherwise the first runs, started together, would each generate them (minutes per run)."""
+    groups: dict[str, list[Job]] = {}
+    for job in train_jobs:
+        cfg = job.config
+        if cfg is None or not cfg.eval_before_after:
+            continue
+        fields = {name: getattr(cfg, name, None) for name in _BASE_EVAL_FIELDS}
+        groups.setdefault(json.dumps(fields, sort_keys=True, default=str), []).append(job)
+    jobs = []
+    for members in groups.values():
+        first = members[0]
+        assert first.config is not None and first.run_dir is not None
+        slug = _fmt(f"{model_tag(first.config.model)}-{first.meta['dataset']}-{len(jobs) // 2 + 1}")
+        config = dataclasses.replace(first.config, components={}, preset=None, output=None)
+        config_path = root / ".cache" / f"base-eval-{slug}.toml"
+        deps = [d for d in first.depends if d.startswith(("cache:model:", "cache:task:"))]
+        for side in ("student", "teacher"):
+            argv = ["-m", "unisd.ops.prepare", "--base-eval", str(config_path), "--side", side]
+            job = Job(f"cache:base-eval:{slug}:{side}", "cache", argv, root / ".cache" / f"base-eval-{slug}-{side}.done",
+                      f"base model's {side} evaluation for {first.meta['dataset']} ({model_tag(first.config.model)})",
+                      deps, config=config, config_path=config_path, meta={"key": ("base-eval", slug, side)})
+            jobs.append(job)
+            for member in members:
+                member.depends = [*member.depends, job.id]
+    return jobs
 
 
 def train_argv(job: Job) -> list[str]:
