@@ -33,7 +33,7 @@ clean:
 	rm -rf $(VENV) runs
 
 # `make ablation`: the sweep in examples/ablation-demo.toml (10 methods x 3 seeds of 20 steps on the demo
-# task, two jobs at a time with a core each: 97 minutes on 2 CPU cores; rerun to resume), then its report
+# task, two jobs at a time with a core each: 75 minutes on 2 CPU cores; rerun to resume), then its report
 # against plain self-distillation. examples/ablation-demo-60.toml is the 60-step version (~4 hours).
 .PHONY: ablation
 ablation: setup
