@@ -133,3 +133,37 @@ def test_several_processes_or_a_hub_id_keep_nothing(tmp_path, monkeypatch):
         assert base_cache.base_weights_key(run) is None
     run.source = "someone/some-model"
     assert base_cache.base_weights_key(run) is None
+
+
+def test_the_frozen_copy_checksum_is_exact_in_chunks_and_kept_only_where_it_can_be_used(monkeypatch):
+    from types import SimpleNamespace
+
+    from unisd.model import teacher as teachers
+    from unisd.parallel import distributed
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Linear(3, 2, bias=False))
+    monkeypatch.setattr(teachers, "FINGERPRINT_CHUNK", 4)  # every tensor in several chunks, one left over
+    expected = torch.tensor([[p.detach().double().sum().item(), p.detach().double().square().sum().item()]
+                             for p in model.parameters()], dtype=torch.float64)
+    torch.testing.assert_close(teachers.weights_fingerprint(model), expected, rtol=1e-12, atol=1e-12)
+
+    frozen = teachers.FrozenCopyTeacher(model)
+    assert frozen.unchanged()
+    with torch.no_grad():
+        frozen.model[1].weight[0, 0] += 1e-3
+    assert not frozen.unchanged()
+    # several processes: nothing is cached, so nothing is recorded (ranks may hold meta weights)
+    monkeypatch.setattr(distributed, "current", lambda: SimpleNamespace(active=True))
+    assert not teachers.FrozenCopyTeacher(model).unchanged()
+    with torch.device("meta"):
+        on_meta = torch.nn.Linear(5, 3)
+    monkeypatch.setattr(distributed, "current", lambda: SimpleNamespace(active=False))
+    assert not teachers.FrozenCopyTeacher(on_meta).unchanged()
+
+
+def test_a_failing_base_evaluation_cache_job_is_only_a_note(tmp_path, capsys):
+    from unisd.ops import prepare
+
+    assert prepare.main(["--base-eval", str(tmp_path / "missing.toml"), "--side", "teacher"]) == 0
+    assert "not kept" in capsys.readouterr().out

@@ -23,7 +23,7 @@ def has_command(app: typer.Typer, name: str) -> bool:
 
 def describe(job: Job) -> str:
     """One line about what a job trains with (components and their options)."""
-    if job.config is None:
+    if job.config is None or job.phase != "train":
         return ""
     comps = ", ".join(
         f"{name}({', '.join(f'{k}={v}' for k, v in sorted(opts.items()))})" if opts else name

@@ -2,13 +2,14 @@
 
 Every run evaluates its model on the held-out items before training (eval/before.json), and the teacher
 with the reference before and after. Where those weights are the base model's (an adapter not trained
-yet; the adapter-off or frozen-copy teacher at any time), greedy decoding of the same items gives the same
-completions in every run of a sweep: with ``--eval-limit 384`` about four minutes of a 2-core machine per
+yet; the adapter-off teacher at any time; a frozen copy no component has moved; an EMA teacher before its
+first update), greedy decoding of the same items gives the same completions in every run of a sweep: with ``--eval-limit 384`` about four minutes of a 2-core machine per
 run, spent again and again. The completions are kept under ``$UNISD_CACHE_DIR/base-eval/``; scores,
 leakage and overruns are always computed afresh from them, by the current scoring code.
 
 A completion is reused only under a key that holds everything the generation depends on: the model
-directory's files (names, sizes, modification times), its config (dtype, attention kernel), the tokenizer
+directory's files (names, sizes, modification times), its config, dtype and attention kernel, the float32
+matmul precision, the tokenizer
 (vocabulary, chat template), the prompts and system prompts in order, the budget, the batch size, the
 device, the torch thread count (a different reduction order can flip a near-tie) and the package
 versions, and the source of the prompt rendering and generation code. A hub id (not a local directory) or
@@ -45,8 +46,11 @@ def base_weights_key(run: Run) -> str | None:
                    for p in source.rglob("*") if p.is_file())
     config = getattr(run.model, "config", None)
     settings = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else ""
+    # (to_json_string leaves out the attention kernel the model was loaded with, and the dtype may differ)
+    kernel = [getattr(config, "_attn_implementation", None), str(getattr(run.model, "dtype", None)),
+              torch.get_float32_matmul_precision()]
     versions = [f"torch=={torch.__version__}", *package_versions(("unisd-core", "transformers", "tokenizers", "peft"))]
-    return digest([str(source.resolve()), files, settings, tokenizer_fingerprint(run.tokenizer), versions,
+    return digest([str(source.resolve()), files, settings, kernel, tokenizer_fingerprint(run.tokenizer), versions,
                    _code_stamp()])
 
 

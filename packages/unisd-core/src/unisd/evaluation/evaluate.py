@@ -119,7 +119,8 @@ def privileged_gap(run: Run, task: Task, limit: int | None, predictions: Path | 
     examples = held_out_examples(run, task, limit)
     max_new = run.config.completion_budget(task)
     # Where a side still has the base weights (the student before training; the adapter-off teacher at any
-    # step), its completions are the base model's, the same in every run: generated once, then reused.
+    # step; an unmoved frozen copy or EMA teacher: base_cache.teacher_is_base), its completions are the base
+    # model's, the same in every run: generated once, then reused.
     # (No key where nothing is kept: a hub id, several processes; then the sides are not even checked.)
     base = base_weights_key(run)  # (stats the model's files)
     student_weights = base if base is not None and student_is_base(run) else None

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..parallel import sharding
+from ..parallel import distributed, sharding
 from .scoring import Packed, completion_hidden, lm_head_weight
 
 
@@ -91,11 +91,15 @@ class FrozenCopyTeacher:
         self.model = copy.deepcopy(model)
         self.model.eval()
         self.model.requires_grad_(False)
-        self._fingerprint = weights_fingerprint(self.model)
+        # Only one process holding real (not meta, not about to be sharded) weights can use the base-completion
+        # cache (unisd.evaluation.base_cache), so only then is the copy's state worth recording.
+        local = not distributed.current().active and not any(p.is_meta for p in self.model.parameters())
+        self._fingerprint = weights_fingerprint(self.model) if local else None
 
     def unchanged(self) -> bool:
-        """Whether the copy still holds the weights it was made with (up to a float64 checksum per tensor)."""
-        return torch.equal(weights_fingerprint(self.model), self._fingerprint)
+        """Whether the copy still holds the weights it was made with (up to a float64 checksum per tensor);
+        False where they were not recorded (several processes)."""
+        return self._fingerprint is not None and torch.equal(weights_fingerprint(self.model), self._fingerprint)
 
     @torch.no_grad()
     def hidden(self, packed: Packed, share_prompts: bool = False) -> torch.Tensor:
@@ -120,14 +124,21 @@ def _settle(model: Any) -> None:
         torch.cuda.synchronize()
 
 
+FINGERPRINT_CHUNK = 1 << 22  # elements cast to float64 at a time: 32 MiB, whatever the size of the tensor
+
+
 @torch.no_grad()
 def weights_fingerprint(model: Any) -> torch.Tensor:
-    """Per parameter, the float64 sum and 2-norm of its values, on the CPU: any update that moves the
-    weights (an EMA step, an optimiser step) changes it, and it costs one read of the weights (accumulated
-    in float64 without a float64 copy of the tensor)."""
-    sums = [torch.stack([p.detach().sum(dtype=torch.float64),
-                         torch.linalg.vector_norm(p.detach(), dtype=torch.float64)])
-            for p in model.parameters()]
+    """Per parameter, the float64 sum and sum of squares of its values, on the CPU: any update that moves
+    the weights (an EMA step, an optimiser step) changes it. It costs one read of the weights; at most
+    FINGERPRINT_CHUNK elements are held in float64 at once."""
+    sums = []
+    for p in model.parameters():
+        total = torch.zeros(2, dtype=torch.float64, device=p.device)
+        for chunk in p.detach().reshape(-1).split(FINGERPRINT_CHUNK):
+            wide = chunk.double()
+            total += torch.stack([wide.sum(), wide.square().sum()])
+        sums.append(total)
     return torch.stack(sums).cpu() if sums else torch.zeros(0, 2, dtype=torch.float64)
 
 

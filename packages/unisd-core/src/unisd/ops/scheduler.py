@@ -6,11 +6,12 @@
   the first save) is *moved aside* to ``NAME.partial-N``, never deleted.
 * Jobs start in phase order (cache, then train, then eval) as soon as their dependencies are done.
   A job whose dependency failed is marked ``blocked``.
-* Among the ready jobs of a phase, those of a kind not timed yet go first, in plan order (so with seeds,
-  every method's first seed runs before any second seed), then the longest first, by the mean time of
-  the finished jobs of their kind (the same method and grid point at other seeds; times of an earlier,
-  interrupted sweep count too, read from ``sweep_state.json``). Two slots then end together instead of
-  one idling while the other runs a long job that happened to come last.
+* Among the ready jobs of a phase, those of the earliest seed go first (seed-major, as planned: a sweep
+  stopped part-way has whole seeds); among those, kinds not timed yet first, in plan order, then the
+  longest first, by the mean time of the finished jobs of their kind (the same method and grid point at
+  other seeds; times of an earlier, interrupted sweep count too, read from ``sweep_state.json``). Two
+  slots then end together instead of one idling while the other runs a long job that happened to come
+  last.
 * A failed attempt is appended, with its command and log tail, to ``failed_jobs.md``. A training job
   whose log shows out-of-memory is retried once with half the micro-batch and twice the gradient
   accumulation: the loss is normalised over the whole optimiser step, so the update is the same.
@@ -210,12 +211,20 @@ class SweepRunner:
             ready = [job for job in self.jobs if job.phase == phase and self.statuses[job.id].status == "pending"
                      and all(self.statuses[d].status in ("done", "skipped") for d in job.depends if d in self.statuses)]
             if ready:
+                first_seed = min(self._seed_rank(job) for job in ready)
+                ready = [job for job in ready if self._seed_rank(job) == first_seed]
                 untimed = [job for job in ready if not self.timings.get(job_kind(job))]
                 if untimed:
                     return untimed[0]
                 # max() keeps the first of equal ones: plan order breaks ties
                 return max(ready, key=lambda job: _mean(self.timings[job_kind(job)]))
         return None
+
+    def _seed_rank(self, job: Job) -> int:
+        """The position of the job's seed among the sweep's seeds, in plan order (0 without seeds)."""
+        seeds = [j.meta.get("seed") for j in self.jobs if j.meta.get("seed") is not None]
+        ranks = {seed: rank for rank, seed in enumerate(dict.fromkeys(seeds))}
+        return ranks.get(job.meta.get("seed"), 0)
 
     def _earlier_seconds(self) -> dict[str, float]:
         """How long each job an earlier run of this sweep finished took (from its ``sweep_state.json``)."""

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import itertools
 import json
 import os
@@ -517,9 +518,9 @@ def _negatives_job(cfg: RunConfig, root: Path, deps: list[str]) -> Job | None:
 
 # What a run's held-out evaluation of the base model depends on, beyond the model and the items: runs that
 # agree on these decode the same prompts with the same weights (unisd.evaluation.base_cache keys the rest).
-_BASE_EVAL_FIELDS = ("model", "task", "data", "task_data", "prompt_column", "reference_column", "limit",
-                     "eval_limit", "max_new_tokens", "max_prompt_tokens", "system_prompt", "chat_template",
-                     "allow_no_chat_template", "dtype", "attn_implementation", "lora", "merge_adapter_for_generation")
+_BASE_EVAL_FIELDS = ("model", "task", "task_data", "eval_limit", "max_new_tokens", "system_prompt", "chat_template",
+                     "allow_no_chat_template", "dtype", "attn_implementation", "tf32", "lora",
+                     "merge_adapter_for_generation")
 
 
 def _base_eval_jobs(train_jobs: list[Job], root: Path) -> list[Job]:
@@ -530,15 +531,17 @@ def _base_eval_jobs(train_jobs: list[Job], root: Path) -> list[Job]:
     groups: dict[str, list[Job]] = {}
     for job in train_jobs:
         cfg = job.config
-        if cfg is None or not cfg.eval_before_after:
+        if cfg is None or not cfg.eval_before_after or cfg.task is None:  # (--data runs evaluate nothing)
             continue
         fields = {name: getattr(cfg, name, None) for name in _BASE_EVAL_FIELDS}
         groups.setdefault(json.dumps(fields, sort_keys=True, default=str), []).append(job)
     jobs = []
-    for members in groups.values():
+    for fields, members in groups.items():
         first = members[0]
         assert first.config is not None and first.run_dir is not None
-        slug = _fmt(f"{model_tag(first.config.model)}-{first.meta['dataset']}-{len(jobs) // 2 + 1}")
+        # Named by what it generates, so that --only or an edited budget never finds another group's marker.
+        digest = hashlib.sha256(fields.encode()).hexdigest()[:8]
+        slug = _fmt(f"{model_tag(first.config.model)}-{first.config.task}-{digest}")
         config = dataclasses.replace(first.config, components={}, preset=None, output=None)
         config_path = root / ".cache" / f"base-eval-{slug}.toml"
         deps = [d for d in first.depends if d.startswith(("cache:model:", "cache:task:"))]
