@@ -117,21 +117,10 @@ def privileged_gap(run: Run, task: Task, limit: int | None, predictions: Path | 
     (JSON lines), so what a number counts can be read (a leak, an overrun) without evaluating again.
     """
     examples = held_out_examples(run, task, limit)
-    max_new = run.config.completion_budget(task)
-    # Where a side still has the base weights (the student before training; the adapter-off teacher at any
-    # step; an unmoved frozen copy or EMA teacher: base_cache.teacher_is_base), its completions are the base
-    # model's, the same in every run: generated once, then reused.
     # (No key where nothing is kept: a hub id, several processes; then the sides are not even checked.)
     base = base_weights_key(run)  # (stats the model's files)
-    student_weights = base if base is not None and student_is_base(run) else None
-    teacher_weights = base if base is not None and teacher_is_base(run) else None
-    # Every process evaluates its share of the items (a sharded model needs all of them to generate).
-    merge = run.config.merge_adapter_for_generation
-    student_result = evaluate(run.model, run.tokenizer, task, examples, max_new, split_over_processes=True,
-                              weights=student_weights, merge_adapter=merge)
-    with run.teacher.as_model() as teacher_model:
-        teacher_result = evaluate(teacher_model, run.tokenizer, task, examples, max_new, with_reference=True,
-                                  split_over_processes=True, weights=teacher_weights, merge_adapter=merge)
+    student_result = held_out_side(run, task, examples, "student", base)
+    teacher_result = held_out_side(run, task, examples, "teacher", base)
     if predictions is not None:
         write_predictions(predictions, examples, student_result, teacher_result)
     student, teacher = student_result.metrics, teacher_result.metrics
@@ -154,23 +143,37 @@ def held_out_examples(run: Run, task: Task, limit: int | None) -> list[Example]:
     return with_system_prompt(task.load(task.eval_split, limit=limit), run.config.system_prompt)
 
 
+def held_out_side(run: Run, task: Task, examples: list[Example], side: str, base: str | None) -> EvalResult:
+    """One side of :func:`privileged_gap`: the student from the plain prompts, or the teacher given the
+    reference. Every process evaluates its share of the items (a sharded model needs all of them to
+    generate). Where the side still has the base weights (the student before training; the adapter-off
+    teacher at any step; an unmoved frozen copy or EMA teacher: ``base_cache.teacher_is_base``) and
+    ``base`` is their key, its completions are the base model's, the same in every run: generated once,
+    then read from the cache."""
+    weights = base if base is not None and _side_is_base(run, side) else None
+    max_new, merge = run.config.completion_budget(task), run.config.merge_adapter_for_generation
+    if side == "student":
+        return evaluate(run.model, run.tokenizer, task, examples, max_new, split_over_processes=True,
+                        weights=weights, merge_adapter=merge)
+    with run.teacher.as_model() as teacher_model:
+        return evaluate(teacher_model, run.tokenizer, task, examples, max_new, with_reference=True,
+                        split_over_processes=True, weights=weights, merge_adapter=merge)
+
+
 def keep_base_completions(run: Run, task: Task, limit: int | None, side: str) -> bool:
     """Generate the base model's completions of one side (``student`` or ``teacher``) of
-    :func:`privileged_gap` into the base-completion cache, as a run of this configuration would before
-    training, so that runs started later read them. False where nothing is kept (a hub id, several
-    processes; a side that does not hold the base weights)."""
+    :func:`privileged_gap` into the base-completion cache, through the same :func:`held_out_side` a run of
+    this configuration evaluates with before training, so that runs started later read them. False where
+    nothing is kept (a hub id, several processes; a side that does not hold the base weights)."""
     base = base_weights_key(run)
-    if base is None or not (student_is_base(run) if side == "student" else teacher_is_base(run)):
+    if base is None or not _side_is_base(run, side):
         return False
-    examples, max_new = held_out_examples(run, task, limit), run.config.completion_budget(task)
-    merge = run.config.merge_adapter_for_generation
-    if side == "student":
-        evaluate(run.model, run.tokenizer, task, examples, max_new, weights=base, merge_adapter=merge)
-    else:
-        with run.teacher.as_model() as teacher_model:
-            evaluate(teacher_model, run.tokenizer, task, examples, max_new, with_reference=True, weights=base,
-                     merge_adapter=merge)
+    held_out_side(run, task, held_out_examples(run, task, limit), side, base)
     return True
+
+
+def _side_is_base(run: Run, side: str) -> bool:
+    return student_is_base(run) if side == "student" else teacher_is_base(run)
 
 
 def write_predictions(path: Path, examples: list[Example], student: EvalResult, teacher: EvalResult) -> None:

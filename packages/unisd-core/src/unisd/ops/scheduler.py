@@ -211,8 +211,9 @@ class SweepRunner:
             ready = [job for job in self.jobs if job.phase == phase and self.statuses[job.id].status == "pending"
                      and all(self.statuses[d].status in ("done", "skipped") for d in job.depends if d in self.statuses)]
             if ready:
-                first_seed = min(self._seed_rank(job) for job in ready)
-                ready = [job for job in ready if self._seed_rank(job) == first_seed]
+                rank = self._seed_ranks()
+                first_seed = min(rank(job) for job in ready)
+                ready = [job for job in ready if rank(job) == first_seed]
                 untimed = [job for job in ready if not self.timings.get(job_kind(job))]
                 if untimed:
                     return untimed[0]
@@ -220,11 +221,11 @@ class SweepRunner:
                 return max(ready, key=lambda job: _mean(self.timings[job_kind(job)]))
         return None
 
-    def _seed_rank(self, job: Job) -> int:
-        """The position of the job's seed among the sweep's seeds, in plan order (0 without seeds)."""
-        seeds = [j.meta.get("seed") for j in self.jobs if j.meta.get("seed") is not None]
-        ranks = {seed: rank for rank, seed in enumerate(dict.fromkeys(seeds))}
-        return ranks.get(job.meta.get("seed"), 0)
+    def _seed_ranks(self) -> Callable[[Job], int]:
+        """A job's seed's position among the sweep's seeds, in plan order (0 without seeds)."""
+        seeds = dict.fromkeys(j.meta.get("seed") for j in self.jobs if j.meta.get("seed") is not None)
+        ranks = {seed: rank for rank, seed in enumerate(seeds)}
+        return lambda job: ranks.get(job.meta.get("seed"), 0)
 
     def _earlier_seconds(self) -> dict[str, float]:
         """How long each job an earlier run of this sweep finished took (from its ``sweep_state.json``)."""
