@@ -32,13 +32,16 @@ unisd runs with ``--lora-dropout 0`` here unless told otherwise (the demo itself
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -271,6 +274,20 @@ def check_same_prompts(trainer: Any, task: Any, train: list, template: str) -> b
     return True
 
 
+@contextlib.contextmanager
+def blas_products() -> Iterator[None]:
+    """``UNISD_ONEDNN=0`` inside (unisd.model.onednn), the earlier value restored after."""
+    before = os.environ.get("UNISD_ONEDNN")
+    os.environ["UNISD_ONEDNN"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["UNISD_ONEDNN"]
+        else:
+            os.environ["UNISD_ONEDNN"] = before
+
+
 def run_trl(settings: Settings, model_dir: str, work: Path, task: Any, train: list, held_out: list) -> dict[str, Any]:
     """TRL's SDFTTrainer on unisd's model load (same dtype), timed per step, then scored."""
     import torch
@@ -288,7 +305,10 @@ def run_trl(settings: Settings, model_dir: str, work: Path, task: Any, train: li
                           train_dataset=dataset, processing_class=tokenizer, peft_config=lora, callbacks=[timer])
     same_prompts = check_same_prompts(trainer, task, train, template)
     began = time.perf_counter()
-    trainer.train()
+    # TRL as its users run it: float32 products through PyTorch's BLAS, not the oneDNN layers that unisd's
+    # load_model installs (each layer reads the switch per call); scoring, like unisd's, runs with them
+    with blas_products():
+        trainer.train()
     wall = time.perf_counter() - began
     trained = trainer.accelerator.unwrap_model(trainer.model)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -34,10 +34,14 @@ def test_step_benchmark_splits_phases_and_measures_context_memory(tmp_path):
     assert {"speed", "memory", "args"} <= set(data)
 
 
-def test_step_benchmark_flop_count_matches_a_measured_count(tmp_path):
+def test_step_benchmark_flop_count_matches_a_measured_count(tmp_path, monkeypatch):
     """The MFU denominator: ``training_flops`` against torch's FLOP counter over one real distill_step
-    (LoRA and full fine-tuning; tiny model, short sequences, so attention's score products stay small)."""
+    (LoRA and full fine-tuning; tiny model, short sequences, so attention's score products stay small).
+    The counter knows aten's products only, so the step runs them through the BLAS (``UNISD_ONEDNN=0``):
+    oneDNN's op does the same products."""
     import argparse
+
+    monkeypatch.setenv("UNISD_ONEDNN", "0")
 
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -102,6 +106,13 @@ def test_prefix_benchmark_runs_both_modes_and_prints_ratios(tmp_path):
     last = out.strip().splitlines()[-1]
     assert re.fullmatch(r"generate_ratio=[\d.]+ teacher_ratio=[\d.]+ step_ratio=[\d.]+ eval16_ratio=[\d.]+ "
                         r"eval32_over_eval16_whole=[\d.]+", last), last
+
+
+def test_onednn_benchmark_runs_both_modes_and_prints_ratios(tmp_path):
+    out = _run(["bench/onednn.py", "--threads", "1", "--repeats", "1", "--batch", "2", "--eval-items", "4"], tmp_path)
+    assert out.count("same completions") == 2 and "same greedy completions" in out, out[-1500:]
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"generate_ratio=[\d.]+ teacher_ratio=[\d.]+ step_ratio=[\d.]+ eval32_ratio=[\d.]+", last), last
 
 
 def test_merged_adapter_benchmark_runs_both_modes_and_prints_ratios(tmp_path):

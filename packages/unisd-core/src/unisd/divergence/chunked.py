@@ -39,6 +39,7 @@ import torch
 
 from ..config import ALPHA_RULE, alpha_ok
 from ..errors import UsageError
+from ..model import onednn
 from . import chunk_math
 from .losses import TokenOutputs, check_gjsd_scale, jsd_factor
 
@@ -312,7 +313,7 @@ class _Head:
         x = h.to(self.compute)
         x = x / temperature if temperature != 1.0 else x  # scaling [c, H] is cheaper than [c, V]
         if self.mode == "native":
-            return torch.mm(x, self.w.t(), out=out)
+            return onednn.matmul_t(x, self.w, out)
         for lo, hi in self._slices():
             torch.mm(x, self.w[lo:hi].to(self.compute).t(), out=out[:, lo:hi])
         return out
@@ -335,7 +336,7 @@ class _Head:
             return
         if grad_h is not None:
             if self.mode == "native":
-                torch.mm(grad, self.w, out=grad_h)
+                onednn.matmul(grad, self.w, grad_h)
             else:
                 grad_h.zero_()
                 for lo, hi in self._slices():

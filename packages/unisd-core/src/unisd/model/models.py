@@ -17,6 +17,7 @@ import torch
 from ..config import DTYPE_CHOICES
 from ..errors import UsageError
 from ..io.cachedir import cache_dir
+from . import onednn
 
 # Names for the bundled copy. The hub id is deliberately not one: a user who asks for the hub model gets
 # the hub's weights, not our dequantised 4-bit GGUF.
@@ -182,10 +183,12 @@ def load_model(
             model.generation_config = GenerationConfig.from_pretrained(source)
         except OSError:
             pass
+        onednn.use_for_linears(model)
         return model
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if to_gpu and torch.cuda.is_available():
         model = model.to("cuda")
+    onednn.use_for_linears(model)  # float32 products on the CPU through oneDNN (each call checks it can)
     return model
 
 

@@ -1,0 +1,149 @@
+"""Float32 products with a weight on the CPU through oneDNN instead of the BLAS.
+
+PyTorch's CPU build sends ``F.linear`` and ``torch.mm`` in float32 to MKL's sgemm. On the AMD EPYC this
+project is measured on (bench/RESULTS.md, "oneDNN for float32 products on the CPU") that runs at about 150
+GFLOP/s on two cores for a training forward's shapes and 60 GFLOP/s for a decoding step's handful of rows,
+while oneDNN's float32 kernel, which PyTorch ships in the same wheel (``torch.ops.mkldnn._linear_pointwise``,
+the op the compiler's CPU backend emits for linear layers), does the same products 2-3x faster. Both are
+IEEE float32 products that differ only in their summation order, so results agree to float32 rounding
+(the tests compare both against float64).
+
+Two users:
+
+* :func:`use_for_linears` turns a model's ``nn.Linear`` layers into :class:`OneDnnLinear` (the class only:
+  weights, names, state dict and ``isinstance`` checks stay). Each call takes the oneDNN path when it can
+  (float32 on the CPU, plain tensors, no autocast) and ``F.linear`` otherwise, so a model moved to a GPU,
+  loaded in bf16 or sharded behaves as before. Gradients: the input's through oneDNN (``g · W``), a
+  trained weight's and bias's as ``F.linear`` forms them.
+* The chunked divergence's vocabulary products (``divergence.chunked``) through :func:`matmul_t` and
+  :func:`matmul`.
+
+``UNISD_ONEDNN=0`` turns both off (the BLAS, as before); the private op is probed once and never used if
+the installed PyTorch lacks it or computes something else.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+@functools.cache
+def _works() -> bool:
+    """Whether this PyTorch has the op and it computes ``x · Wᵀ + b`` (probed once on a tiny case)."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        gen = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(*shape, generator=gen) for shape in ((3, 2, 5), (4, 5), (4,)))
+        got = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        return bool(torch.allclose(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def enabled() -> bool:
+    """oneDNN products are on: the op works here and ``UNISD_ONEDNN`` is not ``0``."""
+    return os.environ.get("UNISD_ONEDNN", "1") != "0" and _works()
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Every tensor is a plain float32 CPU tensor (no DTensor, no meta) and oneDNN is on."""
+    return (all(type(t) in _PLAIN and t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+            and not torch.is_autocast_enabled("cpu") and enabled())
+
+
+def padded_rows(rows: int) -> int:
+    """The row count a product of ``rows`` rows runs at: ``rows`` up to 64, above that rounded up to the
+    next multiple of an eighth of its power of two (at most 12.5 % more rows).
+
+    oneDNN builds (JIT-compiles) a kernel for each shape and caches it; a training step's row count (tokens
+    in a batch) changes every step, and building costs more than the product itself (1.5 ms on a 400-row
+    product that takes 2 ms). Rounding keeps the shapes to a few per octave, so the kernels are reused.
+    """
+    if rows <= 64:
+        return rows
+    step = 1 << (rows.bit_length() - 4)
+    return -(-rows // step) * step
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x · weightᵀ (+ bias)`` for ``weight [out, in]`` (a transposed view is read as it is: no copy),
+    over :func:`padded_rows` rows (zero rows added, their results dropped)."""
+    features = x.shape[-1]
+    rows = x.numel() // features
+    padded = padded_rows(rows)
+    if padded == rows:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    staged = x.new_empty(padded, features)
+    staged[:rows].copy_(x.reshape(rows, features))
+    staged[rows:].zero_()
+    out = torch.ops.mkldnn._linear_pointwise(staged, weight, bias, "none", [], "")[:rows]
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def matmul_t(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out := x · weightᵀ`` (no autograd), through oneDNN where :func:`usable`."""
+    if x.shape[0] and usable(x, weight, out):
+        return out.copy_(_product(x, weight))
+    return torch.mm(x, weight.t(), out=out)
+
+
+def matmul(grad: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out := grad · weight`` (no autograd), through oneDNN where :func:`usable`."""
+    if grad.shape[0] and usable(grad, weight, out):
+        return out.copy_(_product(grad, weight.t()))
+    return torch.mm(grad, weight, out=out)
+
+
+class _Linear(torch.autograd.Function):
+    """``x · Wᵀ + b`` forward and ``g · W`` backward through oneDNN; a trained weight's gradient
+    ``gᵀ · x`` as ``F.linear``'s backward forms it."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x if weight.requires_grad else None, weight)
+        ctx.has_bias = bias is not None
+        return _product(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        grad_x = _product(grad, weight.t()) if need_x else None
+        flat = grad.reshape(-1, grad.shape[-1])
+        grad_w = flat.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None
+        grad_b = flat.sum(0) if need_b and ctx.has_bias else None
+        return grad_x, grad_w, grad_b
+
+
+class OneDnnLinear(torch.nn.Linear):
+    """``nn.Linear`` whose float32 CPU products go through oneDNN (see the module docstring); any other
+    case (a GPU, bf16, a sharded weight, autocast, ``UNISD_ONEDNN=0``) is ``nn.Linear``'s own forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if x.numel() == 0 or not usable(x, weight, *([] if bias is None else [bias])):
+            return F.linear(x, weight, bias)
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            return _Linear.apply(x, weight, bias)
+        return _product(x, weight, bias)
+
+
+def use_for_linears(model: torch.nn.Module) -> int:
+    """Give every plain ``nn.Linear`` of ``model`` the oneDNN forward (subclasses, such as quantised or
+    adapter layers, keep theirs; the plain layers inside them are included). Returns how many."""
+    count = 0
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.__class__ = OneDnnLinear
+            count += 1
+    return count
