@@ -169,3 +169,13 @@ def test_loaded_models_use_onednn_and_save_as_before(tmp_path):
     ids = torch.randint(3, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(12))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_a_wrong_adapter_target_lists_the_swapped_linear_layers(tmp_path):
+    from unisd.errors import UsageError
+
+    tokenizer = make_tokenizer()
+    make_tiny_model(tokenizer, hidden=32, layers=1).save_pretrained(tmp_path / "m")
+    model = load_model(str(tmp_path / "m"), dtype="float32")
+    with pytest.raises(UsageError, match=r"its linear layers are: .*q_proj"):
+        apply_lora(model, r=4, alpha=8, dropout=0.0, targets=["qkv"])

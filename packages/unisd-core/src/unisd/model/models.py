@@ -210,7 +210,7 @@ def apply_lora(model: Any, r: int = 64, alpha: int = 128, dropout: float = 0.05,
         missing = [t for t in targets if t not in names]
         if missing:
             linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                             if type(module).__name__ == "Linear"})
+                             if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Linear"})
             raise UsageError(f"--lora-target-modules: no module named {', '.join(missing)} in this model; "
                              f"its linear layers are: {', '.join(linear)}")
     config = LoraConfig(
