@@ -288,15 +288,18 @@ def blas_products() -> Iterator[None]:
             os.environ["UNISD_ONEDNN"] = before
 
 
-def run_trl(settings: Settings, model_dir: str, work: Path, task: Any, train: list, held_out: list) -> dict[str, Any]:
-    """TRL's SDFTTrainer on unisd's model load (same dtype), timed per step, then scored."""
+def run_trl(settings: Settings, model_dir: str, work: Path, task: Any, train: list, held_out: list,
+            trl_onednn: bool = False) -> dict[str, Any]:
+    """TRL's SDFTTrainer on unisd's model load (same dtype), timed per step, then scored. ``trl_onednn``:
+    TRL's forwards through unisd's oneDNN layers too (a what-if; TRL's users get the BLAS)."""
     import torch
     from peft import LoraConfig
     from trl.experimental.sdft import SDFTTrainer
 
     from unisd.model.models import load_model, load_tokenizer, lora_targets
 
-    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir, "auto")  # unisd's dtype choice
+    # unisd's dtype choice; transformers' default Hub kernels, as TRL's users load models (unisd leaves them out)
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir, "auto", hub_kernels=True)
     dataset, template = trl_dataset(task, train)
     lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout, bias="none",
                       task_type="CAUSAL_LM", target_modules=lora_targets(model))  # unisd's modules
@@ -307,7 +310,7 @@ def run_trl(settings: Settings, model_dir: str, work: Path, task: Any, train: li
     began = time.perf_counter()
     # TRL as its users run it: float32 products through PyTorch's BLAS, not the oneDNN layers that unisd's
     # load_model installs (each layer reads the switch per call); scoring, like unisd's, runs with them
-    with blas_products():
+    with contextlib.nullcontext() if trl_onednn else blas_products():
         trainer.train()
     wall = time.perf_counter() - began
     trained = trainer.accelerator.unwrap_model(trainer.model)
@@ -336,6 +339,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-generations", type=int, default=1, help="completions per prompt, both trainers")
     parser.add_argument("--lora-dropout", type=float, default=0.0,
                         help="unisd's LoRA dropout (default 0: TRL zeroes dropout whatever its config says)")
+    parser.add_argument("--trl-onednn", action="store_true",
+                        help="a what-if: TRL's training products through unisd's oneDNN layers as well (TRL as "
+                             "its users run it uses PyTorch's BLAS, the default here)")
     parser.add_argument("--workdir", default=None, help="keep both runs here (default: a temporary directory)")
     parser.add_argument("--json", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
@@ -359,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        peer = run_trl(settings, model_dir, work, task, train, held_out)
+        peer = run_trl(settings, model_dir, work, task, train, held_out, args.trl_onednn)
         ours = run_unisd(settings, model_dir, work, task, held_out)
     print(f"TRL tokenises student and teacher prompts as unisd does: {'yes' if peer['same_prompt_tokens'] else 'NO'}")
     print(summary("trl", before, peer))
@@ -369,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                       len(held_out))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"settings": asdict(settings), "before": before, "trl": peer,
+        Path(args.json).write_text(json.dumps({"settings": asdict(settings), "trl_onednn": args.trl_onednn, "before": before, "trl": peer,
                                                "unisd": ours, "final": parse_final_line(line)}, indent=2))
     print(line)
     return 0

@@ -71,3 +71,22 @@ def test_the_unisd_packages_never_import_trl():
     pattern = re.compile(r"^\s*(import trl\b|from trl\b)", re.MULTILINE)
     offenders = [str(p) for p in ROOT.glob("packages/*/src/**/*.py") if pattern.search(p.read_text(encoding="utf-8"))]
     assert not offenders
+
+
+@pytest.mark.parametrize("earlier", [None, "1"])
+def test_trl_trains_on_the_blas_and_the_switch_comes_back(peer, monkeypatch, earlier):
+    import os
+
+    import torch
+
+    from unisd.model import onednn
+
+    if earlier is None:
+        monkeypatch.delenv("UNISD_ONEDNN", raising=False)
+    else:
+        monkeypatch.setenv("UNISD_ONEDNN", earlier)
+    x = torch.ones(2, 3)
+    with peer.blas_products():
+        assert not onednn.usable(x)
+    assert onednn.usable(x) == onednn.enabled()
+    assert os.environ.get("UNISD_ONEDNN") == earlier

@@ -179,3 +179,19 @@ def test_a_wrong_adapter_target_lists_the_swapped_linear_layers(tmp_path):
     model = load_model(str(tmp_path / "m"), dtype="float32")
     with pytest.raises(UsageError, match=r"its linear layers are: .*q_proj"):
         apply_lora(model, r=4, alpha=8, dropout=0.0, targets=["qkv"])
+
+
+def test_models_load_without_hub_kernels_unless_asked(tmp_path, monkeypatch):
+    from unisd.model.models import hub_kernels_wanted
+
+    tokenizer = make_tokenizer()
+    make_tiny_model(tokenizer, hidden=32, layers=1).save_pretrained(tmp_path / "m")
+    monkeypatch.delenv("UNISD_HUB_KERNELS", raising=False)
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    assert not hub_kernels_wanted()
+    assert not getattr(load_model(str(tmp_path / "m"), dtype="float32"), "use_kernels", False)
+    monkeypatch.setenv("UNISD_HUB_KERNELS", "1")
+    assert hub_kernels_wanted()
+    pytest.importorskip("kernels")  # transformers kernelizes only with the kernels package
+    assert load_model(str(tmp_path / "m"), dtype="float32").use_kernels
+    assert load_model(str(tmp_path / "m"), dtype="float32", hub_kernels=False).use_kernels is False

@@ -158,13 +158,27 @@ def training_dtype(dtype: str, full: bool) -> str:
     return "float32" if dtype == "auto" and full else dtype
 
 
+def hub_kernels_wanted() -> bool:
+    """Whether models load with transformers' Hub kernels: only with ``UNISD_HUB_KERNELS=1``.
+
+    transformers 5 kernelizes a loaded model by default, with compiled kernels it downloads from the Hub at
+    run time. unisd leaves them out: its numerics are tested on the PyTorch implementations, the download
+    is code nobody reviewed for the run, offline they change nothing, and a kernelized model re-kernelizes
+    at every switch between training and evaluation mode (56 ms on a LoRA-wrapped SmolLM2 on this project's
+    CPU, several switches per step: each teacher forward and each generation).
+    """
+    return os.environ.get("UNISD_HUB_KERNELS", "0") == "1"
+
+
 def load_model(
-    source: str, dtype: str = "auto", attn_implementation: str | None = None, to_gpu: bool = True, on_meta: bool = False
+    source: str, dtype: str = "auto", attn_implementation: str | None = None, to_gpu: bool = True, on_meta: bool = False,
+    hub_kernels: bool | None = None,
 ) -> Any:
     """Load a causal LM. ``to_gpu=False`` leaves it on the CPU (FSDP moves each unit itself, one at a time).
 
     ``on_meta``: build the architecture without weights (no memory) on the meta device; a sharded run's
     other processes receive the main process's weights after sharding (``sharding.fill_from_main``).
+    ``hub_kernels``: transformers' Hub kernels (None: :func:`hub_kernels_wanted`).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -185,7 +199,8 @@ def load_model(
             pass
         onednn.use_for_linears(model)
         return model
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    use_kernels = hub_kernels_wanted() if hub_kernels is None else hub_kernels
+    model = AutoModelForCausalLM.from_pretrained(source, use_kernels=use_kernels, **kwargs)
     if to_gpu and torch.cuda.is_available():
         model = model.to("cuda")
     onednn.use_for_linears(model)  # float32 products on the CPU through oneDNN (each call checks it can)
