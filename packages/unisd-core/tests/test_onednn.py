@@ -20,13 +20,13 @@ pytestmark = pytest.mark.skipif(not onednn.enabled(), reason="this PyTorch build
 def counted(monkeypatch) -> list[int]:
     """How many products went through oneDNN."""
     calls = [0]
-    real = onednn._product
+    real = onednn._op
 
     def product(*args, **kwargs):
         calls[0] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(onednn, "_product", product)
+    monkeypatch.setattr(onednn, "_op", product)
     return calls
 
 
@@ -195,3 +195,35 @@ def test_models_load_without_hub_kernels_unless_asked(tmp_path, monkeypatch):
     pytest.importorskip("kernels")  # transformers kernelizes only with the kernels package
     assert load_model(str(tmp_path / "m"), dtype="float32").use_kernels
     assert load_model(str(tmp_path / "m"), dtype="float32", hub_kernels=False).use_kernels is False
+
+
+@pytest.mark.parametrize("shape", [(3, 30, 24), (70, 24)])  # a 3-D input; 70 rows, padded to 72
+def test_outputs_can_be_edited_in_place_under_autograd(counted, shape):
+    """PEFT adds an adapter's output into the base layer's in place (``result += ...``)."""
+    module = layer(24, 40, True, False, seed=13)
+    x64 = random(*shape, seed=14)
+    x = x64.float().requires_grad_(True)
+    out = module(x)
+    out += 1.0
+    out[..., :3].mul_(2.0)
+    out.square().sum().backward()
+    want = F.linear(x64.requires_grad_(True), module.weight.double(), module.bias.double()) + 1.0
+    want[..., :3] = want[..., :3] * 2.0
+    want.square().sum().backward()
+    assert counted[0] == 2
+    assert relative(out, want) < 1e-6 and relative(x.grad, x64.grad) < 1e-6
+
+
+def test_compiled_code_gets_the_plain_product(counted):
+    module = layer(24, 40, True, False, seed=15)
+    x = random(6, 24, seed=16).float()
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), F.linear(x, module.weight, module.bias), rtol=0, atol=0)
+    assert counted[0] == 0
+
+
+@pytest.mark.parametrize("value", ["0", "false", "OFF", "no"])
+def test_the_switch_reads_the_usual_spellings_of_off(monkeypatch, value):
+    monkeypatch.setenv("UNISD_ONEDNN", value)
+    assert not onednn.enabled()

@@ -1,7 +1,7 @@
 """Float32 products with a weight on the CPU through oneDNN instead of the BLAS.
 
 PyTorch's CPU build sends ``F.linear`` and ``torch.mm`` in float32 to MKL's sgemm. On the AMD EPYC this
-project is measured on (bench/RESULTS.md, "oneDNN for float32 products on the CPU") that runs at about 150
+project is measured on (bench/RESULTS.md, "Float32 products through oneDNN on the CPU") that runs at about 150
 GFLOP/s on two cores for a training forward's shapes and 60 GFLOP/s for a decoding step's handful of rows,
 while oneDNN's float32 kernel, which PyTorch ships in the same wheel (``torch.ops.mkldnn._linear_pointwise``,
 the op the compiler's CPU backend emits for linear layers), does the same products 2-3x faster. Both are
@@ -12,9 +12,11 @@ Two users:
 
 * :func:`use_for_linears` turns a model's ``nn.Linear`` layers into :class:`OneDnnLinear` (the class only:
   weights, names, state dict and ``isinstance`` checks stay). Each call takes the oneDNN path when it can
-  (float32 on the CPU, plain tensors, no autocast) and ``F.linear`` otherwise, so a model moved to a GPU,
-  loaded in bf16 or sharded behaves as before. Gradients: the input's through oneDNN (``g · W``), a
-  trained weight's and bias's as ``F.linear`` forms them.
+  (float32 on the CPU, plain tensors, no autocast, not being traced by ``torch.compile``) and ``F.linear``
+  otherwise, so a model moved to a GPU or loaded in bf16 behaves as before; FSDP2's sharded DTensor
+  weights fall back too, while the plain weights it gathers for a CPU forward use oneDNN. Gradients: the
+  input's through oneDNN (``g · W``), a trained weight's and bias's as ``F.linear`` forms them; not twice
+  differentiable, and not under ``torch.func`` transforms.
 * The chunked divergence's vocabulary products (``divergence.chunked``) through :func:`matmul_t` and
   :func:`matmul`.
 
@@ -48,9 +50,12 @@ def _works() -> bool:
         return False
 
 
+_OFF = ("0", "false", "off", "no")
+
+
 def enabled() -> bool:
-    """oneDNN products are on: the op works here and ``UNISD_ONEDNN`` is not ``0``."""
-    return os.environ.get("UNISD_ONEDNN", "1") != "0" and _works()
+    """oneDNN products are on: the op works here and ``UNISD_ONEDNN`` is not ``0`` (or false/off/no)."""
+    return os.environ.get("UNISD_ONEDNN", "1").strip().lower() not in _OFF and _works()
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -73,23 +78,31 @@ def padded_rows(rows: int) -> int:
     return -(-rows // step) * step
 
 
-def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x · weightᵀ (+ bias)`` for ``weight [out, in]`` (a transposed view is read as it is: no copy),
-    over :func:`padded_rows` rows (zero rows added, their results dropped)."""
-    features = x.shape[-1]
-    rows = x.numel() // features
+def _op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """oneDNN's ``x · weightᵀ (+ bias)`` for ``weight [out, in]`` (a transposed view is read as it is)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _rows_of(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``x`` as ``[rows, features]`` with zero rows added up to :func:`padded_rows`, and the real count.
+    Built from differentiable ops, so autograd slices the padding off the input's gradient."""
+    rows = x.numel() // x.shape[-1]
+    flat = x.reshape(rows, x.shape[-1])
     padded = padded_rows(rows)
-    if padded == rows:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    staged = x.new_empty(padded, features)
-    staged[:rows].copy_(x.reshape(rows, features))
-    staged[rows:].zero_()
-    out = torch.ops.mkldnn._linear_pointwise(staged, weight, bias, "none", [], "")[:rows]
-    return out.reshape(*x.shape[:-1], out.shape[-1])
+    return (flat if padded == rows else F.pad(flat, (0, 0, 0, padded - rows))), rows
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x · weightᵀ (+ bias)`` through oneDNN over :func:`padded_rows` rows (results of the zero rows
+    dropped), shaped like ``x`` with the last dimension ``out``. No autograd."""
+    staged, rows = _rows_of(x)
+    return _op(staged, weight, bias)[:rows].reshape(*x.shape[:-1], weight.shape[0])
 
 
 def matmul_t(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out := x · weightᵀ`` (no autograd), through oneDNN where :func:`usable`."""
+    """``out := x · weightᵀ`` (no autograd), through oneDNN where :func:`usable`. oneDNN has no ``out=``:
+    its result is copied in, so the product exists twice for a moment (one chunk of the vocabulary
+    projection, ``divergence_chunk_size`` × vocabulary floats)."""
     if x.shape[0] and usable(x, weight, out):
         return out.copy_(_product(x, weight))
     return torch.mm(x, weight.t(), out=out)
@@ -103,38 +116,42 @@ def matmul(grad: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch
 
 
 class _Linear(torch.autograd.Function):
-    """``x · Wᵀ + b`` forward and ``g · W`` backward through oneDNN; a trained weight's gradient
-    ``gᵀ · x`` as ``F.linear``'s backward forms it."""
+    """``x · Wᵀ + b`` forward and ``g · W`` backward through oneDNN, for 2-D ``x`` whose row count is
+    already padded; a trained weight's gradient ``gᵀ · x`` as ``F.linear``'s backward forms it. Its output
+    is a fresh tensor (callers slice and reshape it outside, where autograd allows in-place edits of the
+    views). Not twice differentiable, and not for ``torch.func`` transforms."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x if weight.requires_grad else None, weight)
         ctx.has_bias = bias is not None
-        return _product(x, weight, bias)
+        return _op(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad
-        grad_x = _product(grad, weight.t()) if need_x else None
-        flat = grad.reshape(-1, grad.shape[-1])
-        grad_w = flat.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None
-        grad_b = flat.sum(0) if need_b and ctx.has_bias else None
+        grad_x = _op(grad, weight.t()) if need_x else None
+        grad_w = grad.t().mm(x) if need_w else None
+        grad_b = grad.sum(0) if need_b and ctx.has_bias else None
         return grad_x, grad_w, grad_b
 
 
 class OneDnnLinear(torch.nn.Linear):
     """``nn.Linear`` whose float32 CPU products go through oneDNN (see the module docstring); any other
-    case (a GPU, bf16, a sharded weight, autocast, ``UNISD_ONEDNN=0``) is ``nn.Linear``'s own forward."""
+    case (a GPU, bf16, a DTensor weight, autocast, ``torch.compile`` tracing, ``UNISD_ONEDNN=0``) is
+    ``nn.Linear``'s own forward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
-        if x.numel() == 0 or not usable(x, weight, *([] if bias is None else [bias])):
+        if (x.numel() == 0 or torch.compiler.is_compiling()  # the compiler lowers F.linear to oneDNN itself
+                or not usable(x, weight, *([] if bias is None else [bias]))):
             return F.linear(x, weight, bias)
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad)):
-            return _Linear.apply(x, weight, bias)
+            staged, rows = _rows_of(x)
+            return _Linear.apply(staged, weight, bias)[:rows].reshape(*x.shape[:-1], weight.shape[0])
         return _product(x, weight, bias)
 
 

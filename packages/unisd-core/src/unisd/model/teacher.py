@@ -48,7 +48,11 @@ def _flag_switched_layers(model: Any) -> list[Any] | None:
     config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
     if config is None or config.is_prompt_learning or getattr(config, "is_adaption_prompt", False):
         return None
-    layers = [m for m in model.modules() if "_disable_adapters" in vars(m) and hasattr(type(m), "disable_adapters")]
+    from peft.tuners.tuners_utils import BaseTunerLayer  # a PEFT model is loaded: PEFT is there
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    # the modules PEFT's own switch (``_set_adapter_layers``) reaches
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer | AuxiliaryTrainingWrapper)]
     if not layers or any(getattr(m, "merged", False) for m in layers):
         return None
     return layers
@@ -65,7 +69,7 @@ def adapter_disabled(model: Any):
     """
     layers = None if torch.is_grad_enabled() else _flag_switched_layers(model)
     if layers is not None:
-        before = [m._disable_adapters for m in layers]
+        before = [getattr(m, "_disable_adapters", False) for m in layers]
         model_before = getattr(model, "_adapters_disabled", None)
         try:
             for m in layers:
