@@ -58,9 +58,11 @@ def enabled() -> bool:
     return os.environ.get("UNISD_ONEDNN", "1").strip().lower() not in _OFF and _works()
 
 
-def usable(*tensors: torch.Tensor) -> bool:
-    """Every tensor is a plain float32 CPU tensor (no DTensor, no meta) and oneDNN is on."""
-    return (all(type(t) in _PLAIN and t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+def usable(*tensors: torch.Tensor | None) -> bool:
+    """Every tensor given (None: no tensor, such as a missing bias) is a plain float32 CPU tensor (no
+    DTensor, no meta) and oneDNN is on."""
+    return (all(t is None or (type(t) in _PLAIN and t.dtype == torch.float32 and t.device.type == "cpu")
+                for t in tensors)
             and not torch.is_autocast_enabled("cpu") and enabled())
 
 
@@ -92,11 +94,12 @@ def _rows_of(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return (flat if padded == rows else F.pad(flat, (0, 0, 0, padded - rows))), rows
 
 
-def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x · weightᵀ (+ bias)`` through oneDNN over :func:`padded_rows` rows (results of the zero rows
-    dropped), shaped like ``x`` with the last dimension ``out``. No autograd."""
+def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, op: Any = None) -> torch.Tensor:
+    """``x · weightᵀ (+ bias)`` through ``op`` (default :func:`_op`; :class:`_Linear` under autograd) over
+    :func:`padded_rows` rows (results of the zero rows dropped), shaped like ``x`` with the last dimension
+    ``out``."""
     staged, rows = _rows_of(x)
-    return _op(staged, weight, bias)[:rows].reshape(*x.shape[:-1], weight.shape[0])
+    return (op or _op)(staged, weight, bias)[:rows].reshape(*x.shape[:-1], weight.shape[0])
 
 
 def matmul_t(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -109,10 +112,8 @@ def matmul_t(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.
 
 
 def matmul(grad: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out := grad · weight`` (no autograd), through oneDNN where :func:`usable`."""
-    if grad.shape[0] and usable(grad, weight, out):
-        return out.copy_(_product(grad, weight.t()))
-    return torch.mm(grad, weight, out=out)
+    """``out := grad · weight`` (no autograd): :func:`matmul_t` of the transposed view."""
+    return matmul_t(grad, weight.t(), out)
 
 
 class _Linear(torch.autograd.Function):
@@ -146,12 +147,11 @@ class OneDnnLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
         if (x.numel() == 0 or torch.compiler.is_compiling()  # the compiler lowers F.linear to oneDNN itself
-                or not usable(x, weight, *([] if bias is None else [bias]))):
+                or not usable(x, weight, bias)):
             return F.linear(x, weight, bias)
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad)):
-            staged, rows = _rows_of(x)
-            return _Linear.apply(staged, weight, bias)[:rows].reshape(*x.shape[:-1], weight.shape[0])
+            return _product(x, weight, bias, _Linear.apply)
         return _product(x, weight, bias)
 
 
