@@ -121,3 +121,11 @@ def test_merged_adapter_benchmark_runs_both_modes_and_prints_ratios(tmp_path):
     assert out.count("same tokens") == 5, out[-1500:]  # two rollout repeats, three evaluation passes
     last = out.strip().splitlines()[-1]
     assert re.fullmatch(r"generate_ratio=[\d.]+ eval_ratio=[\d.]+ same_samples=\d+/5", last), last
+
+
+def test_lean_decode_benchmark_runs_both_modes_and_prints_ratios(tmp_path):
+    out = _run(["bench/lean_decode.py", "--threads", "1", "--repeats", "1", "--batch", "2", "--eval-items", "4"],
+               tmp_path)
+    assert out.count("same completions") == 2 and "same greedy completions True" in out, out[-1500:]
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"generate_ratio=[\d.]+ step_ratio=[\d.]+ eval32_ratio=[\d.]+", last), last

@@ -27,11 +27,12 @@ the installed PyTorch lacks it or computes something else.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from ..switches import env_flag
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -50,12 +51,9 @@ def _works() -> bool:
         return False
 
 
-_OFF = ("0", "false", "off", "no")
-
-
 def enabled() -> bool:
-    """oneDNN products are on: the op works here and ``UNISD_ONEDNN`` is not ``0`` (or false/off/no)."""
-    return os.environ.get("UNISD_ONEDNN", "1").strip().lower() not in _OFF and _works()
+    """oneDNN products are on: the op works here and the switch ``UNISD_ONEDNN`` is not off."""
+    return env_flag("UNISD_ONEDNN", True) and _works()
 
 
 def usable(*tensors: torch.Tensor | None) -> bool:
@@ -116,6 +114,13 @@ def matmul(grad: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch
     return matmul_t(grad, weight.t(), out)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` without autograd through oneDNN where :func:`usable` (``F.linear`` otherwise)."""
+    if x.numel() and usable(x, weight, bias):
+        return _product(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 class _Linear(torch.autograd.Function):
     """``x · Wᵀ + b`` forward and ``g · W`` backward through oneDNN, for 2-D ``x`` whose row count is
     already padded; a trained weight's gradient ``gᵀ · x`` as ``F.linear``'s backward forms it. Its output
@@ -146,13 +151,12 @@ class OneDnnLinear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
-        if (x.numel() == 0 or torch.compiler.is_compiling()  # the compiler lowers F.linear to oneDNN itself
-                or not usable(x, weight, bias)):
+        if torch.compiler.is_compiling():  # the compiler lowers F.linear to oneDNN itself
             return F.linear(x, weight, bias)
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                        or (bias is not None and bias.requires_grad)):
-            return _product(x, weight, bias, _Linear.apply)
-        return _product(x, weight, bias)
+        if x.numel() and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                      or (bias is not None and bias.requires_grad)):
+            return _product(x, weight, bias, _Linear.apply) if usable(x, weight, bias) else F.linear(x, weight, bias)
+        return linear(x, weight, bias)
 
 
 def use_for_linears(model: torch.nn.Module) -> int:

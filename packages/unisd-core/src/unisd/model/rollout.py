@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from ..parallel import sharding
-from . import scoring
+from . import lean_decode, scoring
 from .merged_adapter import adapter_merged
 from .scoring import (
     cache_argument,
@@ -113,12 +113,32 @@ class HFBackend:
                     ids, mask = ids.to(device), mask.to(device)
                     with sharding.gathered(self.model, keep_blocks=True):
                         cache = shared_prompt_cache(self.model, chunk, ids, mask, prefix)
-                        gen = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs, **cache,
-                                                  **sharding.generation_kwargs(self.model))
-                    out += [split_completion(row, eos, pad_id) for row in gen[:, ids.shape[1]:].tolist()]
+                        body = lean_decode.lean_body(self.model) if on_cpu and lean_decode.enabled() else None
+                        if body is not None:
+                            new = lean_decode.decode(body, ids[:, -1], mask, self._prefill(ids, mask, cache),
+                                                     params.temperature, params.top_p, params.max_new_tokens,
+                                                     pad_id, eos)
+                        else:
+                            gen = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs, **cache,
+                                                      **sharding.generation_kwargs(self.model))
+                            new = gen[:, ids.shape[1]:]
+                    out += [split_completion(row, eos, pad_id) for row in new.tolist()]
         finally:
             self.model.train(was_training)
         return out
+
+
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, shared: dict[str, Any]) -> Any:
+        """The key/value cache of every prompt column but the last: :func:`shared_prompt_cache`'s, else one
+        forward of the model's body (None for one-column prompts)."""
+        if shared:
+            return next(iter(shared.values()))
+        if ids.shape[1] < 2:
+            return None
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate derives them
+        out = decoder_of(self.model)(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
+                                     position_ids=positions[:, :-1], use_cache=True)
+        return returned_cache(out)
 
 
 def generation_kwargs(params: SamplingParams, pad_id: int, eos: set[int]) -> dict[str, Any]:
