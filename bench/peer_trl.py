@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -277,15 +276,10 @@ def check_same_prompts(trainer: Any, task: Any, train: list, template: str) -> b
 @contextlib.contextmanager
 def blas_products() -> Iterator[None]:
     """``UNISD_ONEDNN=0`` inside (unisd.model.onednn), the earlier value restored after."""
-    before = os.environ.get("UNISD_ONEDNN")
-    os.environ["UNISD_ONEDNN"] = "0"
-    try:
+    from unisd.switches import environ_set
+
+    with environ_set("UNISD_ONEDNN", "0"):
         yield
-    finally:
-        if before is None:
-            del os.environ["UNISD_ONEDNN"]
-        else:
-            os.environ["UNISD_ONEDNN"] = before
 
 
 def run_trl(settings: Settings, model_dir: str, work: Path, task: Any, train: list, held_out: list,

@@ -32,7 +32,6 @@ Gradients w.r.t. the student logits z = h·Wᵀ/T, with q = softmax(z), p the te
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 import torch
@@ -40,6 +39,7 @@ import torch
 from ..config import ALPHA_RULE, alpha_ok
 from ..errors import UsageError
 from ..model import onednn
+from ..switches import env_flag
 from . import chunk_math
 from .losses import TokenOutputs, check_gjsd_scale, jsd_factor
 
@@ -353,7 +353,7 @@ def _lowp_available(w: torch.Tensor, compute: torch.dtype) -> bool:
     """
     if w.device.type != "cuda" or w.dtype not in (torch.bfloat16, torch.float16) or compute != torch.float32:
         return False
-    if os.environ.get("UNISD_CHUNKED_LOWP", "1") == "0":
+    if not env_flag("UNISD_CHUNKED_LOWP", True):
         return False
     key = (str(w.device), w.dtype)
     if key not in _LOWP_OK:

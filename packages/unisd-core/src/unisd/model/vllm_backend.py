@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import os
 import secrets
 import shutil
 import tempfile
@@ -29,6 +28,7 @@ import torch
 
 from ..errors import UsageError
 from ..parallel import distributed
+from ..switches import environ_set
 from .rollout import Completion, SamplingParams, eos_ids_of, split_completion
 
 
@@ -85,17 +85,12 @@ def _engine_in_this_process(wanted: bool):
 
     import numpy as np
 
-    saved_env = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     saved_rng = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     saved_gpu_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:
-        yield
+        with environ_set("VLLM_ENABLE_V1_MULTIPROCESSING", "0"):
+            yield
     finally:
-        if saved_env is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved_env
         random.setstate(saved_rng[0])
         np.random.set_state(saved_rng[1])
         torch.random.set_rng_state(saved_rng[2])
