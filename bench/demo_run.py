@@ -111,3 +111,16 @@ def ratio_table(times: Times, modes: tuple[str, str], phases: tuple[str, ...]) -
         ratios[phase] = second / first
         print(f"{phase:10} {first:10.3f} {second:10.3f} {ratios[phase]:7.2f}")
     return ratios
+
+
+def compare_modes(doc: str, modes: tuple[str, str], use: Callable[[str], None], phases: tuple[str, ...]) -> None:
+    """A benchmark's whole run: the demo run from the command line (:func:`demo_arguments`), the training phases
+    and greedy evaluation (96 items, batch 32) under both modes of one switch, the ratio table, and a last line
+    ``<phase>_ratio=..`` for each of ``phases`` (second mode over first)."""
+    args = demo_arguments(doc.split("\n")[0], "timed repeats of the training phases",
+                          "examples per training step (one micro-batch)", eval_items=96).parse_args()
+    run = demo_run(args)
+    times = training_phases(run, modes, use, args.repeats, args.batch)
+    times.update(evaluation(run, modes, use, args.eval_items))
+    ratios = ratio_table(times, modes, phases)
+    print(" ".join(f"{p}_ratio={ratios[p]:.2f}" for p in phases))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-from demo_run import demo_arguments, demo_run, evaluation, ratio_table, training_phases  # beside this script
+from demo_run import compare_modes  # beside this script
 
 MODES = ("blas", "onednn")
 
@@ -28,14 +28,7 @@ def use(mode: str) -> None:
 
 
 def main() -> None:
-    args = demo_arguments(__doc__.split("\n")[0], "timed repeats of the training phases",
-                          "examples per training step (one micro-batch)", eval_items=96).parse_args()
-    run = demo_run(args)
-    times = training_phases(run, MODES, use, args.repeats, args.batch)
-    times.update(evaluation(run, MODES, use, args.eval_items))
-    phases = ("generate", "teacher", "step", "eval32")
-    ratios = ratio_table(times, MODES, phases)
-    print(" ".join(f"{p}_ratio={ratios[p]:.2f}" for p in phases))
+    compare_modes(__doc__, MODES, use, ("generate", "teacher", "step", "eval32"))
 
 
 if __name__ == "__main__":
