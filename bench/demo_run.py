@@ -1,7 +1,8 @@
 """The demo's training settings as a run, for the benchmarks that time its phases side by side
-(``prefix.py``, ``onednn.py``, ``merged_adapter.py``): SmolLM2-135M-Instruct on the demo task, LoRA r16/α32
+(``prefix.py``, ``onednn.py``, ``lean_decode.py``): SmolLM2-135M-Instruct on the demo task, LoRA r16/α32
 without dropout, 12 new tokens, one micro-batch per step, no evaluation before or after; and the timing of
-a training step's phases and of greedy evaluation under two modes of one switch (:func:`phases_by_mode`)."""
+a training step's phases and of greedy evaluation under two modes of one switch (:func:`training_phases`,
+:func:`evaluation`, the whole comparison in :func:`compare_modes`)."""
 
 from __future__ import annotations
 
