@@ -210,7 +210,39 @@ def test_unknown_bodies_are_left_to_generate(tokenizer):
     assert lean_decode.lean_body(_model(tokenizer, dtype=torch.float32)) is not None
 
 
-@pytest.mark.parametrize("value,on", [("1", True), ("0", False), ("off", False), ("false", False), ("yes", True)])
-def test_environment_switch(monkeypatch, value, on):
-    monkeypatch.setenv("UNISD_LEAN_DECODING", value)
-    assert lean_decode.enabled() is on
+def test_settings_generate_would_honour_keep_generate(tokenizer, monkeypatch):
+    """A model whose generation config suppresses tokens, forbids repeats or forces a minimum length keeps
+    generate (which honours them); the loop applies only temperature and top-p."""
+    prompts = _prompts(seed=6, n=3)
+    for name, value in (("suppress_tokens", [5, 6]), ("no_repeat_ngram_size", 2), ("min_new_tokens", 3),
+                        ("num_beams", 2)):
+        model = _model(tokenizer)
+        setattr(model.generation_config, name, value)
+        assert lean_decode.lean_body(model) is None, name
+    model = _model(tokenizer)
+    model.generation_config.suppress_tokens = [5, 6]
+    _generate(model, tokenizer, prompts, True, monkeypatch, temperature=0.0, expect_loop=False)
+    model.generation_config.suppress_tokens = None
+    assert lean_decode.lean_body(model) is not None
+
+
+def test_subclasses_prompt_learning_and_other_tuners_keep_generate(tokenizer):
+    from peft import IA3Config, LoraConfig, PromptTuningConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    class Scaled(LlamaForCausalLM):  # a subclass may change the forward (here it could scale the logits)
+        pass
+
+    scaled = Scaled(_model(tokenizer).config).double().eval()
+    assert lean_decode.lean_body(scaled) is None
+    prompt_tuned = get_peft_model(_model(tokenizer), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    assert lean_decode.lean_body(prompt_tuned) is None
+    ia3 = get_peft_model(_model(tokenizer), IA3Config(task_type="CAUSAL_LM", target_modules=["q_proj", "down_proj"],
+                                                      feedforward_modules=["down_proj"]))
+    with ia3.disable_adapter():
+        assert lean_decode.lean_body(ia3) is None  # another tuner type: not read as a plain layer
+    lora = get_peft_model(_model(tokenizer), LoraConfig(r=4, target_modules=["q_proj"]))
+    lora.merge_adapter()
+    assert lean_decode.lean_body(lora) is not None  # merged by PEFT: the base weight holds the update
+    with lora.disable_adapter():  # disabled while merged: PEFT unmerges on the next forward, the loop would not
+        assert lean_decode.lean_body(lora) is None

@@ -51,3 +51,17 @@ def test_environ_set_restores_a_value_or_its_absence(monkeypatch):
     with pytest.raises(RuntimeError), environ_set("UNISD_TEST_B", "x"):
         raise RuntimeError("boom")
     assert "UNISD_TEST_B" not in os.environ
+
+
+def test_the_cli_checks_every_switch_before_any_command(monkeypatch):
+    from typer.testing import CliRunner
+
+    from unisd.cli.app import make_app
+    from unisd.plugins import get_plugin_manager
+
+    monkeypatch.setenv("UNISD_ONEDNN", "sometimes")
+    result = CliRunner().invoke(make_app(get_plugin_manager()), ["plugins"])
+    assert result.exit_code == 2
+    assert "UNISD_ONEDNN='sometimes'" in result.output
+    monkeypatch.setenv("UNISD_ONEDNN", "off")
+    assert CliRunner().invoke(make_app(get_plugin_manager()), ["plugins"]).exit_code == 0

@@ -29,6 +29,17 @@ def env_flag(name: str, default: bool) -> bool:
                      f"use one of {', '.join(_ON)} or {', '.join(_OFF)}")
 
 
+# every switch unisd reads, with its default (read in the hot path, so checked once up front by the CLI)
+SWITCHES = {"UNISD_ONEDNN": True, "UNISD_LEAN_DECODING": True, "UNISD_HUB_KERNELS": False, "UNISD_CHUNKED_LOWP": True}
+
+
+def check_switches() -> None:
+    """Reads every switch once: a bad value is a :class:`~unisd.errors.UsageError` before any work starts,
+    not in the middle of a forward pass where the switch is next read."""
+    for name, default in SWITCHES.items():
+        env_flag(name, default)
+
+
 @contextlib.contextmanager
 def environ_set(name: str, value: str) -> Iterator[None]:
     """Within the block the environment variable ``name`` is ``value``; its earlier value (or its absence) is

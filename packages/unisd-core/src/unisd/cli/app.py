@@ -6,7 +6,9 @@ import typer
 
 from .. import __version__
 from ..plugins import UnisdPluginManager
+from ..switches import check_switches
 from . import doctor_cmd, export_cmd, plugins_cmd, report_cmd, sweep_cmd, train_cmd
+from .errors import cli_errors
 
 HELP = """On-policy self-distillation of LLMs, with composable mechanisms.
 
@@ -56,6 +58,8 @@ def make_app(pm: UnisdPluginManager) -> typer.Typer:
         version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
     ) -> None:
         _quiet_libraries()
+        with cli_errors():
+            check_switches()  # a bad UNISD_* value exits 2 here, before any command's work
 
     train_cmd.register(app, pm)
     plugins_cmd.register(app, pm)

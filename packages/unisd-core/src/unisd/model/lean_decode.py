@@ -36,6 +36,40 @@ from .scoring import _gap_safe, decoder_of
 # transformers' decoder layers whose forward :class:`LeanBody` repeats: pre-norm attention and gated MLP
 # with residuals, rotary embeddings from the body's ``rotary_emb``, no embedding scale, no logit softcap.
 _LAYER_CLASSES = {"llama": "LlamaDecoderLayer", "qwen2": "Qwen2DecoderLayer"}
+# ... inside exactly these model and body classes (a subclass may change the forward, e.g. scale the logits)
+_MODEL_CLASSES = {"llama": ("LlamaForCausalLM", "LlamaModel"), "qwen2": ("Qwen2ForCausalLM", "Qwen2Model")}
+# generation settings transformers' generate would honour from the model's own generation config, and their
+# neutral values: the loop applies only temperature and top-p, so a model that sets any of these keeps generate
+_NEUTRAL_GENERATION = {
+    "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None, "min_length": 0, "min_new_tokens": None,
+    "no_repeat_ngram_size": 0, "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "min_p": None, "typical_p": 1.0,
+    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "sequence_bias": None, "exponential_decay_length_penalty": None,
+    "renormalize_logits": False, "guidance_scale": None, "watermarking_config": None, "encoder_no_repeat_ngram_size": 0,
+    "diversity_penalty": 0.0, "top_h": None, "assistant_model": None, "prompt_lookup_num_tokens": None,
+}
+
+
+def _plain_generation_config(model: Any) -> bool:
+    """Whether the model's generation config asks for nothing beyond the method's sampling (see
+    :data:`_NEUTRAL_GENERATION`; top-k and the repetition penalty are always passed explicitly)."""
+    config = getattr(model, "generation_config", None)
+    return config is None or all(getattr(config, name, neutral) in (None, neutral)
+                                 for name, neutral in _NEUTRAL_GENERATION.items())
+
+
+def _known_classes(model: Any, decoder: Any, model_type: str) -> bool:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = _MODEL_CLASSES[model_type]
+    return all(type(m).__name__ == name and type(m).__module__.startswith("transformers.models.")
+               for m, name in zip((inner, decoder), names, strict=True))
+
+
+def _prompt_learning(model: Any) -> bool:
+    """A PEFT model that adds virtual tokens or swaps forwards (prompt tuning, prefix tuning, adaption
+    prompts): its generation is not its body's."""
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+    return config is not None and (config.is_prompt_learning or bool(getattr(config, "is_adaption_prompt", False)))
 
 Weights = tuple[torch.Tensor, torch.Tensor | None]  # (weight [out, in], bias [out] or None)
 
@@ -164,6 +198,10 @@ def lean_body(model: Any) -> LeanBody | None:
     config = getattr(decoder, "config", None)
     expected = _LAYER_CLASSES.get(getattr(config, "model_type", None))
     if expected is None or sharding.is_sharded(model) or not _gap_safe(config):
+        return None
+    if not _known_classes(model, decoder, config.model_type) or _prompt_learning(model):
+        return None
+    if not _plain_generation_config(model):
         return None
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "pretraining_tp", 1) != 1:
         return None
