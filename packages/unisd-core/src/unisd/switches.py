@@ -33,11 +33,16 @@ def env_flag(name: str, default: bool) -> bool:
 SWITCHES = {"UNISD_ONEDNN": True, "UNISD_LEAN_DECODING": True, "UNISD_HUB_KERNELS": False, "UNISD_CHUNKED_LOWP": True}
 
 
+def switch(name: str) -> bool:
+    """The switch ``name`` (one of :data:`SWITCHES`) with its default: :func:`env_flag`."""
+    return env_flag(name, SWITCHES[name])
+
+
 def check_switches() -> None:
     """Reads every switch once: a bad value is a :class:`~unisd.errors.UsageError` before any work starts,
     not in the middle of a forward pass where the switch is next read."""
-    for name, default in SWITCHES.items():
-        env_flag(name, default)
+    for name in SWITCHES:
+        switch(name)
 
 
 @contextlib.contextmanager

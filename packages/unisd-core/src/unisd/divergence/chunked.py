@@ -39,7 +39,7 @@ import torch
 from ..config import ALPHA_RULE, alpha_ok
 from ..errors import UsageError
 from ..model import onednn
-from ..switches import env_flag
+from ..switches import switch
 from . import chunk_math
 from .losses import TokenOutputs, check_gjsd_scale, jsd_factor
 
@@ -353,7 +353,7 @@ def _lowp_available(w: torch.Tensor, compute: torch.dtype) -> bool:
     """
     if w.device.type != "cuda" or w.dtype not in (torch.bfloat16, torch.float16) or compute != torch.float32:
         return False
-    if not env_flag("UNISD_CHUNKED_LOWP", True):
+    if not switch("UNISD_CHUNKED_LOWP"):
         return False
     key = (str(w.device), w.dtype)
     if key not in _LOWP_OK:

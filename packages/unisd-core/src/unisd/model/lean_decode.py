@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from ..parallel import sharding
-from ..switches import env_flag
+from ..switches import switch
 from . import onednn
-from .scoring import _gap_safe, decoder_of
+from .scoring import _gap_safe, decoder_of, prompt_learning
 
 # transformers' decoder layers whose forward :class:`LeanBody` repeats: pre-norm attention and gated MLP
 # with residuals, rotary embeddings from the body's ``rotary_emb``, no embedding scale, no logit softcap.
@@ -64,12 +64,6 @@ def _known_classes(model: Any, decoder: Any, model_type: str) -> bool:
     return all(type(m).__name__ == name and type(m).__module__.startswith("transformers.models.")
                for m, name in zip((inner, decoder), names, strict=True))
 
-
-def _prompt_learning(model: Any) -> bool:
-    """A PEFT model that adds virtual tokens or swaps forwards (prompt tuning, prefix tuning, adaption
-    prompts): its generation is not its body's."""
-    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
-    return config is not None and (config.is_prompt_learning or bool(getattr(config, "is_adaption_prompt", False)))
 
 Weights = tuple[torch.Tensor, torch.Tensor | None]  # (weight [out, in], bias [out] or None)
 
@@ -148,11 +142,10 @@ def _linear(x: torch.Tensor, weights: Weights) -> torch.Tensor:
 class LeanBody:
     """A supported decoder's weights, read through once per generation (see :func:`lean_body`)."""
 
-    def __init__(self, model: Any, decoder: Any, layers: list[_Layer], head: Weights):
+    def __init__(self, decoder: Any, layers: list[_Layer], final_norm: tuple[torch.Tensor, float], head: Weights):
         config = decoder.config
-        self.decoder, self.layers, self.head = decoder, layers, head
+        self.decoder, self.layers, self.final_norm, self.head = decoder, layers, final_norm, head
         self.embedding = decoder.embed_tokens.weight
-        self.final_norm = _rms_weights(decoder.norm)
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
@@ -188,7 +181,7 @@ class LeanBody:
 
 def enabled() -> bool:
     """Lean decoding is on: the switch ``UNISD_LEAN_DECODING`` is not off."""
-    return env_flag("UNISD_LEAN_DECODING", True)
+    return switch("UNISD_LEAN_DECODING")
 
 
 def lean_body(model: Any) -> LeanBody | None:
@@ -199,7 +192,7 @@ def lean_body(model: Any) -> LeanBody | None:
     expected = _LAYER_CLASSES.get(getattr(config, "model_type", None))
     if expected is None or sharding.is_sharded(model) or not _gap_safe(config):
         return None
-    if not _known_classes(model, decoder, config.model_type) or _prompt_learning(model):
+    if not _known_classes(model, decoder, config.model_type) or prompt_learning(model):
         return None
     if not _plain_generation_config(model):
         return None
@@ -209,8 +202,8 @@ def lean_body(model: Any) -> LeanBody | None:
     if not layers or any(type(layer).__name__ != expected or not type(layer).__module__.startswith("transformers.")
                          for layer in layers):
         return None
-    embed = getattr(decoder, "embed_tokens", None)
-    if type(embed) is not torch.nn.Embedding or _rms_weights(decoder.norm) is None:
+    embed, final_norm = getattr(decoder, "embed_tokens", None), _rms_weights(decoder.norm)
+    if type(embed) is not torch.nn.Embedding or final_norm is None:
         return None
     if embed.weight.dtype not in (torch.float32, torch.float64):
         return None  # half-precision models keep generate's own casts (not repeated or tested here)
@@ -218,7 +211,7 @@ def lean_body(model: Any) -> LeanBody | None:
     head = _linear_weights(model.get_output_embeddings())
     if head is None or any(p is None for p in parsed):
         return None
-    return LeanBody(model, decoder, parsed, head)
+    return LeanBody(decoder, parsed, final_norm, head)
 
 
 def sampling_scores(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 from ..config import DTYPE_CHOICES
 from ..errors import UsageError
 from ..io.cachedir import cache_dir
-from ..switches import env_flag
+from ..switches import switch
 from . import onednn
 
 # Names for the bundled copy. The hub id is deliberately not one: a user who asks for the hub model gets
@@ -168,7 +168,7 @@ def hub_kernels_wanted() -> bool:
     at every switch between training and evaluation mode (56 ms on a LoRA-wrapped SmolLM2 on this project's
     CPU, several switches per step: each teacher forward and each generation).
     """
-    return env_flag("UNISD_HUB_KERNELS", False)
+    return switch("UNISD_HUB_KERNELS")
 
 
 def load_model(

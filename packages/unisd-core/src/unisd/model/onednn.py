@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..switches import env_flag
+from ..switches import switch
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -53,7 +53,7 @@ def _works() -> bool:
 
 def enabled() -> bool:
     """oneDNN products are on: the op works here and the switch ``UNISD_ONEDNN`` is not off."""
-    return env_flag("UNISD_ONEDNN", True) and _works()
+    return switch("UNISD_ONEDNN") and _works()
 
 
 def usable(*tensors: torch.Tensor | None) -> bool:

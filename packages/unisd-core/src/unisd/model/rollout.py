@@ -106,6 +106,8 @@ class HFBackend:
             on_cpu = device.type == "cpu"
             merge = self.merge_adapter == "on" or (self.merge_adapter == "auto" and on_cpu)
             with adapter_merged(self.model, merge, self.merge_buffers if on_cpu else None):
+                # read after the merge: whether the loop can run depends on the adapters' state
+                body = lean_decode.lean_body(self.model) if on_cpu and lean_decode.enabled() else None
                 for start in range(0, len(prompts), self.batch_size):
                     chunk = prompts[start : start + self.batch_size]
                     prefix = shared_prefix_length(self.model, chunk)
@@ -113,7 +115,6 @@ class HFBackend:
                     ids, mask = ids.to(device), mask.to(device)
                     with sharding.gathered(self.model, keep_blocks=True):
                         cache = shared_prompt_cache(self.model, chunk, ids, mask, prefix)
-                        body = lean_decode.lean_body(self.model) if on_cpu and lean_decode.enabled() else None
                         if body is not None:
                             new = lean_decode.decode(body, ids[:, -1], mask, self._prefill(ids, mask, cache),
                                                      params.temperature, params.top_p, params.max_new_tokens,
@@ -126,7 +127,6 @@ class HFBackend:
         finally:
             self.model.train(was_training)
         return out
-
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, shared: dict[str, Any]) -> Any:
         """The key/value cache of every prompt column but the last: :func:`shared_prompt_cache`'s, else one

@@ -52,6 +52,13 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) ->
     return Packed(input_ids, attention_mask, positions, targets, mask)
 
 
+def prompt_learning(model: Any) -> bool:
+    """Whether the model is a PEFT model whose active adapter adds virtual tokens or swaps forwards (prompt
+    or prefix tuning, adaption prompts): its forward is then not its body's, nor switched by layer flags."""
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+    return config is not None and (config.is_prompt_learning or bool(getattr(config, "is_adaption_prompt", False)))
+
+
 def decoder_of(model: Any) -> Any:
     """The transformer body of a causal LM (under a PEFT wrapper too): it returns the final, post-norm
     hidden states without computing logits or keeping every layer's output."""

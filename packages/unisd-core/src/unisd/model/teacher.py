@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from ..parallel import distributed, sharding
-from .scoring import Packed, completion_hidden, lm_head_weight
+from .scoring import Packed, completion_hidden, lm_head_weight, prompt_learning
 
 
 class TeacherView(Protocol):
@@ -45,8 +45,7 @@ def _flag_switched_layers(model: Any) -> list[Any] | None:
     """The adapter layers of a PEFT model whose forwards skip their adapters on their ``disable_adapters``
     flag alone (LoRA and the other tuner layers, modules-to-save wrappers); None where PEFT's own context is
     needed: no PEFT model, prompt learning or adaption prompts (they swap forwards), a merged layer."""
-    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
-    if config is None or config.is_prompt_learning or getattr(config, "is_adaption_prompt", False):
+    if getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None)) is None or prompt_learning(model):
         return None
     from peft.tuners.tuners_utils import BaseTunerLayer  # a PEFT model is loaded: PEFT is there
     from peft.utils.other import AuxiliaryTrainingWrapper
