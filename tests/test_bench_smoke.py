@@ -129,3 +129,14 @@ def test_lean_decode_benchmark_runs_both_modes_and_prints_ratios(tmp_path):
     assert out.count("same completions") == 2 and "same greedy completions True" in out, out[-1500:]
     last = out.strip().splitlines()[-1]
     assert re.fullmatch(r"generate_ratio=[\d.]+ step_ratio=[\d.]+ eval32_ratio=[\d.]+", last), last
+
+
+def test_lean_forward_benchmark_runs_both_modes_and_prints_ratios(tmp_path):
+    """With the demo's adapter dropout both modes draw the same masks: their gradients agree to float32
+    rounding in every repeat."""
+    out = _run(["bench/lean_forward.py", "--threads", "1", "--repeats", "1", "--batch", "2", "--lora-dropout", "0.05"],
+               tmp_path)
+    differences = [float(d) for d in re.findall(r"largest relative gradient difference (\S+)", out)]
+    assert len(differences) == 2 and max(differences) < 1e-3, out[-1500:]
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"generate_ratio=[\d.]+ teacher_ratio=[\d.]+ step_ratio=[\d.]+", last), last

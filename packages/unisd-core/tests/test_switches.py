@@ -7,7 +7,7 @@ import os
 import pytest
 
 from unisd.errors import UsageError
-from unisd.model import lean_decode, models, onednn
+from unisd.model import lean_decode, lean_forward, models, onednn
 from unisd.switches import env_flag, environ_set
 
 
@@ -33,9 +33,9 @@ def test_other_values_are_a_usage_error_naming_the_variable(monkeypatch):
 
 
 def test_every_switch_reads_the_same_words(monkeypatch):
-    """oneDNN, lean decoding and the Hub kernels all take "off"/"on" (they used to parse three ways)."""
+    """oneDNN, lean decoding and forward and the Hub kernels all take "off"/"on" (they used to parse three ways)."""
     for name, read in (("UNISD_ONEDNN", onednn.enabled), ("UNISD_LEAN_DECODING", lean_decode.enabled),
-                       ("UNISD_HUB_KERNELS", models.hub_kernels_wanted)):
+                       ("UNISD_LEAN_FORWARD", lean_forward.enabled), ("UNISD_HUB_KERNELS", models.hub_kernels_wanted)):
         monkeypatch.setenv(name, "off")
         assert read() is False, name
     monkeypatch.setenv("UNISD_HUB_KERNELS", "on")

@@ -1,5 +1,5 @@
 """``UNISD_*`` environment switches: implementation choices that change speed, not results beyond float
-rounding (oneDNN products, the lean decoding loop, transformers' Hub kernels, the chunked divergence's
+rounding (oneDNN products, the lean decoding loop and forward, transformers' Hub kernels, the chunked divergence's
 low-precision products). Every switch reads its value the same way (:func:`env_flag`)."""
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def env_flag(name: str, default: bool) -> bool:
 
 
 # every switch unisd reads, with its default (read in the hot path, so checked once up front by the CLI)
-SWITCHES = {"UNISD_ONEDNN": True, "UNISD_LEAN_DECODING": True, "UNISD_HUB_KERNELS": False, "UNISD_CHUNKED_LOWP": True}
+SWITCHES = {"UNISD_ONEDNN": True, "UNISD_LEAN_DECODING": True, "UNISD_LEAN_FORWARD": True,
+            "UNISD_HUB_KERNELS": False, "UNISD_CHUNKED_LOWP": True}
 
 
 def switch(name: str) -> bool:

@@ -184,17 +184,17 @@ def enabled() -> bool:
     return switch("UNISD_LEAN_DECODING")
 
 
-def lean_body(model: Any) -> LeanBody | None:
-    """The model's body as a :class:`LeanBody` if this module knows its forward (see the module docstring),
-    else None. Read at the start of each generation: it depends on the adapters' state."""
+def known_body(model: Any) -> tuple[Any, list[Any], tuple[torch.Tensor, float]] | None:
+    """``(decoder, its layers, its final norm's weights)`` when the model's body is one whose forward this
+    module and :mod:`~unisd.model.lean_forward` repeat: transformers' own Llama/Qwen2 classes, unsharded,
+    without a sliding window, logit softcap, prompt learning or tensor-parallel split, in float32/float64;
+    else None. The linear layers are checked by each user (they accept different adapter states)."""
     decoder = decoder_of(model)
     config = getattr(decoder, "config", None)
     expected = _LAYER_CLASSES.get(getattr(config, "model_type", None))
     if expected is None or sharding.is_sharded(model) or not _gap_safe(config):
         return None
     if not _known_classes(model, decoder, config.model_type) or prompt_learning(model):
-        return None
-    if not _plain_generation_config(model):
         return None
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "pretraining_tp", 1) != 1:
         return None
@@ -206,7 +206,17 @@ def lean_body(model: Any) -> LeanBody | None:
     if type(embed) is not torch.nn.Embedding or final_norm is None:
         return None
     if embed.weight.dtype not in (torch.float32, torch.float64):
-        return None  # half-precision models keep generate's own casts (not repeated or tested here)
+        return None  # half-precision models keep transformers' own casts (not repeated or tested here)
+    return decoder, layers, final_norm
+
+
+def lean_body(model: Any) -> LeanBody | None:
+    """The model's body as a :class:`LeanBody` if this module knows its forward (see the module docstring),
+    else None. Read at the start of each generation: it depends on the adapters' state."""
+    known = known_body(model)
+    if known is None or not _plain_generation_config(model):
+        return None
+    decoder, layers, final_norm = known
     parsed = [_layer(layer) for layer in layers]
     head = _linear_weights(model.get_output_embeddings())
     if head is None or any(p is None for p in parsed):

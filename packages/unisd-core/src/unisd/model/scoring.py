@@ -82,7 +82,7 @@ def completion_hidden(model: Any, packed: Packed, share_prompts: bool = False) -
     input_ids, attention_mask = packed.input_ids.to(device), packed.attention_mask.to(device)
     decoder = decoder_of(model)
     if decoder is not None and can_share_states(model, decoder):
-        hidden, _ = body_states(decoder, input_ids, attention_mask)  # [B, L, H]
+        hidden, _ = body_states(body_runner(model, decoder), input_ids, attention_mask)  # [B, L, H]
     elif decoder is not None:
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     else:  # models without a separable body: ask for hidden states, skip most of the lm-head
@@ -135,6 +135,7 @@ def shared_prompt_hidden(model: Any, packed: Packed) -> torch.Tensor | None:
     if groups is None or decoder is None or not can_share_states(model, decoder):
         return None
     leaders, group = groups
+    decoder = body_runner(model, decoder)
     device = next(model.parameters()).device
     lengths = packed.positions[:, 0] + 1  # [B] prompt lengths
     width = int(lengths[leaders].max())
@@ -172,6 +173,15 @@ def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
         if any(r[i] != first[i] for r in rows):
             return i
     return n
+
+
+def body_runner(model: Any, decoder: Any) -> Any:
+    """What runs the model's body here: :mod:`~unisd.model.lean_forward`'s forward where it knows the body
+    and its adapters as they are now, else the body (``decoder``) itself. Both are called alike."""
+    from .lean_forward import lean_forward  # it builds on lean_decode, which imports this module
+
+    lean = lean_forward(model)
+    return decoder if lean is None else lean
 
 
 def can_share_states(model: Any, decoder: Any) -> bool:
