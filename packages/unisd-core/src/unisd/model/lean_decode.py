@@ -22,8 +22,9 @@ prefill); this module continues from them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -68,12 +69,24 @@ def _known_classes(model: Any, decoder: Any, model_type: str) -> bool:
 Weights = tuple[torch.Tensor, torch.Tensor | None]  # (weight [out, in], bias [out] or None)
 
 
+def plain_linear(module: Any) -> bool:
+    """Whether ``module`` computes ``x · Wᵀ + b`` and nothing else: ``nn.Linear`` or our oneDNN subclass (other
+    subclasses, quantised ones say, compute something else)."""
+    return type(module) in (torch.nn.Linear, onednn.OneDnnLinear)
+
+
+def lora_linear(module: Any) -> bool:
+    """Whether ``module`` is PEFT's LoRA ``Linear`` layer (another tuner type may change the output even when
+    "disabled")."""
+    return type(module).__name__ == "Linear" and type(module).__module__.startswith("peft.tuners.lora")
+
+
 def _linear_weights(module: Any) -> Weights | None:
     """A linear layer's ``(weight, bias)`` if its output is just ``x · Wᵀ + b``: a plain ``nn.Linear`` (our
     oneDNN subclass included), or a PEFT adapter layer around one whose adapters add nothing now."""
     if hasattr(module, "get_base_layer"):  # a PEFT tuner layer
-        if type(module).__name__ != "Linear" or not type(module).__module__.startswith("peft.tuners.lora"):
-            return None  # another tuner type may change the output even when "disabled"
+        if not lora_linear(module):
+            return None
         disabled, merged = getattr(module, "disable_adapters", False), getattr(module, "merged", False)
         idle = not any(name in module.lora_A for name in module.active_adapters)
         # disabled, unmerged: the base weight alone; merged, enabled: the base weight holds the update. PEFT
@@ -81,9 +94,7 @@ def _linear_weights(module: Any) -> Weights | None:
         if not ((disabled and not merged) or (merged and not disabled) or (idle and not merged)):
             return None
         module = module.get_base_layer()
-    if type(module) not in (torch.nn.Linear, onednn.OneDnnLinear):
-        return None  # a subclass (quantised, ...) computes something else
-    return module.weight, module.bias
+    return (module.weight, module.bias) if plain_linear(module) else None
 
 
 def _rms_weights(module: Any) -> tuple[torch.Tensor, float] | None:
@@ -93,32 +104,39 @@ def _rms_weights(module: Any) -> tuple[torch.Tensor, float] | None:
     return module.weight, float(module.variance_epsilon)
 
 
+P = TypeVar("P")  # how a user of :func:`read_layer` holds a projection
+
+
 @dataclass
-class _Layer:
+class Layer(Generic[P]):
+    """One decoder layer's norms (weight, epsilon), projections, activation and attention scale."""
+
     norm1: tuple[torch.Tensor, float]
-    q: Weights
-    k: Weights
-    v: Weights
-    o: Weights
+    q: P
+    k: P
+    v: P
+    o: P
     norm2: tuple[torch.Tensor, float]
-    gate: Weights
-    up: Weights
-    down: Weights
+    gate: P
+    up: P
+    down: P
     act: Any
     scaling: float
 
 
-def _layer(layer: Any) -> _Layer | None:
+def read_layer(layer: Any, projection: Callable[[Any], P | None]) -> Layer[P] | None:
+    """A known decoder layer's parts, each projection read by ``projection`` (None: not one it repeats); None
+    when a part is missing or unknown, or the layer attends through a sliding window."""
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     if attn is None or mlp is None:
         return None
-    parts = [_rms_weights(layer.input_layernorm), *(_linear_weights(getattr(attn, n, None)) for n in
+    parts = [_rms_weights(layer.input_layernorm), *(projection(getattr(attn, n, None)) for n in
                                                       ("q_proj", "k_proj", "v_proj", "o_proj")),
              _rms_weights(layer.post_attention_layernorm),
-             *(_linear_weights(getattr(mlp, n, None)) for n in ("gate_proj", "up_proj", "down_proj"))]
+             *(projection(getattr(mlp, n, None)) for n in ("gate_proj", "up_proj", "down_proj"))]
     if any(p is None for p in parts) or getattr(attn, "sliding_window", None):
         return None
-    return _Layer(*parts, act=mlp.act_fn, scaling=float(attn.scaling))
+    return Layer(*parts, act=mlp.act_fn, scaling=float(attn.scaling))
 
 
 def _rms_norm(x: torch.Tensor, weights: tuple[torch.Tensor, float]) -> torch.Tensor:
@@ -142,7 +160,7 @@ def _linear(x: torch.Tensor, weights: Weights) -> torch.Tensor:
 class LeanBody:
     """A supported decoder's weights, read through once per generation (see :func:`lean_body`)."""
 
-    def __init__(self, decoder: Any, layers: list[_Layer], final_norm: tuple[torch.Tensor, float], head: Weights):
+    def __init__(self, decoder: Any, layers: list[Layer[Weights]], final_norm: tuple[torch.Tensor, float], head: Weights):
         config = decoder.config
         self.decoder, self.layers, self.final_norm, self.head = decoder, layers, final_norm, head
         self.embedding = decoder.embed_tokens.weight
@@ -217,7 +235,7 @@ def lean_body(model: Any) -> LeanBody | None:
     if known is None or not _plain_generation_config(model):
         return None
     decoder, layers, final_norm = known
-    parsed = [_layer(layer) for layer in layers]
+    parsed = [read_layer(layer, _linear_weights) for layer in layers]
     head = _linear_weights(model.get_output_embeddings())
     if head is None or any(p is None for p in parsed):
         return None

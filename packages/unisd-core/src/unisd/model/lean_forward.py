@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..switches import switch
 from . import onednn
-from .lean_decode import _rms_norm, _rotate_half, known_body
+from .lean_decode import Layer, _rms_norm, _rotate_half, known_body, lora_linear, plain_linear, read_layer
 
 
 @dataclass
@@ -53,7 +53,7 @@ def _projection(module: Any) -> _Projection | None:
     vanilla LoRA update."""
     lora = {}
     if hasattr(module, "get_base_layer"):  # a PEFT tuner layer
-        if type(module).__name__ != "Linear" or not type(module).__module__.startswith("peft.tuners.lora"):
+        if not lora_linear(module):
             return None
         if getattr(module, "merged", False) or getattr(module, "fan_in_fan_out", False):
             return None  # merged: PEFT may unmerge on the next forward; fan-in-fan-out: a transposed weight
@@ -66,7 +66,7 @@ def _projection(module: Any) -> _Projection | None:
                 if lora is None:
                     return None
         module = module.get_base_layer()
-    if type(module) not in (torch.nn.Linear, onednn.OneDnnLinear):
+    if not plain_linear(module):
         return None
     if lora and lora["lora_a"].dtype != module.weight.dtype:
         return None  # PEFT casts the input to the adapter's dtype; not repeated here
@@ -77,15 +77,11 @@ def _lora_parts(layer: Any, name: str) -> dict[str, Any] | None:
     if name in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(name, False):
         return None
     a, b, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
-    if any(type(m) not in (torch.nn.Linear, onednn.OneDnnLinear) for m in (a, b)) or b.bias is not None:
+    if not (plain_linear(a) and plain_linear(b)) or b.bias is not None:
         return None
     if type(dropout) not in (torch.nn.Dropout, torch.nn.Identity):
         return None
     return dict(lora_a=a.weight, lora_b=b.weight, scaling=float(layer.scaling[name]), dropout=dropout)
-
-
-def _plain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return F.linear(x, weight, bias)
 
 
 def _adapted(product: Any, x: torch.Tensor, x_d: torch.Tensor | None, weight: torch.Tensor,
@@ -146,33 +142,10 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return x if x.shape[0] == rows else F.pad(x, (0, 0, 0, rows - x.shape[0]))
 
 
-@dataclass
-class _Layer:
-    norm1: tuple[torch.Tensor, float]
-    q: _Projection
-    k: _Projection
-    v: _Projection
-    o: _Projection
-    norm2: tuple[torch.Tensor, float]
-    gate: _Projection
-    up: _Projection
-    down: _Projection
-    act: Any
-    scaling: float
-
-
-def _layer(layer: Any) -> _Layer | None:
-    attn, mlp = layer.self_attn, layer.mlp
-    projections = [_projection(getattr(attn, n, None)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-    projections += [_projection(getattr(mlp, n, None)) for n in ("gate_proj", "up_proj", "down_proj")]
-    if any(p is None for p in projections):
+def _layer(layer: Any) -> Layer[_Projection] | None:
+    if layer.self_attn.training and float(getattr(layer.self_attn, "attention_dropout", 0.0) or 0.0) > 0:
         return None
-    if attn.training and float(getattr(attn, "attention_dropout", 0.0) or 0.0) > 0:
-        return None
-    q, k, v, o, gate, up, down = projections
-    norm1 = (layer.input_layernorm.weight, float(layer.input_layernorm.variance_epsilon))
-    norm2 = (layer.post_attention_layernorm.weight, float(layer.post_attention_layernorm.variance_epsilon))
-    return _Layer(norm1, q, k, v, o, norm2, gate, up, down, act=mlp.act_fn, scaling=float(attn.scaling))
+    return read_layer(layer, _projection)
 
 
 class LeanCache:
@@ -206,7 +179,7 @@ class LeanForward:
     """A supported body (see the module docstring), callable as the body is called by
     :mod:`unisd.model.scoring`. Read per forward: the adapters' state and dropout modes decide it."""
 
-    def __init__(self, decoder: Any, layers: list[_Layer], final_norm: tuple[torch.Tensor, float]):
+    def __init__(self, decoder: Any, layers: list[Layer[_Projection]], final_norm: tuple[torch.Tensor, float]):
         config = decoder.config
         self.decoder, self.layers, self.final_norm = decoder, layers, final_norm
         self.heads = int(config.num_attention_heads)
@@ -238,7 +211,7 @@ class LeanForward:
         cos, sin = cos[:, None], sin[:, None]  # [B, 1, L, head dim]
         fast = onednn.usable(x)
         rows = onednn.padded_rows(n) if fast else n
-        project = _Projector(onednn._op if fast else _plain, n, rows)
+        project = _Projector(onednn._op if fast else F.linear, n, rows)
         x = _pad_rows(x.reshape(n, -1), rows)
         mask = _attention_mask(attention_mask.bool(), past, length)
         kept: list[LeanCache.Layer] = []
